@@ -1,0 +1,42 @@
+"""Atomic file writes: a reader sees the old file or the complete new one, never half."""
+
+import contextlib
+import os
+import tempfile
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="wb"):
+    """Yield a file object in the target's directory; on success fsync and rename over path.
+
+    On any exception the temp file is removed and path is left untouched.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_bytes_atomic(path, data):
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_text_atomic(path, text):
+    with atomic_open(path, "w") as f:
+        f.write(text)
