@@ -1,0 +1,495 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False
+"""Every forward and backward step of the MLP CVAE, over pointers into one slab.
+
+Activations and their gradients are feature-major, ``[features][bp]`` with ``bp`` the batch
+rounded up to 16, so the batch is the contiguous (vector) direction of every GEMM and every
+per-pixel loop. Feature counts are padded to 16 as well; padding rows and columns are zero
+and stay zero. Work is split into tasks (GEMM tiles, column strips, rows) whose partition
+does not depend on the thread count, and no float is summed across threads, so results are
+bit-identical for any ``num_threads``.
+
+The module is compiled once per ISA level (see setup.py); ``cvae.kernels`` picks one.
+"""
+
+from cython.parallel cimport prange, threadid
+from libc.math cimport expf, fabsf
+from libc.stdint cimport uint8_t, uint64_t
+
+cdef extern from "cvae_simd.h" nogil:
+    const int VW "CVAE_VW"
+    const int MR "CVAE_MR"
+    const int NV "CVAE_NV"
+    const int NR "CVAE_NR"
+    const char *ISA "CVAE_ISA"
+    const int ACT_NONE "CVAE_ACT_NONE"
+    const int ACT_ELU "CVAE_ACT_ELU"
+    const int ACT_RELU "CVAE_ACT_RELU"
+    void tile "cvae_tile"(int mr, int nv, int K, const float *A, long sai, long sak,
+                          const float *B, long ldb, float *C, long ldc)
+    void bias_act_row "cvae_bias_act_row"(float *c, int n, float bias, int act)
+    void act_grad_row "cvae_act_grad_row"(float *dy, const float *y, int n, int act)
+    void adam_row "cvae_adam_row"(float *w, float *m, float *v, const float *g, int n,
+                                  float step_size, float inv_bc2_sqrt)
+    void bce_row "cvae_bce_row"(const float *logit, const float *x, float *dlogit, float *rec,
+                                int n, float scale)
+    void sigmoid_row "cvae_sigmoid_row"(const float *logit, float *p, int n)
+    float normal "cvae_normal"(uint64_t seed, uint64_t step, uint64_t sample, uint64_t index)
+    int c_cpu_level "cvae_cpu_level"()
+
+isa = ISA.decode()
+vector_width = VW
+tile_floats = MR * NR   # per-thread scratch for one fused-Adam dW tile
+
+ACTIVATIONS = {"none": ACT_NONE, "elu": ACT_ELU, "relu": ACT_RELU}
+
+
+def cpu_level():
+    """x86-64 ISA level this CPU supports: 4, 3 or 1 (0 off x86)."""
+    return c_cpu_level()
+
+
+cdef struct Linear:
+    int n_in, n_out, ld     # ld: n_in padded to 16, the row stride of W and gW
+    float *W
+    float *b
+    float *gW
+    float *gb
+    float *mW
+    float *mb
+    float *vW
+    float *vb
+
+
+cdef struct Adam:
+    float step_size        # lr / (1 - beta1^t)
+    float inv_bc2_sqrt     # 1 / sqrt(1 - beta2^t)
+
+
+cdef inline float *at(float *base, dict layout, str key) except NULL:
+    return base + <Py_ssize_t>layout[key]
+
+
+cdef inline int ceil_div(int a, int b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+# ---------------------------------------------------------------- linear layer
+
+cdef void linear_forward(const Linear *L, const float *Xt, float *Yt, int bp, int act,
+                         int nthreads) noexcept nogil:
+    """Yt[out][bp] = act(W . Xt + b): tiles of out rows x batch columns."""
+    cdef int n_ct = ceil_div(bp, NR)
+    cdef int task, i0, j0, mr, nv, i
+    for task in prange(ceil_div(L.n_out, MR) * n_ct, num_threads=nthreads, schedule='static'):
+        i0 = (task // n_ct) * MR
+        j0 = (task % n_ct) * NR
+        mr = min(MR, L.n_out - i0)
+        nv = min(NV, (bp - j0) // VW)
+        tile(mr, nv, L.n_in, L.W + i0 * L.ld, L.ld, 1, Xt + j0, bp, Yt + i0 * bp + j0, bp)
+        for i in range(mr):
+            bias_act_row(Yt + (i0 + i) * bp + j0, nv * VW, L.b[i0 + i], act)
+
+
+cdef void linear_backward_input(const Linear *L, const float *dYt, float *dXt, const float *Xt,
+                                int x_act, int bp, int nthreads) noexcept nogil:
+    """dXt[in][bp] = W^T . dYt, then times act'(.) of the layer that produced X."""
+    cdef int n_ct = ceil_div(bp, NR)
+    cdef int task, i0, j0, mr, nv, i
+    for task in prange(ceil_div(L.n_in, MR) * n_ct, num_threads=nthreads, schedule='static'):
+        i0 = (task // n_ct) * MR
+        j0 = (task % n_ct) * NR
+        mr = min(MR, L.n_in - i0)
+        nv = min(NV, (bp - j0) // VW)
+        tile(mr, nv, L.n_out, L.W + i0, 1, L.ld, dYt + j0, bp, dXt + i0 * bp + j0, bp)
+        if x_act != ACT_NONE:
+            for i in range(mr):
+                act_grad_row(dXt + (i0 + i) * bp + j0, Xt + (i0 + i) * bp + j0, nv * VW, x_act)
+
+
+cdef void linear_backward_params(const Linear *L, const float *dYt, const float *Xt, float *Xb,
+                                 int batch, int bp, const Adam *adam, float *scratch,
+                                 int nthreads) noexcept nogil:
+    """dW = dYt . X and db = sum over the batch of dYt.
+
+    With ``adam``, each dW tile updates W, m and v while it is in registers' reach and is
+    never stored; without, dW goes to gW (the path the gradient tests read).
+    """
+    cdef int n_ct = ceil_div(L.ld, NR)
+    cdef int task, i0, j0, mr, nv, i, k, f
+    cdef float *C
+    cdef long ldc
+    cdef float s
+    # X batch-major, [batch][ld], padding columns zero: the B operand of dW.
+    for k in prange(batch, num_threads=nthreads, schedule='static'):
+        for f in range(L.n_in):
+            Xb[k * L.ld + f] = Xt[f * bp + k]
+        for f in range(L.n_in, L.ld):
+            Xb[k * L.ld + f] = 0.0
+    for task in prange(ceil_div(L.n_out, MR) * n_ct, num_threads=nthreads, schedule='static'):
+        i0 = (task // n_ct) * MR
+        j0 = (task % n_ct) * NR
+        mr = min(MR, L.n_out - i0)
+        nv = min(NV, (L.ld - j0) // VW)
+        if adam != NULL:
+            C = scratch + threadid() * MR * NR
+            ldc = NR
+        else:
+            C = L.gW + i0 * L.ld + j0
+            ldc = L.ld
+        tile(mr, nv, batch, dYt + i0 * bp, bp, 1, Xb + j0, L.ld, C, ldc)
+        if adam != NULL:
+            for i in range(mr):
+                adam_row(L.W + (i0 + i) * L.ld + j0, L.mW + (i0 + i) * L.ld + j0,
+                         L.vW + (i0 + i) * L.ld + j0, C + i * ldc, nv * VW,
+                         adam.step_size, adam.inv_bc2_sqrt)
+    for i in prange(L.n_out, num_threads=nthreads, schedule='static'):
+        s = 0.0
+        for k in range(batch):
+            s = s + dYt[i * bp + k]
+        L.gb[i] = s
+    if adam != NULL:
+        adam_row(L.b, L.mb, L.vb, L.gb, L.n_out, adam.step_size, adam.inv_bc2_sqrt)
+
+
+cdef void linear_adam(const Linear *L, const Adam *adam, int nthreads) noexcept nogil:
+    """Unfused Adam from the stored gradients (rows of W, then b)."""
+    cdef int i
+    for i in prange(L.n_out, num_threads=nthreads, schedule='static'):
+        adam_row(L.W + i * L.ld, L.mW + i * L.ld, L.vW + i * L.ld, L.gW + i * L.ld, L.ld,
+                 adam.step_size, adam.inv_bc2_sqrt)
+    adam_row(L.b, L.mb, L.vb, L.gb, L.n_out, adam.step_size, adam.inv_bc2_sqrt)
+
+
+# ---------------------------------------------------------------- input and label rows
+
+cdef void onehot_rows(float *Rt, const uint8_t *labels, int batch, int bp) noexcept nogil:
+    """Ten rows Rt[c][b] = (label_b == c); zero in the padding columns."""
+    cdef int c, k
+    for c in range(10):
+        for k in range(bp):
+            Rt[c * bp + k] = 1.0 if (k < batch and labels[k] == c) else 0.0
+
+
+cdef void pixels_forward(const uint8_t *pixels, const uint8_t *labels, float *Xt, int n_pix,
+                         int batch, int bp, int nthreads) noexcept nogil:
+    """Xt = [pixels / 255 ; onehot(labels)], transposed to feature-major as it converts."""
+    cdef int p, k
+    cdef float inv255 = 1.0 / 255.0
+    for p in prange(n_pix, num_threads=nthreads, schedule='static'):
+        for k in range(batch):
+            Xt[p * bp + k] = pixels[k * n_pix + p] * inv255
+        for k in range(batch, bp):
+            Xt[p * bp + k] = 0.0
+    onehot_rows(Xt + n_pix * bp, labels, batch, bp)
+
+
+# ---------------------------------------------------------------- reparameterisation and KL
+
+cdef void reparam_forward(const float *Ot, const float *eps_t, float *Zt, float *kl, int latent,
+                          int batch, int bp, int nthreads) noexcept nogil:
+    """z = mu + eps * exp(logvar / 2) and KL(q || N(0, I)) per sample; O = [mu ; logvar]."""
+    cdef int k, l
+    cdef float mu, logvar, std, s
+    for k in prange(bp, num_threads=nthreads, schedule='static'):
+        s = 0.0
+        for l in range(latent):
+            mu = Ot[l * bp + k]
+            logvar = Ot[(latent + l) * bp + k]
+            std = expf(0.5 * logvar)
+            Zt[l * bp + k] = mu + eps_t[l * bp + k] * std if k < batch else 0.0
+            s = s + (1.0 + logvar - mu * mu - std * std)
+        kl[k] = -0.5 * s if k < batch else 0.0
+
+
+cdef void reparam_backward(const float *Ot, const float *eps_t, const float *dZt, float *dOt,
+                           int latent, int batch, int bp, float kl_scale,
+                           int nthreads) noexcept nogil:
+    """dmu, dlogvar from dz and from kl_scale * KL (kl_scale = beta / batch)."""
+    cdef int k, l
+    cdef float mu, logvar, std, dz
+    for k in prange(bp, num_threads=nthreads, schedule='static'):
+        for l in range(latent):
+            if k < batch:
+                mu = Ot[l * bp + k]
+                logvar = Ot[(latent + l) * bp + k]
+                std = expf(0.5 * logvar)
+                dz = dZt[l * bp + k]
+                dOt[l * bp + k] = dz + kl_scale * mu
+                dOt[(latent + l) * bp + k] = (dz * eps_t[l * bp + k] * 0.5 * std
+                                              + kl_scale * 0.5 * (std * std - 1.0))
+            else:
+                dOt[l * bp + k] = 0.0
+                dOt[(latent + l) * bp + k] = 0.0
+
+
+cdef void noise_fill(float *eps_t, uint64_t seed, uint64_t step, int latent, int batch, int bp,
+                     int nthreads) noexcept nogil:
+    cdef int l, k
+    for l in prange(latent, num_threads=nthreads, schedule='static'):
+        for k in range(bp):
+            eps_t[l * bp + k] = normal(seed, step, k, l) if k < batch else 0.0
+
+
+# ---------------------------------------------------------------- reconstruction loss
+
+cdef void bce_forward_backward(const float *logits_t, const float *Xt, float *dlogits_t,
+                               float *rec, int n_pix, int batch, int bp, float scale,
+                               int nthreads) noexcept nogil:
+    """rec[b] = sum over pixels of BCE-with-logits; dlogits = (sigmoid - x) * scale.
+
+    Strips of 16 columns: each sample's sum runs in pixel order inside one task.
+    """
+    cdef int strip, j0, p, k
+    for strip in prange(bp // 16, num_threads=nthreads, schedule='static'):
+        j0 = strip * 16
+        for k in range(j0, j0 + 16):
+            rec[k] = 0.0
+        for p in range(n_pix):
+            bce_row(logits_t + p * bp + j0, Xt + p * bp + j0, dlogits_t + p * bp + j0,
+                    rec + j0, 16, scale)
+        for k in range(j0, j0 + 16):
+            if k >= batch:
+                rec[k] = 0.0
+                for p in range(n_pix):
+                    dlogits_t[p * bp + k] = 0.0
+
+
+# ---------------------------------------------------------------- the network
+
+cdef class Net:
+    """The CVAE's layers and buffers as pointers into a slab that Python carved (cvae.model).
+
+    ``layout`` maps buffer names to float offsets in ``slab``; ``dims`` gives the sizes.
+    """
+    cdef Linear enc1, enc2, enc3, dec1, dec2, dec3
+    cdef float *x_t
+    cdef float *h1_t
+    cdef float *h2_t
+    cdef float *o_t
+    cdef float *eps_t
+    cdef float *d0_t
+    cdef float *g1_t
+    cdef float *g2_t
+    cdef float *logits_t
+    cdef float *dh1_t
+    cdef float *dh2_t
+    cdef float *do_t
+    cdef float *dd0_t
+    cdef float *dg1_t
+    cdef float *dg2_t
+    cdef float *dlogits_t
+    cdef float *rec
+    cdef float *kl
+    cdef float *xb
+    cdef float *scratch
+    cdef int n_pix, latent, act, nthreads, max_bp
+    cdef object slab
+
+    def __init__(self, float[::1] slab not None, dict layout, dict dims, str act, int nthreads):
+        cdef float *base = &slab[0]
+        self.slab = slab
+        self.n_pix = dims["x"]
+        self.latent = dims["latent"]
+        self.max_bp = dims["max_bp"]
+        self.act = ACTIVATIONS[act]
+        self.nthreads = nthreads
+        if dims["scratch_threads"] < nthreads:
+            raise ValueError("slab scratch holds fewer threads than requested")
+        for name, n_in, n_out in (("enc1", dims["x"] + 10, dims["h1"]),
+                                  ("enc2", dims["h1"], dims["h2"]),
+                                  ("enc3", dims["h2"], 2 * dims["latent"]),
+                                  ("dec1", dims["latent"] + 10, dims["h2"]),
+                                  ("dec2", dims["h2"], dims["h1"]),
+                                  ("dec3", dims["h1"], dims["x"])):
+            self._set_layer(name, base, layout, n_in, n_out)
+        self.x_t = at(base, layout, "act.x")
+        self.h1_t = at(base, layout, "act.enc1")
+        self.h2_t = at(base, layout, "act.enc2")
+        self.o_t = at(base, layout, "act.enc3")
+        self.eps_t = at(base, layout, "act.eps")
+        self.d0_t = at(base, layout, "act.dec_in")
+        self.g1_t = at(base, layout, "act.dec1")
+        self.g2_t = at(base, layout, "act.dec2")
+        self.logits_t = at(base, layout, "act.dec3")
+        self.dh1_t = at(base, layout, "actgrad.enc1")
+        self.dh2_t = at(base, layout, "actgrad.enc2")
+        self.do_t = at(base, layout, "actgrad.enc3")
+        self.dd0_t = at(base, layout, "actgrad.dec_in")
+        self.dg1_t = at(base, layout, "actgrad.dec1")
+        self.dg2_t = at(base, layout, "actgrad.dec2")
+        self.dlogits_t = at(base, layout, "actgrad.dec3")
+        self.rec = at(base, layout, "per_sample.rec")
+        self.kl = at(base, layout, "per_sample.kl")
+        self.xb = at(base, layout, "scratch.batch_major")
+        self.scratch = at(base, layout, "scratch.tiles")
+
+    cdef _set_layer(self, str name, float *base, dict layout, int n_in, int n_out):
+        cdef Linear L
+        L.n_in = n_in
+        L.n_out = n_out
+        L.ld = ceil_div(n_in, 16) * 16
+        L.W = at(base, layout, "param." + name + ".W")
+        L.b = at(base, layout, "param." + name + ".b")
+        L.gW = at(base, layout, "grad." + name + ".W")
+        L.gb = at(base, layout, "grad." + name + ".b")
+        L.mW = at(base, layout, "adam_m." + name + ".W")
+        L.mb = at(base, layout, "adam_m." + name + ".b")
+        L.vW = at(base, layout, "adam_v." + name + ".W")
+        L.vb = at(base, layout, "adam_v." + name + ".b")
+        if name == "enc1": self.enc1 = L
+        elif name == "enc2": self.enc2 = L
+        elif name == "enc3": self.enc3 = L
+        elif name == "dec1": self.dec1 = L
+        elif name == "dec2": self.dec2 = L
+        else: self.dec3 = L
+
+    cdef int _check_batch(self, const uint8_t[:, ::1] pixels, const uint8_t[::1] labels) except -1:
+        cdef int batch = pixels.shape[0]
+        if batch < 1 or ceil_div(batch, 16) * 16 > self.max_bp:
+            raise ValueError(f"batch of {batch} does not fit this model's slab")
+        if pixels.shape[1] != self.n_pix or labels.shape[0] != batch:
+            raise ValueError("pixels must be (batch, %d) and labels (batch,)" % self.n_pix)
+        return batch
+
+    cdef void _encode(self, const uint8_t *pixels, const uint8_t *labels, int batch,
+                      int bp) noexcept nogil:
+        pixels_forward(pixels, labels, self.x_t, self.n_pix, batch, bp, self.nthreads)
+        linear_forward(&self.enc1, self.x_t, self.h1_t, bp, self.act, self.nthreads)
+        linear_forward(&self.enc2, self.h1_t, self.h2_t, bp, self.act, self.nthreads)
+        linear_forward(&self.enc3, self.h2_t, self.o_t, bp, ACT_NONE, self.nthreads)
+
+    cdef void _decode(self, const uint8_t *labels, int batch, int bp) noexcept nogil:
+        """Decoder from the z rows already in d0_t."""
+        onehot_rows(self.d0_t + self.latent * bp, labels, batch, bp)
+        linear_forward(&self.dec1, self.d0_t, self.g1_t, bp, self.act, self.nthreads)
+        linear_forward(&self.dec2, self.g1_t, self.g2_t, bp, self.act, self.nthreads)
+        linear_forward(&self.dec3, self.g2_t, self.logits_t, bp, ACT_NONE, self.nthreads)
+
+    cdef void _forward(self, const uint8_t *pixels, const uint8_t *labels, int batch, int bp,
+                       uint64_t seed, uint64_t step) noexcept nogil:
+        self._encode(pixels, labels, batch, bp)
+        noise_fill(self.eps_t, seed, step, self.latent, batch, bp, self.nthreads)
+        reparam_forward(self.o_t, self.eps_t, self.d0_t, self.kl, self.latent, batch, bp,
+                        self.nthreads)
+        self._decode(labels, batch, bp)
+
+    cdef void _backward(self, int batch, int bp, float beta, const Adam *adam) noexcept nogil:
+        cdef int nt = self.nthreads
+        # Each layer's dX reads W before the (optionally fused) update of that W.
+        linear_backward_input(&self.dec3, self.dlogits_t, self.dg2_t, self.g2_t, self.act, bp, nt)
+        linear_backward_params(&self.dec3, self.dlogits_t, self.g2_t, self.xb, batch, bp, adam,
+                               self.scratch, nt)
+        linear_backward_input(&self.dec2, self.dg2_t, self.dg1_t, self.g1_t, self.act, bp, nt)
+        linear_backward_params(&self.dec2, self.dg2_t, self.g1_t, self.xb, batch, bp, adam,
+                               self.scratch, nt)
+        linear_backward_input(&self.dec1, self.dg1_t, self.dd0_t, self.d0_t, ACT_NONE, bp, nt)
+        linear_backward_params(&self.dec1, self.dg1_t, self.d0_t, self.xb, batch, bp, adam,
+                               self.scratch, nt)
+        reparam_backward(self.o_t, self.eps_t, self.dd0_t, self.do_t, self.latent, batch, bp,
+                         beta / batch, nt)
+        linear_backward_input(&self.enc3, self.do_t, self.dh2_t, self.h2_t, self.act, bp, nt)
+        linear_backward_params(&self.enc3, self.do_t, self.h2_t, self.xb, batch, bp, adam,
+                               self.scratch, nt)
+        linear_backward_input(&self.enc2, self.dh2_t, self.dh1_t, self.h1_t, self.act, bp, nt)
+        linear_backward_params(&self.enc2, self.dh2_t, self.h1_t, self.xb, batch, bp, adam,
+                               self.scratch, nt)
+        linear_backward_params(&self.enc1, self.dh1_t, self.x_t, self.xb, batch, bp, adam,
+                               self.scratch, nt)
+
+    cdef tuple _sums(self, int batch):
+        cdef double rec = 0.0, kl = 0.0
+        cdef int k
+        for k in range(batch):
+            rec += self.rec[k]
+            kl += self.kl[k]
+        return rec, kl
+
+    def step(self, const uint8_t[:, ::1] pixels not None, const uint8_t[::1] labels not None,
+             float beta, uint64_t seed, uint64_t step, float lr=0.0, long adam_t=0):
+        """One training step on a batch; returns (rec, kl) summed over the batch.
+
+        With adam_t > 0 the Adam update (step number adam_t, learning rate lr) is fused into
+        the backward pass; with adam_t == 0 the gradients are stored and nothing moves.
+        """
+        cdef int batch = self._check_batch(pixels, labels)
+        cdef int bp = ceil_div(batch, 16) * 16
+        cdef Adam adam
+        cdef const Adam *adam_p = NULL
+        if adam_t > 0:
+            adam.step_size = lr / (1.0 - 0.9 ** adam_t)
+            adam.inv_bc2_sqrt = 1.0 / (1.0 - 0.999 ** adam_t) ** 0.5
+            adam_p = &adam
+        with nogil:
+            self._forward(&pixels[0, 0], &labels[0], batch, bp, seed, step)
+            bce_forward_backward(self.logits_t, self.x_t, self.dlogits_t, self.rec, self.n_pix,
+                                 batch, bp, 1.0 / batch, self.nthreads)
+            self._backward(batch, bp, beta, adam_p)
+        return self._sums(batch)
+
+    def evaluate(self, const uint8_t[:, ::1] pixels not None, const uint8_t[::1] labels not None,
+                 uint64_t seed, uint64_t step, float[::1] rec_out not None,
+                 float[::1] kl_out not None):
+        """Forward only: per-sample reconstruction and KL terms into rec_out, kl_out."""
+        cdef int batch = self._check_batch(pixels, labels)
+        cdef int bp = ceil_div(batch, 16) * 16
+        cdef int k
+        with nogil:
+            self._forward(&pixels[0, 0], &labels[0], batch, bp, seed, step)
+            bce_forward_backward(self.logits_t, self.x_t, self.dlogits_t, self.rec, self.n_pix,
+                                 batch, bp, 0.0, self.nthreads)
+        for k in range(batch):
+            rec_out[k] = self.rec[k]
+            kl_out[k] = self.kl[k]
+
+    def adam_update(self, float lr, long adam_t):
+        """Adam step number adam_t from the stored gradients (the unfused path)."""
+        cdef Adam adam
+        adam.step_size = lr / (1.0 - 0.9 ** adam_t)
+        adam.inv_bc2_sqrt = 1.0 / (1.0 - 0.999 ** adam_t) ** 0.5
+        with nogil:
+            linear_adam(&self.enc1, &adam, self.nthreads)
+            linear_adam(&self.enc2, &adam, self.nthreads)
+            linear_adam(&self.enc3, &adam, self.nthreads)
+            linear_adam(&self.dec1, &adam, self.nthreads)
+            linear_adam(&self.dec2, &adam, self.nthreads)
+            linear_adam(&self.dec3, &adam, self.nthreads)
+
+    def noise(self, uint64_t seed, uint64_t step, float[:, ::1] out not None):
+        """The eps of (seed, step) for the first out.shape[0] samples, as (batch, latent)."""
+        cdef int k, l
+        for k in range(out.shape[0]):
+            for l in range(self.latent):
+                out[k, l] = normal(seed, step, k, l)
+
+    def encode(self, const uint8_t[:, ::1] pixels not None, const uint8_t[::1] labels not None,
+               float[:, ::1] mu_out not None, float[:, ::1] logvar_out not None):
+        """The encoder's mu and logvar as (batch, latent)."""
+        cdef int batch = self._check_batch(pixels, labels)
+        cdef int bp = ceil_div(batch, 16) * 16
+        cdef int k, l
+        with nogil:
+            self._encode(&pixels[0, 0], &labels[0], batch, bp)
+        for k in range(batch):
+            for l in range(self.latent):
+                mu_out[k, l] = self.o_t[l * bp + k]
+                logvar_out[k, l] = self.o_t[(self.latent + l) * bp + k]
+
+    def decode(self, const float[:, ::1] z not None, const uint8_t[::1] labels not None,
+               float[:, ::1] probs_out not None):
+        """Pixel probabilities sigmoid(decoder(z, label)) as (batch, 784)."""
+        cdef int batch = z.shape[0]
+        cdef int bp = ceil_div(batch, 16) * 16
+        cdef int k, l, p
+        if batch < 1 or bp > self.max_bp or labels.shape[0] != batch:
+            raise ValueError(f"batch of {batch} does not fit this model's slab")
+        for l in range(self.latent):
+            for k in range(bp):
+                self.d0_t[l * bp + k] = z[k, l] if k < batch else 0.0
+        with nogil:
+            self._decode(&labels[0], batch, bp)
+            for p in prange(self.n_pix, num_threads=self.nthreads, schedule='static'):
+                sigmoid_row(self.logits_t + p * bp, self.dlogits_t + p * bp, bp)
+        for k in range(batch):
+            for p in range(self.n_pix):
+                probs_out[k, p] = self.dlogits_t[p * bp + k]

@@ -1,0 +1,254 @@
+"""The CVAE's architecture and its slab: one float32 allocation carved into named views.
+
+Layout (every section 64-byte aligned): parameters, their gradients, Adam's first and second
+moments (each group contiguous and in the same order, so a checkpoint or an optimizer pass
+sees one block per group), then every activation and activation-gradient buffer for the
+largest batch, per-sample loss terms and per-thread scratch. The kernels get pointers into it
+once (cvae._kernels.Net); a training step allocates nothing.
+
+Storage follows the kernels: a weight is [out][in padded to 16]; activations are
+feature-major [features padded to 16][batch padded to 16]. The views in ``params``,
+``grads``, ``acts``, ... hide both paddings.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cvae.kernels import kernels
+
+N_PIXELS = 784
+N_CLASSES = 10
+ALIGN = 16  # floats: 64 bytes
+
+VARIANTS = {
+    "mini": dict(h1=256, h2=128, latent=32, digits=(0, 1)),
+    "mid": dict(h1=512, h2=256, latent=64, digits=(0, 1)),
+    "full": dict(h1=640, h2=320, latent=128, digits=tuple(range(10))),
+}
+ACTIVATIONS = ("elu", "relu")
+
+
+def pad(n):
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class Arch:
+    h1: int
+    h2: int
+    latent: int
+    act: str = "elu"
+    x_dim: int = N_PIXELS
+    n_classes: int = N_CLASSES
+
+    @classmethod
+    def variant(cls, name, act="elu"):
+        v = VARIANTS[name]
+        return cls(h1=v["h1"], h2=v["h2"], latent=v["latent"], act=act)
+
+    def layers(self):
+        """(name, n_in, n_out) of the six linear layers, encoder then decoder."""
+        x, c, h1, h2, z = self.x_dim, self.n_classes, self.h1, self.h2, self.latent
+        return (("enc1", x + c, h1), ("enc2", h1, h2), ("enc3", h2, 2 * z),
+                ("dec1", z + c, h2), ("dec2", h2, h1), ("dec3", h1, x))
+
+    def n_params(self):
+        return sum(n_out * (n_in + 1) for _, n_in, n_out in self.layers())
+
+    def to_json(self):
+        return dict(h1=self.h1, h2=self.h2, latent=self.latent, act=self.act)
+
+
+# Activation buffers: name -> rows, for the feature-major [rows][batch] layout.
+def _activation_rows(arch):
+    x, c, z = arch.x_dim, arch.n_classes, arch.latent
+    return {"x": x + c, "enc1": arch.h1, "enc2": arch.h2, "enc3": 2 * z, "eps": z,
+            "dec_in": z + c, "dec1": arch.h2, "dec2": arch.h1, "dec3": x}
+
+
+class Model:
+    """Owns the slab and the kernels' Net over it.
+
+    ``threads`` is the OpenMP thread count for every kernel call; ``max_batch`` sizes the
+    activation buffers.
+    """
+
+    def __init__(self, arch, max_batch=64, threads=1):
+        if arch.act not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}")
+        self.arch = arch
+        self.max_batch = max_batch
+        self.threads = threads
+        self.max_bp = pad(max_batch)
+        k = kernels()
+        self.kernel_isa = k.isa
+        self.adam_t = 0
+
+        offsets, sizes = {}, {}
+        total = 0
+
+        def carve(name, n):
+            nonlocal total
+            offsets[name], sizes[name] = total, n
+            total += pad(n)
+
+        for group in ("param", "grad", "adam_m", "adam_v"):
+            for name, n_in, n_out in arch.layers():
+                carve(f"{group}.{name}.W", n_out * pad(n_in))
+                carve(f"{group}.{name}.b", n_out)
+        self._group_end = {}
+        rows = _activation_rows(arch)
+        for name, r in rows.items():
+            carve(f"act.{name}", pad(r) * self.max_bp)
+        for name in ("enc1", "enc2", "enc3", "dec_in", "dec1", "dec2", "dec3"):
+            carve(f"actgrad.{name}", pad(rows[name]) * self.max_bp)
+        carve("per_sample.rec", self.max_bp)
+        carve("per_sample.kl", self.max_bp)
+        carve("scratch.batch_major", self.max_bp * max(pad(n_in) for _, n_in, _ in arch.layers()))
+        carve("scratch.tiles", threads * k.tile_floats)
+
+        raw = np.zeros(total + ALIGN, dtype=np.float32)
+        shift = (-raw.ctypes.data % 64) // 4
+        self.slab = raw[shift:shift + total]
+        self.layout = offsets
+        self.section_sizes = sizes
+        dims = dict(x=arch.x_dim, h1=arch.h1, h2=arch.h2, latent=arch.latent,
+                    max_bp=self.max_bp, scratch_threads=threads)
+        self.net = k.Net(self.slab, offsets, dims, arch.act, threads)
+
+        self.params = self._tensor_views("param")
+        self.grads = self._tensor_views("grad")
+        self.adam_m = self._tensor_views("adam_m")
+        self.adam_v = self._tensor_views("adam_v")
+        self._eval_rec = np.zeros(max_batch, dtype=np.float32)
+        self._eval_kl = np.zeros(max_batch, dtype=np.float32)
+        self._last_batch = 0
+
+    # ---- views
+    def _view(self, name, shape):
+        off = self.layout[name]
+        n = int(np.prod(shape))
+        return self.slab[off:off + n].reshape(shape)
+
+    def _tensor_views(self, group):
+        views = {}
+        for name, n_in, n_out in self.arch.layers():
+            views[f"{name}.W"] = self._view(f"{group}.{name}.W", (n_out, pad(n_in)))[:, :n_in]
+            views[f"{name}.b"] = self._view(f"{group}.{name}.b", (n_out,))
+        return views
+
+    def group_block(self, group):
+        """The contiguous slab block of one group (param, grad, adam_m, adam_v), padding included."""
+        names = [f"{group}.{name}.{t}" for name, _, _ in self.arch.layers() for t in "Wb"]
+        start = self.layout[names[0]]
+        end = self.layout[names[-1]] + pad(self.section_sizes[names[-1]])
+        return self.slab[start:end]
+
+    def _feature_major(self, buffer, rows, row_slice=slice(None)):
+        b = self._last_batch
+        bp = pad(b)
+        off = self.layout[buffer]
+        full = self.slab[off:off + pad(rows) * bp].reshape(pad(rows), bp)
+        return full[:rows][row_slice, :b].T
+
+    @property
+    def acts(self):
+        """Last forward's activations as (batch, features) views (post-activation)."""
+        z = self.arch.latent
+        r = _activation_rows(self.arch)
+        return {"enc1": self._feature_major("act.enc1", r["enc1"]),
+                "enc2": self._feature_major("act.enc2", r["enc2"]),
+                "mu": self._feature_major("act.enc3", r["enc3"], slice(0, z)),
+                "logvar": self._feature_major("act.enc3", r["enc3"], slice(z, 2 * z)),
+                "z": self._feature_major("act.dec_in", r["dec_in"], slice(0, z)),
+                "dec1": self._feature_major("act.dec1", r["dec1"]),
+                "dec2": self._feature_major("act.dec2", r["dec2"]),
+                "logits": self._feature_major("act.dec3", r["dec3"])}
+
+    @property
+    def act_grads(self):
+        """Gradients of the batch-mean loss w.r.t. pre-activations, mu, logvar, z and logits."""
+        z = self.arch.latent
+        r = _activation_rows(self.arch)
+        return {"enc1": self._feature_major("actgrad.enc1", r["enc1"]),
+                "enc2": self._feature_major("actgrad.enc2", r["enc2"]),
+                "mu": self._feature_major("actgrad.enc3", r["enc3"], slice(0, z)),
+                "logvar": self._feature_major("actgrad.enc3", r["enc3"], slice(z, 2 * z)),
+                "z": self._feature_major("actgrad.dec_in", r["dec_in"], slice(0, z)),
+                "dec1": self._feature_major("actgrad.dec1", r["dec1"]),
+                "dec2": self._feature_major("actgrad.dec2", r["dec2"]),
+                "logits": self._feature_major("actgrad.dec3", r["dec3"])}
+
+    # ---- parameters
+    def init_params(self, seed):
+        """PyTorch's nn.Linear default: U(-1/sqrt(in), 1/sqrt(in)) for W and b; Adam reset."""
+        rng = np.random.default_rng(seed)
+        for name, n_in, _ in self.arch.layers():
+            bound = 1.0 / np.sqrt(n_in)
+            for t in ("W", "b"):
+                view = self.params[f"{name}.{t}"]
+                view[...] = rng.uniform(-bound, bound, size=view.shape)
+        for group in ("grad", "adam_m", "adam_v"):
+            self.group_block(group)[...] = 0.0
+        self.adam_t = 0
+
+    # ---- training
+    def forward_backward(self, pixels, labels, beta, seed, step):
+        """Gradients of the batch-mean loss into ``grads``; returns (loss, rec, kl) means."""
+        return self._step(pixels, labels, beta, seed, step, 0.0, 0)
+
+    def train_step(self, pixels, labels, lr, beta, seed, step):
+        """forward_backward with Adam fused into the backward pass; returns (loss, rec, kl)."""
+        self.adam_t += 1
+        return self._step(pixels, labels, beta, seed, step, lr, self.adam_t)
+
+    def _step(self, pixels, labels, beta, seed, step, lr, adam_t):
+        b = pixels.shape[0]
+        self._last_batch = b
+        rec, kl = self.net.step(pixels, labels, beta, seed, step, lr, adam_t)
+        rec /= b
+        kl /= b
+        return rec + beta * kl, rec, kl
+
+    def adam_update(self, lr):
+        """Plain Adam from ``grads`` (the unfused path)."""
+        self.adam_t += 1
+        self.net.adam_update(lr, self.adam_t)
+
+    def noise(self, seed, step, batch):
+        out = np.empty((batch, self.arch.latent), dtype=np.float32)
+        self.net.noise(seed, step, out)
+        return out
+
+    # ---- inference
+    def evaluate(self, pixels, labels, seed, step):
+        """Per-image (rec, kl) at one eps draw keyed by (seed, step): views valid until next call."""
+        b = pixels.shape[0]
+        self._last_batch = b
+        self.net.evaluate(pixels, labels, seed, step, self._eval_rec[:b], self._eval_kl[:b])
+        return self._eval_rec[:b], self._eval_kl[:b]
+
+    def encode(self, pixels, labels):
+        b = pixels.shape[0]
+        mu = np.empty((b, self.arch.latent), dtype=np.float32)
+        logvar = np.empty_like(mu)
+        self._last_batch = b
+        self.net.encode(pixels, labels, mu, logvar)
+        return mu, logvar
+
+    def decode(self, z, labels):
+        """Pixel probabilities (batch, 784) for latent codes z and labels."""
+        b = z.shape[0]
+        probs = np.empty((b, self.arch.x_dim), dtype=np.float32)
+        self._last_batch = b
+        self.net.decode(np.ascontiguousarray(z, dtype=np.float32), labels, probs)
+        return probs
+
+    def slab_report(self):
+        """(section, floats) rows for `cvae info`, grouped by what they hold."""
+        groups = {}
+        for name, n in self.section_sizes.items():
+            key = name.split(".")[0]
+            groups[key] = groups.get(key, 0) + pad(n)
+        return groups
