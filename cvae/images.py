@@ -1,0 +1,288 @@
+"""Binary PGM (P5) output, contact sheets of 28x28 digits with a JSON sidecar, and a strict reader.
+
+Pixels are white digit on black: probability 1 is 255. Every file goes through cvae.atomic.
+"""
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+from cvae.atomic import atomic_open
+from cvae.errors import CvaeError
+
+CELL = 28
+# Keys write_sheet puts in every cell; per-cell extras may not shadow them or scripts would misplace cells.
+_RESERVED_CELL_KEYS = frozenset({"x", "y", "label", "row", "col", "index", "source"})
+
+
+def to_uint8(pixels):
+    """Probabilities in [0, 1] -> uint8 via round(255 * p), clipped; uint8 passes through unchanged.
+
+    Rounding is half-to-even (numpy.rint), matching Python's round().
+    """
+    pixels = np.asarray(pixels)
+    if pixels.dtype == np.uint8:
+        return pixels
+    if not np.issubdtype(pixels.dtype, np.floating):
+        raise ValueError(f"pixels must be float probabilities or uint8, not {pixels.dtype}")
+    if np.isnan(pixels).any():
+        raise CvaeError("image contains NaN pixels (the model's weights have probably diverged)")
+    return np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+
+
+def pgm_bytes(pixels):
+    """The complete P5 file for a 2-D image: header `P5\\n{W} {H}\\n255\\n` then row-major bytes."""
+    image = to_uint8(pixels)
+    if image.ndim != 2 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"a PGM needs a non-empty 2-D image, got shape {image.shape}")
+    height, width = image.shape
+    return f"P5\n{width} {height}\n255\n".encode("ascii") + np.ascontiguousarray(image).tobytes()
+
+
+def write_pgm(path, pixels):
+    """Write a 2-D image (float probabilities or uint8) as a binary PGM, atomically."""
+    data = pgm_bytes(pixels)
+    try:
+        with atomic_open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise CvaeError(f"cannot write {os.fspath(path)}: {e.strerror or e}") from None
+
+
+_PGM_HEADER = re.compile(rb"P5(?:\s|#[^\n\r]*[\n\r])+")
+_PGM_FIELD = re.compile(rb"(\d+)(?:\s|#[^\n\r]*[\n\r])+")
+# Exactly one whitespace byte separates maxval from the pixels, so a first pixel value that
+# happens to be a whitespace byte must not be eaten by a greedy pattern.
+_PGM_MAXVAL = re.compile(rb"(\d+)\s")
+
+
+def read_pgm(path):
+    """Read an 8-bit binary PGM (maxval 255) into a (H, W) uint8 array.
+
+    Accepts the full P5 header grammar (any whitespace, comments) because other tools write
+    those, but rejects everything else: other magics, maxval != 255, missing or extra pixel
+    bytes. Every problem is a CvaeError naming the file.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CvaeError(f"cannot read {path}: {e.strerror or e}") from None
+    magic = _PGM_HEADER.match(data)
+    if magic is None:
+        raise CvaeError(f"{path} is not a binary PGM (P5) image")
+    position = magic.end()
+    fields = []
+    for name in ("width", "height", "maxval"):
+        match = (_PGM_MAXVAL if name == "maxval" else _PGM_FIELD).match(data, position)
+        if match is None:
+            raise CvaeError(f"{path} is a malformed PGM: bad or missing {name}")
+        fields.append(int(match.group(1)))
+        position = match.end()
+    width, height, maxval = fields
+    if width == 0 or height == 0:
+        raise CvaeError(f"{path} is a malformed PGM: size {width}x{height}")
+    if maxval != 255:
+        raise CvaeError(f"{path} has maxval {maxval}; only 8-bit PGMs with maxval 255 are supported")
+    expected = width * height
+    found = len(data) - position
+    if found < expected:
+        raise CvaeError(f"{path} is truncated: {found} pixel bytes, expected {expected}")
+    if found > expected:
+        raise CvaeError(f"{path} has {found - expected} unexpected bytes after the pixels")
+    return np.frombuffer(data, dtype=np.uint8, count=expected, offset=position).reshape(height, width).copy()
+
+
+def sidecar_path(pgm_path):
+    """`digits.pgm` -> `digits.json`; sheets must end in .pgm so the sidecar can never be the PGM itself."""
+    pgm_path = os.fspath(pgm_path)
+    stem, suffix = os.path.splitext(pgm_path)
+    if suffix.lower() != ".pgm":
+        raise CvaeError(f"sheet file name must end in .pgm: {pgm_path}")
+    return stem + ".json"
+
+
+def numbered_sheet_path(path, number):
+    """`digits.pgm`, 3 -> `digits-0003.pgm` (1-based; grows past 4 digits if needed)."""
+    sidecar_path(path)
+    stem, suffix = os.path.splitext(os.fspath(path))
+    return f"{stem}-{number:04d}{suffix}"
+
+
+def split_into_sheets(n_items, max_rows, cols):
+    """Cut n_items (filled row by row, cols per row) into sheets of at most max_rows rows.
+
+    Returns a list of (start, stop) item ranges, one per sheet, in order; [] for no items.
+    """
+    if cols < 1 or max_rows < 1:
+        raise ValueError(f"cols and max_rows must be positive, got cols={cols}, max_rows={max_rows}")
+    if n_items < 0:
+        raise ValueError(f"n_items must be non-negative, got {n_items}")
+    per_sheet = max_rows * cols
+    return [(start, min(start + per_sheet, n_items)) for start in range(0, n_items, per_sheet)]
+
+
+def sheet_geometry(n_cells, cols, cell=CELL, gutter=2):
+    """(rows, width, height) of a grid with gutters between cells but not around the edge."""
+    rows = math.ceil(n_cells / cols)
+    return rows, cols * (cell + gutter) - gutter, rows * (cell + gutter) - gutter
+
+
+def _as_cells(images, cell):
+    images = np.asarray(images)
+    if images.ndim == 3 and images.shape[1:] == (cell, cell):
+        images = images.reshape(len(images), cell * cell)
+    if images.ndim != 2 or images.shape[1] != cell * cell:
+        raise ValueError(f"expected images of shape (n, {cell * cell}) or (n, {cell}, {cell}), got {images.shape}")
+    return to_uint8(images).reshape(len(images), cell, cell)
+
+
+def render_sheet(images, cols, cell=CELL, gutter=2):
+    """Tile images row by row into one uint8 canvas; unused trailing cells and gutters are black."""
+    cells = _as_cells(images, cell)
+    n = len(cells)
+    if n == 0:
+        raise ValueError("a sheet needs at least one image")
+    if cols < 1 or gutter < 0:
+        raise ValueError(f"need cols >= 1 and gutter >= 0, got cols={cols}, gutter={gutter}")
+    rows, width, height = sheet_geometry(n, cols, cell, gutter)
+    pitch = cell + gutter
+    # Each cell owns a pitch x pitch block (image top-left, gutter right and below); the
+    # last row/column of gutter is cropped so the sheet has no border.
+    blocks = np.zeros((rows * cols, pitch, pitch), dtype=np.uint8)
+    blocks[:n, :cell, :cell] = cells
+    canvas = blocks.reshape(rows, cols, pitch, pitch).transpose(0, 2, 1, 3).reshape(rows * pitch, cols * pitch)
+    return np.ascontiguousarray(canvas[:height, :width])
+
+
+def _json_default(value):
+    # Callers hand over numpy scalars and arrays (seeds, temperatures, latent vectors) freely.
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
+
+
+def _sidecar_text(document):
+    """Pretty JSON with one cell per line, so a 1000-cell sheet stays greppable and small."""
+    head = {key: value for key, value in document.items() if key != "cells"}
+    cells = ",\n".join(
+        "    " + json.dumps(c, sort_keys=True, default=_json_default, allow_nan=False) for c in document["cells"]
+    )
+    text = json.dumps(head, indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    assert text.endswith("\n}")
+    return text[:-2] + ',\n  "cells": [\n' + cells + "\n  ]\n}\n"
+
+
+def write_sheet(path, cells_images, labels, cols, cell=CELL, gutter=2, sources=None, extra=None,
+                cell_extras=None, first_index=0):
+    """Write a grid of digits as `path` (PGM) plus `path` with .json (the sidecar), both atomically.
+
+    cells_images: (n, cell*cell) or (n, cell, cell), float probabilities in [0, 1] or uint8,
+    laid out row by row, `cols` per row. labels: n labels (int or None). sources: optional n
+    source indices (None entries are omitted). cell_extras: optional n dicts merged into each
+    cell. first_index: the global index of the first image, for sheets cut from a longer list.
+
+    Sidecar: {"rows", "cols", "cell", "gutter", "width", "height", "extra", "cells": [{"x", "y",
+    "row", "col", "index", "label", ["source"], ...extras}]}, x/y being the top-left pixel of
+    the cell. Returns the sidecar document.
+    """
+    path = os.fspath(path)
+    json_path = sidecar_path(path)
+    canvas = render_sheet(cells_images, cols, cell, gutter)
+    n = len(labels)
+    if n != len(cells_images):
+        raise ValueError(f"{len(cells_images)} images but {n} labels")
+    for name, values in (("sources", sources), ("cell_extras", cell_extras)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"{n} images but {len(values)} {name}")
+    height, width = canvas.shape
+    cells = []
+    for i, label in enumerate(labels):
+        row, col = divmod(i, cols)
+        entry = {
+            "x": col * (cell + gutter),
+            "y": row * (cell + gutter),
+            "row": row,
+            "col": col,
+            "index": first_index + i,
+            "label": None if label is None else int(label),
+        }
+        if sources is not None and sources[i] is not None:
+            entry["source"] = int(sources[i])
+        if cell_extras is not None and cell_extras[i]:
+            clash = _RESERVED_CELL_KEYS.intersection(cell_extras[i])
+            if clash:
+                raise ValueError(f"cell extras may not override {sorted(clash)}")
+            entry.update(cell_extras[i])
+        cells.append(entry)
+    document = {
+        "rows": math.ceil(n / cols),
+        "cols": cols,
+        "cell": cell,
+        "gutter": gutter,
+        "width": width,
+        "height": height,
+        "extra": dict(extra or {}),
+        "cells": cells,
+    }
+    try:
+        text = _sidecar_text(document)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"sheet metadata is not JSON-serializable: {e}") from None
+    pgm = pgm_bytes(canvas)
+    # Invariant for scripts: a PGM on disk always has the sidecar that describes it. So both
+    # temp files are complete before anything is renamed, an old PGM is removed before its
+    # sidecar is replaced, and the PGM is renamed last. A crash can leave a sidecar without a
+    # PGM (harmless: scripts start from PGMs) but never a PGM beside a stale or missing sidecar.
+    try:
+        with atomic_open(path, "wb") as pgm_file:
+            pgm_file.write(pgm)
+            pgm_file.flush()
+            os.fsync(pgm_file.fileno())
+            with atomic_open(json_path, "wb") as json_file:
+                json_file.write(text.encode("ascii"))
+                json_file.flush()
+                os.fsync(json_file.fileno())
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+    except OSError as e:
+        raise CvaeError(f"cannot write {path}: {e.strerror or e}") from None
+    return document
+
+
+def write_sheets(path, cells_images, labels, cols, max_rows, cell=CELL, gutter=2, sources=None, extra=None,
+                 cell_extras=None):
+    """Write as many sheets as needed, each at most max_rows rows; returns the PGM paths written.
+
+    If everything fits on one sheet it is written to `path` itself; otherwise to
+    `NAME-0001.pgm`, `NAME-0002.pgm`, ... Cell "index" values stay global across sheets, and
+    each sidecar's extra gains "sheet" (1-based) and "sheets" (the total).
+    """
+    ranges = split_into_sheets(len(cells_images), max_rows, cols)
+    if not ranges:
+        raise ValueError("no images to write")
+    written = []
+    for number, (start, stop) in enumerate(ranges, 1):
+        sheet_path = os.fspath(path) if len(ranges) == 1 else numbered_sheet_path(path, number)
+        write_sheet(
+            sheet_path,
+            cells_images[start:stop],
+            labels[start:stop],
+            cols,
+            cell=cell,
+            gutter=gutter,
+            sources=None if sources is None else sources[start:stop],
+            extra={**(extra or {}), "sheet": number, "sheets": len(ranges)},
+            cell_extras=None if cell_extras is None else cell_extras[start:stop],
+            first_index=start,
+        )
+        written.append(sheet_path)
+    return written
