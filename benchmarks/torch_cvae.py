@@ -1,0 +1,203 @@
+"""PyTorch peer of cvae, for benchmarks and quality reference (benchmark-only dependency).
+
+    python benchmarks/torch_cvae.py bench --variant full --batch 64 --threads 1,2 --steps 200 --warmup 30 [--json]
+    python benchmarks/torch_cvae.py train --variant full --epochs 10 --batch 64 --beta 1 --threads 2 --seed 0 [--json]
+
+Importable: bench_torch(variant, batch, threads, steps, warmup) -> img/s; train_torch(...) -> per-epoch test -ELBO.
+"""
+import argparse, gzip, json, os, sys, time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# name -> (h1, h2, latent, digits)
+VARIANTS = {"mini": (256, 128, 32, (0, 1)), "mid": (512, 256, 64, (0, 1)), "full": (640, 320, 128, tuple(range(10)))}
+FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def read_idx(path):
+    """IDX file (gzip) -> uint8 numpy array. Header: 0, 0, dtype (0x08 = ubyte), ndim, then ndim big-endian u32."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    ndim = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
+    return np.frombuffer(raw, np.uint8, int(np.prod(shape)), 4 + 4 * ndim).reshape(shape)
+
+
+def load_mnist(split, digits, data_dir=None):
+    """-> x float32 (n, 784) = bytes/255 (not binarised), y int64 (n,), only the given digits."""
+    data_dir = data_dir or os.environ.get("CVAE_DATA", "/work/shared/data/mnist")
+    images, labels = (read_idx(os.path.join(data_dir, f)) for f in FILES[split])
+    keep = np.isin(labels, digits)
+    x = torch.from_numpy(images[keep].reshape(-1, 784).astype(np.float32) / 255.0)
+    return x, torch.from_numpy(labels[keep].astype(np.int64))
+
+
+class CVAE(nn.Module):
+    def __init__(self, h1, h2, latent, act="elu"):
+        super().__init__()
+        Act = {"elu": nn.ELU, "relu": nn.ReLU}[act]
+        self.latent = latent
+        self.enc = nn.Sequential(nn.Linear(784 + 10, h1), Act(), nn.Linear(h1, h2), Act(), nn.Linear(h2, 2 * latent))
+        self.dec = nn.Sequential(nn.Linear(latent + 10, h2), Act(), nn.Linear(h2, h1), Act(), nn.Linear(h1, 784))
+
+    def forward(self, x, y):
+        c = F.one_hot(y, 10).to(x.dtype)
+        mu, logvar = self.enc(torch.cat([x, c], 1)).split(self.latent, 1)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.dec(torch.cat([z, c], 1)), mu, logvar
+
+
+def loss_fn(logits, x, mu, logvar, beta=1.0):
+    """Mean over images of: BCE-with-logits summed over pixels + beta * KL(N(mu, exp(logvar)) || N(0, I))."""
+    bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
+    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+    return (bce + beta * kl).mean()
+
+
+def make_model(variant, act="elu", lr=1e-3):
+    h1, h2, latent, _ = VARIANTS[variant]
+    model = CVAE(h1, h2, latent, act)
+    return model, torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def train_step(model, opt, x, y, beta=1.0):
+    logits, mu, logvar = model(x, y)
+    loss = loss_fn(logits, x, mu, logvar, beta)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss
+
+
+def batches(n, batch, gen):
+    """Endless shuffled minibatch indices (full batches only; reshuffle every pass)."""
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n - batch + 1, batch):
+            yield perm[i:i + batch]
+
+
+_interop_set = False
+
+
+def set_threads(n):
+    global _interop_set
+    if not _interop_set:
+        try:
+            torch.set_num_interop_threads(1)  # allowed once, before any inter-op work
+        except RuntimeError:
+            pass
+        _interop_set = True
+    torch.set_num_threads(n)
+
+
+def bench_torch(variant, batch, threads, steps, warmup, act="elu", lr=1e-3, seed=0, data=None):
+    """Images/s over `steps` timed training steps, after `warmup` untimed ones. Only the step is timed
+    (forward, loss, backward, optimizer.step, zero_grad); batch gathering from the float tensor is not."""
+    set_threads(threads)
+    torch.manual_seed(seed)
+    x, y = data if data is not None else load_mnist("train", VARIANTS[variant][3])
+    model, opt = make_model(variant, act, lr)
+    it = batches(len(x), batch, torch.Generator().manual_seed(seed))
+    elapsed = 0.0
+    for s in range(warmup + steps):
+        idx = next(it)
+        xb, yb = x[idx], y[idx]
+        t0 = time.perf_counter()
+        train_step(model, opt, xb, yb)
+        if s >= warmup:
+            elapsed += time.perf_counter() - t0
+    return steps * batch / elapsed
+
+
+@torch.no_grad()
+def test_neg_elbo(model, x, y, seed=0, chunk=1000):
+    """Test negative ELBO at beta=1 in nats/image, one eps draw per image (seeded)."""
+    model.eval()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    total = 0.0
+    for i in range(0, len(x), chunk):
+        xb, yb = x[i:i + chunk], y[i:i + chunk]
+        logits, mu, logvar = model(xb, yb)
+        total += loss_fn(logits, xb, mu, logvar, beta=1.0).item() * len(xb)
+    torch.random.set_rng_state(state)
+    model.train()
+    return total / len(x)
+
+
+def train_torch(variant, epochs, batch, beta, threads, seed=0, act="elu", lr=1e-3, log=print):
+    """Constant-beta training; after each epoch the test -ELBO (beta=1). The last batch of an epoch may be short.
+    Returns (list of per-epoch test -ELBO, total seconds)."""
+    set_threads(threads)
+    torch.manual_seed(seed)
+    digits = VARIANTS[variant][3]
+    (x, y), (xt, yt) = load_mnist("train", digits), load_mnist("test", digits)
+    model, opt = make_model(variant, act, lr)
+    gen, history, t0 = torch.Generator().manual_seed(seed), [], time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        perm, total = torch.randperm(len(x), generator=gen), 0.0
+        for i in range(0, len(x), batch):
+            idx = perm[i:i + batch]
+            total += train_step(model, opt, x[idx], y[idx], beta).item() * len(idx)
+        history.append(test_neg_elbo(model, xt, yt, seed))
+        log(epoch, total / len(x), history[-1], time.perf_counter() - t0)
+    return history, time.perf_counter() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("bench", "train"):
+        q = sub.add_parser(name)
+        q.add_argument("--variant", choices=VARIANTS, default="full")
+        q.add_argument("--batch", type=int, default=64)
+        q.add_argument("--act", choices=("elu", "relu"), default="elu")
+        q.add_argument("--lr", type=float, default=1e-3)
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--json", action="store_true", help="one JSON object per line")
+    b, t = sub.choices["bench"], sub.choices["train"]
+    b.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    b.add_argument("--steps", type=int, default=200, help="timed steps (after warmup)")
+    b.add_argument("--warmup", type=int, default=30, help="untimed steps first")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--beta", type=float, default=1.0)
+    t.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+
+    info = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if a.json:  # stdout carries only the records; the header goes to stderr
+        print(json.dumps(info), file=sys.stderr, flush=True)
+    else:
+        print(f"torch {info['torch']}, CPU capability {info['cpu_capability']}", flush=True)
+    if a.cmd == "bench":
+        data = load_mnist("train", VARIANTS[a.variant][3])
+        for n in (int(s) for s in a.threads.split(",")):
+            ips = bench_torch(a.variant, a.batch, n, a.steps, a.warmup, a.act, a.lr, a.seed, data)
+            rec = {"impl": "torch", "variant": a.variant, "batch": a.batch, "threads": n,
+                   "img_per_s": round(ips, 1), "steps": a.steps}
+            print(json.dumps(rec) if a.json else
+                  f"torch {a.variant} batch {a.batch} threads {n}: {ips:.0f} img/s ({a.steps} steps)", flush=True)
+    else:
+        def log(epoch, train_loss, test_nelbo, secs):
+            rec = {"impl": "torch", "variant": a.variant, "epoch": epoch, "train_loss": round(train_loss, 4),
+                   "test_neg_elbo": round(test_nelbo, 4), "seconds": round(secs, 2)}
+            print(json.dumps(rec) if a.json else f"epoch {epoch}: train loss (beta={a.beta:g}) {train_loss:.3f}, "
+                  f"test -ELBO {test_nelbo:.3f} nats/image, {secs:.1f} s", flush=True)
+        hist, secs = train_torch(a.variant, a.epochs, a.batch, a.beta, a.threads, a.seed, a.act, a.lr, log)
+        final = {"impl": "torch", "variant": a.variant, "epochs": a.epochs, "batch": a.batch, "beta": a.beta,
+                 "threads": a.threads, "seed": a.seed, "final_test_neg_elbo": round(hist[-1], 4),
+                 "total_seconds": round(secs, 2)}
+        print(json.dumps(final) if a.json else
+              f"final test -ELBO {hist[-1]:.3f} nats/image after {a.epochs} epochs, total {secs:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
