@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cvae.checkpoint import load_checkpoint
+from cvae.errors import CvaeError
 from cvae.kernels import kernels
 
 N_PIXELS = 784
@@ -245,6 +247,23 @@ class Model:
         self.net.decode(np.ascontiguousarray(z, dtype=np.float32), labels, probs)
         return probs
 
+    # ---- state for checkpoints
+    def state_sections(self, optimizer=True):
+        """Named arrays (views, logical shapes) for save_checkpoint: parameters and Adam state."""
+        groups = (("param", self.params), ("adam_m", self.adam_m), ("adam_v", self.adam_v))
+        return {f"{group}.{name}": view for group, views in groups[:3 if optimizer else 1]
+                for name, view in views.items()}
+
+    def load_state_sections(self, sections, source="checkpoint"):
+        """Copy checkpoint sections into the slab; missing or misshapen sections are an error."""
+        expected = self.state_sections(optimizer=any(k.startswith("adam_") for k in sections))
+        for name, view in expected.items():
+            array = sections.get(name)
+            if array is None or tuple(array.shape) != view.shape:
+                raise CvaeError(f"{source}: section {name} is missing or has the wrong shape "
+                                f"for this architecture")
+            view[...] = array
+
     def slab_report(self):
         """(section, floats) rows for `cvae info`, grouped by what they hold."""
         groups = {}
@@ -252,3 +271,21 @@ class Model:
             key = name.split(".")[0]
             groups[key] = groups.get(key, 0) + pad(n)
         return groups
+
+
+def arch_from_json(data, source="checkpoint"):
+    try:
+        return Arch(h1=int(data["h1"]), h2=int(data["h2"]), latent=int(data["latent"]),
+                    act=str(data["act"]))
+    except (KeyError, TypeError, ValueError):
+        raise CvaeError(f"{source}: no valid architecture in its header") from None
+
+
+def model_from_checkpoint(path, threads=1, max_batch=64):
+    """(model, meta) from a CVAE checkpoint; Adam's state too when the file has it."""
+    meta, sections, _ = load_checkpoint(path, expected_kind="cvae")
+    arch = arch_from_json(meta.get("arch", {}), source=str(path))
+    model = Model(arch, max_batch=max_batch, threads=threads)
+    model.load_state_sections(sections, source=str(path))
+    model.adam_t = int(meta.get("adam_t", 0))
+    return model, meta
