@@ -1,0 +1,218 @@
+"""Independent NumPy reference for one conditional-VAE training step.
+
+Shares no code with ``cvae``: everything here is written from the math, in
+float64 by default (pass ``dtype=np.float32`` to get a float32 twin, used only to
+measure how much plain float32 rounding moves each quantity).
+
+Model (per image; the batch loss is the mean over images):
+
+    a0 = [x ; onehot(y)]                      x = pixels / 255
+    h1 = act(a0 @ W1.T + b1)                  enc1
+    h2 = act(h1 @ W2.T + b2)                  enc2
+    o  = h2 @ W3.T + b3;  mu = o[:, :L], logvar = o[:, L:]   enc3
+    z  = mu + eps * exp(logvar / 2)
+    d0 = [z ; onehot(y)]
+    g1 = act(d0 @ W4.T + b4)                  dec1
+    g2 = act(g1 @ W5.T + b5)                  dec2
+    logits = g2 @ W6.T + b6                   dec3
+    rec = sum_pixels max(l, 0) - l * x + log1p(exp(-|l|))
+    kl  = -1/2 sum(1 + logvar - mu^2 - exp(logvar))
+    loss = rec + beta * kl
+"""
+
+import numpy as np
+
+X_DIM = 784
+N_CLASSES = 10
+LAYERS = ("enc1", "enc2", "enc3", "dec1", "dec2", "dec3")
+PARAM_NAMES = tuple(f"{layer}.{kind}" for layer in LAYERS for kind in ("W", "b"))
+ACT_NAMES = ("enc1", "enc2", "dec1", "dec2", "mu", "logvar", "z", "logits")
+
+
+# --------------------------------------------------------------------------- activations
+
+def act_forward(pre, act):
+    if act == "elu":
+        return np.where(pre > 0, pre, np.expm1(np.minimum(pre, 0)))
+    if act == "relu":
+        return np.maximum(pre, 0)
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def act_backward(grad_post, pre, act):
+    """Gradient w.r.t. the pre-activation, given the gradient w.r.t. the output."""
+    if act == "elu":
+        return grad_post * np.where(pre > 0, 1.0, np.exp(np.minimum(pre, 0)))
+    if act == "relu":
+        return grad_post * (pre > 0)
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def onehot(labels, dtype=np.float64):
+    labels = np.asarray(labels).astype(np.int64)
+    out = np.zeros((labels.shape[0], N_CLASSES), dtype=dtype)
+    out[np.arange(labels.shape[0]), labels] = 1
+    return out
+
+
+# --------------------------------------------------------------------------- one step
+
+def forward_backward(params, pixels, labels, eps, beta, act, dtype=np.float64):
+    """Loss (batch means) and gradients of the batch-mean loss.
+
+    Returns (loss, rec, kl, grads, acts, act_grads):
+      grads:     same keys as params
+      acts:      "enc1", "enc2", "dec1", "dec2" (post-activation), "mu", "logvar", "z", "logits"
+      act_grads: d loss / d pre-activation of "enc1", "enc2", "dec1", "dec2";
+                 d loss / d "mu", "logvar", "z", "logits"
+    """
+    P = {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
+    beta = dtype(beta)
+    pixels = np.asarray(pixels)
+    b = pixels.shape[0]
+    L = P["enc3.W"].shape[0] // 2
+    x = pixels.astype(dtype) / dtype(255)
+    y = onehot(labels, dtype)
+    eps = np.asarray(eps, dtype=dtype).reshape(b, L)
+
+    # ---- forward
+    a0 = np.concatenate([x, y], axis=1)
+    p1 = a0 @ P["enc1.W"].T + P["enc1.b"]
+    h1 = act_forward(p1, act)
+    p2 = h1 @ P["enc2.W"].T + P["enc2.b"]
+    h2 = act_forward(p2, act)
+    o = h2 @ P["enc3.W"].T + P["enc3.b"]
+    mu, logvar = o[:, :L], o[:, L:]
+    std = np.exp(logvar / 2)
+    z = mu + eps * std
+    d0 = np.concatenate([z, y], axis=1)
+    q1 = d0 @ P["dec1.W"].T + P["dec1.b"]
+    g1 = act_forward(q1, act)
+    q2 = g1 @ P["dec2.W"].T + P["dec2.b"]
+    g2 = act_forward(q2, act)
+    logits = g2 @ P["dec3.W"].T + P["dec3.b"]
+
+    rec_i = (np.maximum(logits, 0) - logits * x + np.log1p(np.exp(-np.abs(logits)))).sum(axis=1)
+    kl_i = -0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum(axis=1)
+    loss_i = rec_i + beta * kl_i
+    loss, rec, kl = float(loss_i.mean()), float(rec_i.mean()), float(kl_i.mean())
+
+    # ---- backward (of the batch MEAN), each layer mirrors its forward line
+    inv_b = dtype(1) / dtype(b)
+    grads = {}
+    sigmoid = 1 / (1 + np.exp(-logits))
+    d_logits = (sigmoid - x) * inv_b                      # d rec / d logits
+    grads["dec3.W"] = d_logits.T @ g2
+    grads["dec3.b"] = d_logits.sum(axis=0)
+    d_q2 = act_backward(d_logits @ P["dec3.W"], q2, act)
+    grads["dec2.W"] = d_q2.T @ g1
+    grads["dec2.b"] = d_q2.sum(axis=0)
+    d_q1 = act_backward(d_q2 @ P["dec2.W"], q1, act)
+    grads["dec1.W"] = d_q1.T @ d0
+    grads["dec1.b"] = d_q1.sum(axis=0)
+    d_z = (d_q1 @ P["dec1.W"])[:, :L]                     # the onehot part has no gradient
+    # z = mu + eps * exp(logvar/2);  d kl/d mu = mu;  d kl/d logvar = (exp(logvar) - 1)/2
+    d_mu = d_z + beta * mu * inv_b
+    d_logvar = d_z * eps * std / 2 + beta * (np.exp(logvar) - 1) / 2 * inv_b
+    d_o = np.concatenate([d_mu, d_logvar], axis=1)
+    grads["enc3.W"] = d_o.T @ h2
+    grads["enc3.b"] = d_o.sum(axis=0)
+    d_p2 = act_backward(d_o @ P["enc3.W"], p2, act)
+    grads["enc2.W"] = d_p2.T @ h1
+    grads["enc2.b"] = d_p2.sum(axis=0)
+    d_p1 = act_backward(d_p2 @ P["enc2.W"], p1, act)
+    grads["enc1.W"] = d_p1.T @ a0
+    grads["enc1.b"] = d_p1.sum(axis=0)
+
+    acts = {"enc1": h1, "enc2": h2, "dec1": g1, "dec2": g2,
+            "mu": mu, "logvar": logvar, "z": z, "logits": logits}
+    act_grads = {"enc1": d_p1, "enc2": d_p2, "dec1": d_q1, "dec2": d_q2,
+                 "mu": d_mu, "logvar": d_logvar, "z": d_z, "logits": d_logits}
+    return loss, rec, kl, grads, acts, act_grads
+
+
+def loss_only(params, pixels, labels, eps, beta, act):
+    return forward_backward(params, pixels, labels, eps, beta, act)[0]
+
+
+# --------------------------------------------------------------------------- Adam
+
+def adam(params, grads, m, v, t, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    """One PyTorch-style Adam step; returns new (params, m, v, t) as float64 dicts."""
+    t = t + 1
+    new_p, new_m, new_v = {}, {}, {}
+    bias1 = 1 - beta1**t
+    bias2 = 1 - beta2**t
+    for k in params:
+        g = np.asarray(grads[k], dtype=np.float64)
+        new_m[k] = beta1 * np.asarray(m[k], dtype=np.float64) + (1 - beta1) * g
+        new_v[k] = beta2 * np.asarray(v[k], dtype=np.float64) + (1 - beta2) * g * g
+        denom = np.sqrt(new_v[k]) / np.sqrt(bias2) + eps
+        new_p[k] = np.asarray(params[k], dtype=np.float64) - lr / bias1 * new_m[k] / denom
+    return new_p, new_m, new_v, t
+
+
+# --------------------------------------------------------------------------- test data
+
+def init_params(h1, h2, latent, seed=0, scale=1.0):
+    """Small random float64 parameters (for testing the reference on its own)."""
+    rng = np.random.default_rng(seed)
+    shapes = {
+        "enc1": (h1, X_DIM + N_CLASSES), "enc2": (h2, h1), "enc3": (2 * latent, h2),
+        "dec1": (h2, latent + N_CLASSES), "dec2": (h1, h2), "dec3": (X_DIM, h1),
+    }
+    params = {}
+    for layer, (fan_out, fan_in) in shapes.items():
+        params[f"{layer}.W"] = rng.normal(0, scale / np.sqrt(fan_in), (fan_out, fan_in))
+        params[f"{layer}.b"] = rng.normal(0, 0.1 * scale, fan_out)
+    return params
+
+
+def digit_like_pixels(b, seed=0):
+    """(b, 784) uint8 images that look like MNIST: mostly 0, a few thick bright strokes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:28, 0:28].astype(np.float64)
+    out = np.zeros((b, 28, 28))
+    for i in range(b):
+        img = np.zeros((28, 28))
+        for _ in range(rng.integers(2, 5)):
+            (x0, y0), (x1, y1) = rng.uniform(5, 23, size=(2, 2))
+            # distance from every pixel to the segment (x0,y0)-(x1,y1)
+            dx, dy = x1 - x0, y1 - y0
+            s = np.clip(((xx - x0) * dx + (yy - y0) * dy) / (dx * dx + dy * dy + 1e-9), 0, 1)
+            dist = np.hypot(xx - (x0 + s * dx), yy - (y0 + s * dy))
+            img = np.maximum(img, np.clip(2.2 - dist, 0, 1))
+        out[i] = img
+    return np.round(out.reshape(b, X_DIM) * 255).astype(np.uint8)
+
+
+def random_labels(b, seed=0):
+    return np.random.default_rng(seed + 1).integers(0, N_CLASSES, b).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- comparison helper
+
+def mismatch(name, got, ref, rtol=1e-4, atol_scale=1e-5):
+    """None if got ~= ref, else a one-line diagnosis.
+
+    Entry-wise test |got - ref| <= rtol*|ref| + atol_scale*max|ref| (+1e-12), i.e. the
+    absolute floor is scaled to the tensor's own magnitude.
+    """
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if got.shape != ref.shape:
+        return f"{name}: shape {got.shape}, reference {ref.shape}"
+    if not np.all(np.isfinite(got)):
+        return f"{name}: {int((~np.isfinite(got)).sum())} non-finite entries"
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    err = np.abs(got - ref)
+    tol = rtol * np.abs(ref) + atol_scale * scale + 1e-12
+    bad = err > tol
+    if not bad.any():
+        return None
+    i = np.unravel_index(np.argmax(err / tol), err.shape)
+    fit = float((got * ref).sum() / (ref * ref).sum()) if scale > 0 else float("nan")
+    return (f"{name}: {int(bad.sum())}/{bad.size} entries off; worst at {tuple(int(j) for j in i)}: "
+            f"got {got[i]:.7g}, ref {ref[i]:.7g} ({err[i] / tol[i]:.1f}x tol); "
+            f"max|err| = {err.max():.3g} = {err.max() / max(scale, 1e-300):.2e} * max|ref| "
+            f"(max|ref| = {scale:.3g}); least squares got ~ {fit:.5g} * ref")

@@ -1,0 +1,234 @@
+"""The optimizer step, determinism across thread counts, memory discipline, odd batch sizes."""
+
+import os
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference as R  # noqa: E402
+
+from cvae.model import Arch, Model  # noqa: E402  (not importable = failure, never a skip)
+
+TINY = dict(h1=24, h2=16, latent=8)
+SEED = 4321
+
+
+def make_model(arch, max_batch, threads=1, seed=0):
+    model = Model(arch, max_batch=max_batch, threads=threads)
+    model.init_params(seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    for k, v in model.params.items():
+        if k.endswith(".b"):
+            v[...] = rng.normal(0, 0.1, v.shape)
+    return model
+
+
+def copy64(d):
+    return {k: np.array(v, dtype=np.float64) for k, v in d.items()}
+
+
+def report(problems, what):
+    problems = [p for p in problems if p]
+    assert not problems, what + ":\n  " + "\n  ".join(problems)
+
+
+# --------------------------------------------------------------------------- Adam
+
+def test_adam_update_matches_formula():
+    """Three forward_backward + adam_update rounds, each checked against the float64 formula."""
+    model = make_model(Arch(**TINY, act="elu"), max_batch=8)
+    pixels = R.digit_like_pixels(5, seed=2)
+    labels = R.random_labels(5, seed=2)
+    lr = 1e-2
+    assert model.adam_t == 0
+    for k in R.PARAM_NAMES:
+        assert not model.adam_m[k].any() and not model.adam_v[k].any(), f"{k}: Adam state not zero at init"
+    for step in range(3):
+        model.forward_backward(pixels, labels, 1.0, SEED, step)
+        p, g, m, v, t = copy64(model.params), copy64(model.grads), copy64(model.adam_m), copy64(model.adam_v), model.adam_t
+        assert t == step
+        ref_p, ref_m, ref_v, ref_t = R.adam(p, g, m, v, t, lr)
+        model.adam_update(lr)
+        assert model.adam_t == ref_t
+        problems = []
+        for k in R.PARAM_NAMES:
+            # float32 rounding: a few ulp of m / v; params: 1 ulp of p plus ~1e-6 of the update
+            problems.append(R.mismatch(f"m {k}", model.adam_m[k], ref_m[k], rtol=2e-6, atol_scale=1e-7))
+            problems.append(R.mismatch(f"v {k}", model.adam_v[k], ref_v[k], rtol=2e-6, atol_scale=1e-7))
+            problems.append(_param_mismatch(k, model.params[k], ref_p[k], p[k], lr))
+        report(problems, f"adam_update at t={t + 1}")
+
+
+def _param_mismatch(k, got, ref, before, lr):
+    """Param after an Adam step: allow 1e-6 relative of the value plus 1e-5 of lr."""
+    got = np.asarray(got, dtype=np.float64)
+    err = np.abs(got - ref)
+    tol = 1e-6 * np.abs(ref) + 1e-5 * lr
+    bad = err > tol
+    if not bad.any():
+        return None
+    i = np.unravel_index(np.argmax(err / tol), err.shape)
+    return (f"param {k}: {int(bad.sum())}/{bad.size} off; worst at {tuple(int(j) for j in i)}: before {before[i]:.8g}, "
+            f"got {got[i]:.8g}, ref {ref[i]:.8g}; got step {got[i] - before[i]:.6g} vs ref step {ref[i] - before[i]:.6g}")
+
+
+def test_fused_train_step_equals_forward_backward_plus_adam_update():
+    arch = Arch(**TINY, act="elu")
+    fused = make_model(arch, max_batch=8)
+    plain = make_model(arch, max_batch=8)
+    for k in R.PARAM_NAMES:
+        assert np.array_equal(fused.params[k], plain.params[k])
+    pixels = R.digit_like_pixels(6, seed=3)
+    labels = R.random_labels(6, seed=3)
+    lr, beta = 3e-3, 1.0
+    for step in range(4):
+        before = copy64(plain.params)
+        out_f = fused.train_step(pixels, labels, lr, beta, SEED, step)
+        out_p = plain.forward_backward(pixels, labels, beta, SEED, step)
+        plain.adam_update(lr)
+        assert fused.adam_t == plain.adam_t == step + 1
+        problems = []
+        for name, a, b in zip(("loss", "rec", "kl"), out_f, out_p):
+            if not abs(a - b) <= 1e-6 * abs(b) + 1e-7:
+                problems.append(f"{name}: train_step {a!r}, forward_backward {b!r}")
+        for k in R.PARAM_NAMES:
+            problems.append(R.mismatch(f"m {k}", fused.adam_m[k], plain.adam_m[k], rtol=1e-6, atol_scale=1e-7))
+            problems.append(R.mismatch(f"v {k}", fused.adam_v[k], plain.adam_v[k], rtol=1e-6, atol_scale=1e-7))
+            problems.append(_param_mismatch(k, fused.params[k], np.array(plain.params[k], np.float64), before[k], lr))
+        report(problems, f"fused train_step vs forward_backward + adam_update, step {step}")
+        # continue both from the same state, so each step is compared on its own
+        for k in R.PARAM_NAMES:
+            fused.params[k][...] = plain.params[k]
+            fused.adam_m[k][...] = plain.adam_m[k]
+            fused.adam_v[k][...] = plain.adam_v[k]
+
+
+# --------------------------------------------------------------------------- determinism
+
+def test_threads_1_and_2_bit_identical():
+    arch = Arch.variant("mini", act="elu")
+    pixels = R.digit_like_pixels(64, seed=4)
+    labels = R.random_labels(64, seed=4)
+    runs = []
+    for threads in (1, 2):
+        model = make_model(arch, max_batch=64, threads=threads)
+        losses = []
+        for step in range(20):
+            b = 64 if step % 3 else 37  # also partial batches
+            losses.append(model.train_step(pixels[:b], labels[:b], 1e-3, 1.0, SEED, step))
+        runs.append((model, losses))
+    (m1, l1), (m2, l2) = runs
+    assert m1.adam_t == m2.adam_t == 20
+    problems = []
+    for k in R.PARAM_NAMES:
+        for what in ("params", "adam_m", "adam_v"):
+            a, b = getattr(m1, what)[k], getattr(m2, what)[k]
+            if not np.array_equal(a, b):
+                d = np.abs(a.astype(np.float64) - b)
+                problems.append(f"{what}[{k}]: {int((a != b).sum())}/{a.size} entries differ, max |diff| {d.max():.3g}")
+    if l1 != l2:
+        first = next(i for i, (a, b) in enumerate(zip(l1, l2)) if a != b)
+        problems.append(f"losses first differ at step {first}: {l1[first]} vs {l2[first]}")
+    report(problems, "threads=1 vs threads=2 after 20 train_steps")
+
+
+# --------------------------------------------------------------------------- memory
+
+def _mini64():
+    model = make_model(Arch.variant("mini", act="elu"), max_batch=64)
+    pixels = R.digit_like_pixels(64, seed=6)
+    labels = R.random_labels(64, seed=6)
+    return model, pixels, labels
+
+
+def _check_views(model):
+    slab = model.slab
+    assert slab.dtype == np.float32
+    for group in ("params", "grads", "adam_m", "adam_v", "acts", "act_grads"):
+        for k, v in getattr(model, group).items():
+            if v.size == 0:  # acts / act_grads before the first forward have 0 rows
+                continue
+            assert np.shares_memory(v, slab), f"model.{group}[{k!r}] is not a view into model.slab"
+
+
+def test_slab_aligned_stable_and_no_growth_over_200_steps():
+    model, pixels, labels = _mini64()
+    address = model.slab.ctypes.data
+    assert address % 64 == 0, f"slab at {address:#x} is not 64-byte aligned"
+    _check_views(model)
+    for step in range(5):  # warm-up
+        model.train_step(pixels, labels, 1e-3, 1.0, SEED, step)
+    _check_views(model)
+    assert model.acts["enc1"].shape == (64, model.arch.h1)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for step in range(5, 205):
+            model.train_step(pixels, labels, 1e-3, 1.0, SEED, step)
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert after - before < 4096, f"traced memory grew by {after - before} bytes over 200 train_steps"
+    assert model.slab.ctypes.data == address, "model.slab moved"
+    _check_views(model)
+    assert model.adam_t == 205
+
+
+def test_no_per_step_temporaries():
+    """Peak traced memory inside the loop stays within a few KiB of where it started:
+    a per-step numpy temporary (even one freed again) would show up here."""
+    model, pixels, labels = _mini64()
+    for step in range(5):
+        model.train_step(pixels, labels, 1e-3, 1.0, SEED, step)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        for step in range(5, 55):
+            model.train_step(pixels, labels, 1e-3, 1.0, SEED, step)
+        peak = tracemalloc.get_traced_memory()[1]
+        snapshot = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    top = "\n".join(str(s) for s in snapshot.statistics("lineno")[:5])
+    assert peak - before < 16384, f"peak traced memory rose {peak - before} bytes inside the loop; top sites:\n{top}"
+
+
+# --------------------------------------------------------------------------- odd batch sizes
+
+@pytest.mark.parametrize("b", [37, 1])
+def test_partial_batch_matches_reference(b):
+    """After full batches (so buffers hold stale rows), a b < max_batch batch is exact."""
+    act = "elu"
+    model = make_model(Arch.variant("mini", act=act), max_batch=64)
+    full_px = R.digit_like_pixels(64, seed=8)
+    full_lab = R.random_labels(64, seed=8)
+    for step in range(3):
+        model.train_step(full_px, full_lab, 1e-3, 1.0, SEED, step)
+    pixels = R.digit_like_pixels(b, seed=9)
+    labels = R.random_labels(b, seed=9)
+    beta, step = 1.0, 3
+    p = copy64(model.params)
+    eps = np.array(model.noise(SEED, step, b), dtype=np.float64)
+    loss, rec, kl = model.forward_backward(pixels, labels, beta, SEED, step)
+    r_loss, r_rec, r_kl, r_grads, r_acts, r_act_grads = R.forward_backward(p, pixels, labels, eps, beta, act)
+    problems = []
+    for name, a, r in (("loss", loss, r_loss), ("rec", rec, r_rec), ("kl", kl, r_kl)):
+        if not abs(a - r) <= 1e-5 * abs(r) + 1e-5:
+            problems.append(f"{name}: got {a!r}, reference {r!r}")
+    for k in R.PARAM_NAMES:
+        problems.append(R.mismatch(f"grad {k}", model.grads[k], r_grads[k]))
+    for k in R.ACT_NAMES:
+        problems.append(R.mismatch(f"act {k}", model.acts[k], r_acts[k]))
+        problems.append(R.mismatch(f"act_grad {k}", model.act_grads[k], r_act_grads[k]))
+    report(problems, f"batch {b} (max_batch 64) vs reference")
+
+    # and a fused step at this batch size does what forward_backward + Adam says
+    g, m, v, t = copy64(model.grads), copy64(model.adam_m), copy64(model.adam_v), model.adam_t
+    ref_p, ref_m, ref_v, _ = R.adam(p, g, m, v, t, 1e-3)
+    model.train_step(pixels, labels, 1e-3, beta, SEED, step)
+    problems = [_param_mismatch(k, model.params[k], ref_p[k], p[k], 1e-3) for k in R.PARAM_NAMES]
+    report(problems, f"train_step at batch {b} vs forward_backward grads + reference Adam step")
