@@ -39,7 +39,7 @@ cdef extern from "cvae_simd.h" nogil:
 
 isa = ISA.decode()
 vector_width = VW
-tile_floats = MR * NR   # per-thread scratch for one fused-Adam dW tile
+tile_rows = MR   # a thread's fused-Adam scratch holds this many rows of dW
 
 ACTIVATIONS = {"none": ACT_NONE, "elu": ACT_ELU, "relu": ACT_RELU}
 
@@ -112,13 +112,14 @@ cdef void linear_backward_params(const Linear *L, const float *dYt, const float 
                                  int nthreads) noexcept nogil:
     """dW = dYt . X and db = sum over the batch of dYt.
 
-    With ``adam``, each dW tile updates W, m and v while it is in registers' reach and is
-    never stored; without, dW goes to gW (the path the gradient tests read).
+    A task is one block of MR whole rows of dW. With ``adam``, the block goes to per-thread
+    scratch (it stays in cache) and Adam then streams over whole rows of W, m and v: per-tile
+    updates touched 3 x MR short row pieces at once, which defeats the prefetcher. Without
+    ``adam``, dW goes to gW (the path the gradient tests read).
     """
     cdef int n_ct = ceil_div(L.ld, NR)
-    cdef int task, i0, j0, mr, nv, i, k, f
+    cdef int rt, ct, i0, j0, mr, nv, i, k, f
     cdef float *C
-    cdef long ldc
     cdef float s
     # X batch-major, [batch][ld], padding columns zero: the B operand of dW.
     for k in prange(batch, num_threads=nthreads, schedule='static'):
@@ -126,23 +127,18 @@ cdef void linear_backward_params(const Linear *L, const float *dYt, const float 
             Xb[k * L.ld + f] = Xt[f * bp + k]
         for f in range(L.n_in, L.ld):
             Xb[k * L.ld + f] = 0.0
-    for task in prange(ceil_div(L.n_out, MR) * n_ct, num_threads=nthreads, schedule='static'):
-        i0 = (task // n_ct) * MR
-        j0 = (task % n_ct) * NR
+    for rt in prange(ceil_div(L.n_out, MR), num_threads=nthreads, schedule='static'):
+        i0 = rt * MR
         mr = min(MR, L.n_out - i0)
-        nv = min(NV, (L.ld - j0) // VW)
-        if adam != NULL:
-            C = scratch + threadid() * MR * NR
-            ldc = NR
-        else:
-            C = L.gW + i0 * L.ld + j0
-            ldc = L.ld
-        tile(mr, nv, batch, dYt + i0 * bp, bp, 1, Xb + j0, L.ld, C, ldc)
+        C = scratch + threadid() * MR * L.ld if adam != NULL else L.gW + i0 * L.ld
+        for ct in range(n_ct):
+            j0 = ct * NR
+            nv = min(NV, (L.ld - j0) // VW)
+            tile(mr, nv, batch, dYt + i0 * bp, bp, 1, Xb + j0, L.ld, C + j0, L.ld)
         if adam != NULL:
             for i in range(mr):
-                adam_row(L.W + (i0 + i) * L.ld + j0, L.mW + (i0 + i) * L.ld + j0,
-                         L.vW + (i0 + i) * L.ld + j0, C + i * ldc, nv * VW,
-                         adam.step_size, adam.inv_bc2_sqrt)
+                adam_row(L.W + (i0 + i) * L.ld, L.mW + (i0 + i) * L.ld, L.vW + (i0 + i) * L.ld,
+                         C + i * L.ld, L.ld, adam.step_size, adam.inv_bc2_sqrt)
     for i in prange(L.n_out, num_threads=nthreads, schedule='static'):
         s = 0.0
         for k in range(batch):

@@ -107,8 +107,9 @@ class Model:
             carve(f"actgrad.{name}", pad(rows[name]) * self.max_bp)
         carve("per_sample.rec", self.max_bp)
         carve("per_sample.kl", self.max_bp)
-        carve("scratch.batch_major", self.max_bp * max(pad(n_in) for _, n_in, _ in arch.layers()))
-        carve("scratch.tiles", threads * k.tile_floats)
+        widest = max(pad(n_in) for _, n_in, _ in arch.layers())
+        carve("scratch.batch_major", self.max_bp * widest)
+        carve("scratch.tiles", threads * k.tile_rows * widest)
 
         raw = np.zeros(total + ALIGN, dtype=np.float32)
         shift = (-raw.ctypes.data % 64) // 4
