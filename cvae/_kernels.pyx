@@ -23,12 +23,18 @@ cdef extern from "cvae_simd.h" nogil:
     const int MR "CVAE_MR"
     const int NV "CVAE_NV"
     const int NR "CVAE_NR"
+    const int DX_MR "CVAE_DX_MR"
+    const int DX_NV "CVAE_DX_NV"
+    const int DX_NR "CVAE_DX_NR"
+    const int DX_KB "CVAE_DX_KB"
     const char *ISA "CVAE_ISA"
     const int ACT_NONE "CVAE_ACT_NONE"
     const int ACT_ELU "CVAE_ACT_ELU"
     const int ACT_RELU "CVAE_ACT_RELU"
     void tile "cvae_tile"(int mr, int nv, int K, const float *A, long sai, long sak,
                           const float *B, long ldb, float *C, long ldc)
+    void dx_tile "cvae_dx_tile"(int nv, int K, const float *A, long sai, long sak,
+                                const float *B, long ldb, float *C, long ldc, int accumulate)
     void bias_act_row "cvae_bias_act_row"(float *c, int n, float bias, int act)
     void act_grad_row "cvae_act_grad_row"(float *dy, const float *y, int n, int act)
     void adam_row "cvae_adam_row"(float *w, float *m, float *v, const float *g, int n,
@@ -94,19 +100,31 @@ cdef void linear_forward(const Linear *L, const float *Xt, float *Yt, int bp, in
 
 
 cdef void linear_backward_input(const Linear *L, const float *dYt, float *dXt, const float *Xt,
-                                int x_act, int bp, int nthreads) noexcept nogil:
-    """dXt[in][bp] = W^T . dYt, then times act'(.) of the layer that produced X."""
-    cdef int n_ct = ceil_div(bp, NR)
-    cdef int task, i0, j0, mr, nv, i
-    for task in prange(ceil_div(L.n_in, MR) * n_ct, num_threads=nthreads, schedule='dynamic'):
-        i0 = (task // n_ct) * MR
-        j0 = (task % n_ct) * NR
-        mr = min(MR, L.n_in - i0)
-        nv = min(NV, (bp - j0) // VW)
-        tile(mr, nv, L.n_out, L.W + i0, 1, L.ld, dYt + j0, bp, dXt + i0 * bp + j0, bp)
+                                int x_act, int bp, float *dXb, int nthreads) noexcept nogil:
+    """dXt[in][bp] = (dY . W)^T, times act'(.) of the layer that produced X.
+
+    dY . W goes batch-major into dXb first (see cvae_simd.h for why). A task is a strip of
+    DX_NR input features for 32 samples; blocks of DX_KB rows of W run over its tiles.
+    """
+    cdef int n_groups = ceil_div(bp, 32)
+    cdef int task, i0, g0, nv, kblock, k0, kb, bt, b0, f, k
+    for task in prange(ceil_div(L.ld, DX_NR) * n_groups, num_threads=nthreads,
+                       schedule='dynamic'):
+        i0 = (task // n_groups) * DX_NR
+        g0 = (task % n_groups) * 32
+        nv = min(DX_NV, (L.ld - i0) // VW)
+        for kblock in range(ceil_div(L.n_out, DX_KB)):
+            k0 = kblock * DX_KB
+            kb = min(DX_KB, L.n_out - k0)
+            for bt in range(min(32, bp - g0) // DX_MR):
+                b0 = g0 + bt * DX_MR
+                dx_tile(nv, kb, dYt + k0 * bp + b0, 1, bp, L.W + k0 * L.ld + i0, L.ld,
+                        dXb + b0 * L.ld + i0, L.ld, k0 > 0)
+    for f in prange(L.n_in, num_threads=nthreads, schedule='dynamic', chunksize=8):
+        for k in range(bp):
+            dXt[f * bp + k] = dXb[k * L.ld + f]
         if x_act != ACT_NONE:
-            for i in range(mr):
-                act_grad_row(dXt + (i0 + i) * bp + j0, Xt + (i0 + i) * bp + j0, nv * VW, x_act)
+            act_grad_row(dXt + f * bp, Xt + f * bp, bp, x_act)
 
 
 cdef void linear_backward_params(const Linear *L, const float *dYt, const float *Xt, float *Xb,
@@ -375,21 +393,26 @@ cdef class Net:
     cdef void _backward(self, int batch, int bp, float beta, const Adam *adam) noexcept nogil:
         cdef int nt = self.nthreads
         # Each layer's dX reads W before the (optionally fused) update of that W.
-        linear_backward_input(&self.dec3, self.dlogits_t, self.dg2_t, self.g2_t, self.act, bp, nt)
+        linear_backward_input(&self.dec3, self.dlogits_t, self.dg2_t, self.g2_t, self.act, bp,
+                              self.xb, nt)
         linear_backward_params(&self.dec3, self.dlogits_t, self.g2_t, self.xb, batch, bp, adam,
                                self.scratch, nt)
-        linear_backward_input(&self.dec2, self.dg2_t, self.dg1_t, self.g1_t, self.act, bp, nt)
+        linear_backward_input(&self.dec2, self.dg2_t, self.dg1_t, self.g1_t, self.act, bp,
+                              self.xb, nt)
         linear_backward_params(&self.dec2, self.dg2_t, self.g1_t, self.xb, batch, bp, adam,
                                self.scratch, nt)
-        linear_backward_input(&self.dec1, self.dg1_t, self.dd0_t, self.d0_t, ACT_NONE, bp, nt)
+        linear_backward_input(&self.dec1, self.dg1_t, self.dd0_t, self.d0_t, ACT_NONE, bp,
+                              self.xb, nt)
         linear_backward_params(&self.dec1, self.dg1_t, self.d0_t, self.xb, batch, bp, adam,
                                self.scratch, nt)
         reparam_backward(self.o_t, self.eps_t, self.dd0_t, self.do_t, self.latent, batch, bp,
                          beta / batch, nt)
-        linear_backward_input(&self.enc3, self.do_t, self.dh2_t, self.h2_t, self.act, bp, nt)
+        linear_backward_input(&self.enc3, self.do_t, self.dh2_t, self.h2_t, self.act, bp,
+                              self.xb, nt)
         linear_backward_params(&self.enc3, self.do_t, self.h2_t, self.xb, batch, bp, adam,
                                self.scratch, nt)
-        linear_backward_input(&self.enc2, self.dh2_t, self.dh1_t, self.h1_t, self.act, bp, nt)
+        linear_backward_input(&self.enc2, self.dh2_t, self.dh1_t, self.h1_t, self.act, bp,
+                              self.xb, nt)
         linear_backward_params(&self.enc2, self.dh2_t, self.h1_t, self.xb, batch, bp, adam,
                                self.scratch, nt)
         linear_backward_params(&self.enc1, self.dh1_t, self.x_t, self.xb, batch, bp, adam,
