@@ -1,0 +1,58 @@
+"""Every kernel build this CPU can run (baseline, x86-64-v3, x86-64-v4) matches the reference,
+and CVAE_KERNELS picks the build."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference as R  # noqa: E402
+from test_gradients import TINY, check_against_reference, make_model  # noqa: E402
+
+from cvae import kernels  # noqa: E402
+from cvae.errors import CvaeError  # noqa: E402
+from cvae.model import Arch  # noqa: E402
+
+
+def runnable_builds():
+    level = kernels._import("baseline").cpu_level()
+    return [b for b, needed in kernels.BUILDS.items()
+            if needed <= max(level, 1) and kernels._import(b) is not None]
+
+
+@pytest.fixture
+def forced_build(monkeypatch):
+    def force(build):
+        monkeypatch.setenv("CVAE_KERNELS", build)
+        monkeypatch.setattr(kernels, "_loaded", None)
+    yield force
+    kernels._loaded = None
+
+
+def test_baseline_is_always_built():
+    assert "baseline" in runnable_builds()
+
+
+@pytest.mark.parametrize("build", ["baseline", "v3", "v4"])
+def test_build_matches_reference(build, forced_build):
+    if build not in runnable_builds():
+        pytest.skip(f"this CPU or installation has no {build} build")
+    forced_build(build)
+    assert kernels.build_name() == build
+    model = make_model(Arch(act="elu", **TINY), max_batch=40)
+    assert model.kernel_isa == kernels.kernels().isa
+    pixels, labels = R.digit_like_pixels(37, seed=3), R.random_labels(37, seed=3)
+    check_against_reference(model, pixels, labels, beta=1.0, seed=5, step=7, act="elu")
+
+
+def test_unknown_build_is_a_clear_error(forced_build):
+    forced_build("avx9000")
+    with pytest.raises(CvaeError, match="CVAE_KERNELS"):
+        kernels.kernels()
+
+
+def test_auto_picks_the_best_runnable_build(forced_build):
+    forced_build("auto")
+    assert kernels.build_name() == runnable_builds()[0]
