@@ -16,6 +16,10 @@ def atomic_open(path, mode="wb"):
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, mode) as f:
+            # mkstemp makes the file owner-only; give it the mode open() would have.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)
             yield f
             f.flush()
             os.fsync(f.fileno())

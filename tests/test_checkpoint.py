@@ -279,3 +279,15 @@ def test_missing_run_directory(tmp_path):
         list_checkpoints(tmp_path / "nope")
     with pytest.raises(CvaeError, match="does not exist"):
         latest_checkpoint(tmp_path / "nope")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    from cvae.atomic import write_bytes_atomic
+
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "x.bin"
+        write_bytes_atomic(path, b"abc")
+        assert (path.stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(umask)
