@@ -7,9 +7,8 @@ rounded up to 16, so the batch is the contiguous (vector) direction of every GEM
 per-pixel loop. Feature counts are padded to 16 as well; padding rows and columns are zero
 and stay zero. Work is split into tasks (GEMM tiles, column strips, rows) whose partition
 does not depend on the thread count, and no float is summed across threads, so results are
-bit-identical for any ``num_threads``. Tasks are handed out dynamically: which thread runs a
-task never changes its result, and on a busy machine a thread that lost its core to another
-process does not hold a fixed half of the work hostage.
+bit-identical for any ``num_threads`` and any OpenMP schedule. The GEMM and Adam loops use
+``schedule(runtime)``; cvae.kernels sets the default (OMP_SCHEDULE).
 
 The module is compiled once per ISA level (see setup.py); ``cvae.kernels`` picks one.
 """
@@ -89,7 +88,7 @@ cdef void linear_forward(const Linear *L, const float *Xt, float *Yt, int bp, in
     """Yt[out][bp] = act(W . Xt + b): tiles of out rows x batch columns."""
     cdef int n_ct = ceil_div(bp, NR)
     cdef int task, i0, j0, mr, nv, i
-    for task in prange(ceil_div(L.n_out, MR) * n_ct, num_threads=nthreads, schedule='dynamic'):
+    for task in prange(ceil_div(L.n_out, MR) * n_ct, num_threads=nthreads, schedule='runtime'):
         i0 = (task // n_ct) * MR
         j0 = (task % n_ct) * NR
         mr = min(MR, L.n_out - i0)
@@ -109,7 +108,7 @@ cdef void linear_backward_input(const Linear *L, const float *dYt, float *dXt, c
     cdef int n_groups = ceil_div(bp, 32)
     cdef int task, i0, g0, nv, kblock, k0, kb, bt, b0, f, k
     for task in prange(ceil_div(L.ld, DX_NR) * n_groups, num_threads=nthreads,
-                       schedule='dynamic'):
+                       schedule='runtime'):
         i0 = (task // n_groups) * DX_NR
         g0 = (task % n_groups) * 32
         nv = min(DX_NV, (L.ld - i0) // VW)
@@ -120,7 +119,7 @@ cdef void linear_backward_input(const Linear *L, const float *dYt, float *dXt, c
                 b0 = g0 + bt * DX_MR
                 dx_tile(nv, kb, dYt + k0 * bp + b0, 1, bp, L.W + k0 * L.ld + i0, L.ld,
                         dXb + b0 * L.ld + i0, L.ld, k0 > 0)
-    for f in prange(L.n_in, num_threads=nthreads, schedule='dynamic', chunksize=8):
+    for f in prange(L.n_in, num_threads=nthreads, schedule='static'):
         for k in range(bp):
             dXt[f * bp + k] = dXb[k * L.ld + f]
         if x_act != ACT_NONE:
@@ -142,12 +141,12 @@ cdef void linear_backward_params(const Linear *L, const float *dYt, const float 
     cdef float *C
     cdef float s
     # X batch-major, [batch][ld], padding columns zero: the B operand of dW.
-    for k in prange(batch, num_threads=nthreads, schedule='dynamic', chunksize=8):
+    for k in prange(batch, num_threads=nthreads, schedule='static'):
         for f in range(L.n_in):
             Xb[k * L.ld + f] = Xt[f * bp + k]
         for f in range(L.n_in, L.ld):
             Xb[k * L.ld + f] = 0.0
-    for rt in prange(ceil_div(L.n_out, MR), num_threads=nthreads, schedule='dynamic'):
+    for rt in prange(ceil_div(L.n_out, MR), num_threads=nthreads, schedule='runtime'):
         i0 = rt * MR
         mr = min(MR, L.n_out - i0)
         C = scratch + threadid() * MR * L.ld if adam != NULL else L.gW + i0 * L.ld
@@ -159,7 +158,7 @@ cdef void linear_backward_params(const Linear *L, const float *dYt, const float 
             for i in range(mr):
                 adam_row(L.W + (i0 + i) * L.ld, L.mW + (i0 + i) * L.ld, L.vW + (i0 + i) * L.ld,
                          C + i * L.ld, L.ld, adam.step_size, adam.inv_bc2_sqrt)
-    for i in prange(L.n_out, num_threads=nthreads, schedule='dynamic', chunksize=8):
+    for i in prange(L.n_out, num_threads=nthreads, schedule='static'):
         s = 0.0
         for k in range(batch):
             s = s + dYt[i * bp + k]
@@ -171,7 +170,7 @@ cdef void linear_backward_params(const Linear *L, const float *dYt, const float 
 cdef void linear_adam(const Linear *L, const Adam *adam, int nthreads) noexcept nogil:
     """Unfused Adam from the stored gradients (rows of W, then b)."""
     cdef int i
-    for i in prange(L.n_out, num_threads=nthreads, schedule='dynamic'):
+    for i in prange(L.n_out, num_threads=nthreads, schedule='runtime'):
         adam_row(L.W + i * L.ld, L.mW + i * L.ld, L.vW + i * L.ld, L.gW + i * L.ld, L.ld,
                  adam.step_size, adam.inv_bc2_sqrt)
     adam_row(L.b, L.mb, L.vb, L.gb, L.n_out, adam.step_size, adam.inv_bc2_sqrt)
@@ -192,7 +191,7 @@ cdef void pixels_forward(const uint8_t *pixels, const uint8_t *labels, float *Xt
     """Xt = [pixels / 255 ; onehot(labels)], transposed to feature-major as it converts."""
     cdef int p, k
     cdef float inv255 = 1.0 / 255.0
-    for p in prange(n_pix, num_threads=nthreads, schedule='dynamic', chunksize=8):
+    for p in prange(n_pix, num_threads=nthreads, schedule='static'):
         for k in range(batch):
             Xt[p * bp + k] = pixels[k * n_pix + p] * inv255
         for k in range(batch, bp):
@@ -207,7 +206,7 @@ cdef void reparam_forward(const float *Ot, const float *eps_t, float *Zt, float 
     """z = mu + eps * exp(logvar / 2) and KL(q || N(0, I)) per sample; O = [mu ; logvar]."""
     cdef int k, l
     cdef float mu, logvar, std, s
-    for k in prange(bp, num_threads=nthreads, schedule='dynamic', chunksize=8):
+    for k in prange(bp, num_threads=nthreads, schedule='static'):
         s = 0.0
         for l in range(latent):
             mu = Ot[l * bp + k]
@@ -224,7 +223,7 @@ cdef void reparam_backward(const float *Ot, const float *eps_t, const float *dZt
     """dmu, dlogvar from dz and from kl_scale * KL (kl_scale = beta / batch)."""
     cdef int k, l
     cdef float mu, logvar, std, dz
-    for k in prange(bp, num_threads=nthreads, schedule='dynamic', chunksize=8):
+    for k in prange(bp, num_threads=nthreads, schedule='static'):
         for l in range(latent):
             if k < batch:
                 mu = Ot[l * bp + k]
@@ -242,7 +241,7 @@ cdef void reparam_backward(const float *Ot, const float *eps_t, const float *dZt
 cdef void noise_fill(float *eps_t, uint64_t seed, uint64_t step, int latent, int batch, int bp,
                      int nthreads) noexcept nogil:
     cdef int l, k
-    for l in prange(latent, num_threads=nthreads, schedule='dynamic', chunksize=8):
+    for l in prange(latent, num_threads=nthreads, schedule='static'):
         for k in range(bp):
             eps_t[l * bp + k] = normal(seed, step, k, l) if k < batch else 0.0
 
@@ -257,7 +256,7 @@ cdef void bce_forward_backward(const float *logits_t, const float *Xt, float *dl
     Strips of 16 columns: each sample's sum runs in pixel order inside one task.
     """
     cdef int strip, j0, p, k
-    for strip in prange(bp // 16, num_threads=nthreads, schedule='dynamic'):
+    for strip in prange(bp // 16, num_threads=nthreads, schedule='runtime'):
         j0 = strip * 16
         for k in range(j0, j0 + 16):
             rec[k] = 0.0
@@ -509,7 +508,7 @@ cdef class Net:
                 self.d0_t[l * bp + k] = z[k, l] if k < batch else 0.0
         with nogil:
             self._decode(&labels[0], batch, bp)
-            for p in prange(self.n_pix, num_threads=self.nthreads, schedule='dynamic', chunksize=8):
+            for p in prange(self.n_pix, num_threads=self.nthreads, schedule='static'):
                 sigmoid_row(self.logits_t + p * bp, self.dlogits_t + p * bp, bp)
         for k in range(batch):
             for p in range(self.n_pix):

@@ -16,6 +16,11 @@ from cvae.errors import CvaeError
 # 1000). A short spin still covers the gaps between the parallel loops of one step.
 if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = "1000"
+# The GEMM and Adam loops use schedule(runtime). guided hands out large contiguous chunks
+# first (each thread keeps streaming neighbouring rows, as with static) and small ones at the
+# end, so a thread that lost its core to another process does not hold work hostage. Any
+# schedule gives bit-identical results: which thread runs a task never changes its result.
+os.environ.setdefault("OMP_SCHEDULE", "guided")
 
 BUILDS = {"v4": 4, "v3": 3, "baseline": 1}
 _MODULES = {"v4": "cvae._kernels_v4", "v3": "cvae._kernels_v3", "baseline": "cvae._kernels_base"}
