@@ -4,6 +4,8 @@ import contextlib
 import os
 import tempfile
 
+import numpy as np
+
 
 @contextlib.contextmanager
 def atomic_open(path, mode="wb"):
@@ -44,3 +46,12 @@ def write_bytes_atomic(path, data):
 def write_text_atomic(path, text):
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def json_default(value):
+    """json.dumps default= for the numpy scalars and arrays callers put in metadata."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")

@@ -28,7 +28,7 @@ import struct
 import numpy as np
 
 import cvae
-from cvae.atomic import atomic_open
+from cvae.atomic import atomic_open, json_default
 from cvae.errors import CvaeError
 
 MAGIC = b"CVAECKPT"
@@ -50,13 +50,6 @@ def _align(n):
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
-def _json_default(value):
-    # Callers put numpy scalars and arrays (e.g. a MT19937 RNG state) straight into meta.
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
 
 
 def _as_float_section(name, value):
@@ -123,7 +116,7 @@ def checkpoint_header(kind, meta, sections):
         "sections": table,
     }
     try:
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=json_default)
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint meta is not JSON-serializable: {e}") from None
     return header, text.encode("utf-8"), arrays

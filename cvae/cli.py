@@ -42,44 +42,27 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 # ---------------------------------------------------------------- argument types
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _number_type(convert, noun, accept, rule):
+    """An argparse type: convert the text, then check it; both failures are one-line errors."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
+positive_int = _number_type(int, "an integer", lambda v: v > 0, "a positive integer")
+non_negative_int = _number_type(int, "an integer", lambda v: v >= 0, "a non-negative integer")
+positive_float = _number_type(float, "a number", lambda v: math.isfinite(v) and v > 0,
+                              "a positive number")
+non_negative_float = _number_type(float, "a number", lambda v: math.isfinite(v) and v >= 0,
+                                  "a non-negative number")
 
 
 def hidden_sizes(text):

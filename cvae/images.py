@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 
-from cvae.atomic import atomic_open
+from cvae.atomic import atomic_open, json_default
 from cvae.errors import CvaeError
 
 CELL = 28
@@ -159,22 +159,15 @@ def render_sheet(images, cols, cell=CELL, gutter=2):
     return np.ascontiguousarray(canvas[:height, :width])
 
 
-def _json_default(value):
-    # Callers hand over numpy scalars and arrays (seeds, temperatures, latent vectors) freely.
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
 
 
 def _sidecar_text(document):
     """Pretty JSON with one cell per line, so a 1000-cell sheet stays greppable and small."""
     head = {key: value for key, value in document.items() if key != "cells"}
     cells = ",\n".join(
-        "    " + json.dumps(c, sort_keys=True, default=_json_default, allow_nan=False) for c in document["cells"]
+        "    " + json.dumps(c, sort_keys=True, default=json_default, allow_nan=False) for c in document["cells"]
     )
-    text = json.dumps(head, indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    text = json.dumps(head, indent=2, sort_keys=True, default=json_default, allow_nan=False)
     assert text.endswith("\n}")
     return text[:-2] + ',\n  "cells": [\n' + cells + "\n  ]\n}\n"
 

@@ -14,16 +14,9 @@ from cvae.data import (
     read_idx_labels,
 )
 from cvae.errors import CvaeError
+from idx_files import image_idx, label_idx
 
 
-def image_idx(images):
-    images = np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28)
-    return b"\x00\x00\x08\x03" + struct.pack(">III", *images.shape) + images.tobytes()
-
-
-def label_idx(labels):
-    labels = np.asarray(labels, dtype=np.uint8)
-    return b"\x00\x00\x08\x01" + struct.pack(">I", len(labels)) + labels.tobytes()
 
 
 def write(path, data, gz=False):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cvae import images
+from cvae.atomic import json_default
 from cvae.errors import CvaeError
 from cvae.images import (
     numbered_sheet_path,
@@ -108,7 +109,7 @@ def test_sheet_geometry_and_sidecar_point_at_each_image(tmp_path):
         cell_extras=[{"z": [0.25, -1.0]}] + [{}] * 6,
     )
     sidecar = json.loads((tmp_path / "sheet.json").read_text())
-    assert sidecar == json.loads(json.dumps(document, default=images._json_default))
+    assert sidecar == json.loads(json.dumps(document, default=json_default))
     assert (sidecar["rows"], sidecar["cols"], sidecar["cell"], sidecar["gutter"]) == (3, 3, 28, 2)
     assert (sidecar["width"], sidecar["height"]) == (3 * 28 + 2 * 2, 3 * 28 + 2 * 2)
     assert sidecar["extra"] == {"checkpoint": "runs/a/last.cvae", "temperature": 0.5, "seed": 7}

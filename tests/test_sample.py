@@ -4,7 +4,6 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import time
 
 import numpy as np
@@ -16,20 +15,13 @@ from cvae.data import Dataset
 from cvae.errors import CvaeError
 from cvae.images import read_pgm, to_uint8
 from cvae.model import Arch, Model, model_from_checkpoint
+from idx_files import image_idx, label_idx
 
 TRAINED = [0, 1, 2, 3]
 N_TEST = 40  # labels i % 10: digits 4-9 are in the test file but not trained
 PITCH = 30   # 28-pixel cells and a 2-pixel gutter
 
 
-def image_idx(images):
-    images = np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28)
-    return b"\x00\x00\x08\x03" + struct.pack(">III", *images.shape) + images.tobytes()
-
-
-def label_idx(labels):
-    labels = np.asarray(labels, dtype=np.uint8)
-    return b"\x00\x00\x08\x01" + struct.pack(">I", len(labels)) + labels.tobytes()
 
 
 @pytest.fixture(scope="module")

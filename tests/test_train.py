@@ -14,6 +14,7 @@ from cvae.checkpoint import load_checkpoint, list_checkpoints
 from cvae.errors import CvaeError
 from cvae.model import Arch, model_from_checkpoint
 from cvae.schedule import make_schedule
+from idx_files import image_idx, label_idx
 
 TINY = Arch(h1=32, h2=16, latent=4)
 
@@ -21,12 +22,6 @@ TINY = Arch(h1=32, h2=16, latent=4)
 # ---------------------------------------------------------------- synthetic data
 
 
-def _image_idx(images):
-    return b"\x00\x00\x08\x03" + struct.pack(">III", len(images), 28, 28) + images.tobytes()
-
-
-def _label_idx(labels):
-    return b"\x00\x00\x08\x01" + struct.pack(">I", len(labels)) + labels.tobytes()
 
 
 def make_digits(n, seed):
@@ -48,8 +43,8 @@ def write_mnist_dir(directory, n_train=200, n_test=60, seed=0):
     directory.mkdir(parents=True, exist_ok=True)
     for prefix, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
         images, labels = make_digits(n, s)
-        (directory / f"{prefix}-images-idx3-ubyte").write_bytes(_image_idx(images))
-        (directory / f"{prefix}-labels-idx1-ubyte").write_bytes(_label_idx(labels))
+        (directory / f"{prefix}-images-idx3-ubyte").write_bytes(image_idx(images))
+        (directory / f"{prefix}-labels-idx1-ubyte").write_bytes(label_idx(labels))
     return directory
 
 
