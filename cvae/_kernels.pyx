@@ -238,12 +238,12 @@ cdef void reparam_backward(const float *Ot, const float *eps_t, const float *dZt
                 dOt[(latent + l) * bp + k] = 0.0
 
 
-cdef void noise_fill(float *eps_t, uint64_t seed, uint64_t step, int latent, int batch, int bp,
-                     int nthreads) noexcept nogil:
+cdef void noise_fill(float *eps_t, uint64_t seed, uint64_t step, uint64_t first_sample,
+                     int latent, int batch, int bp, int nthreads) noexcept nogil:
     cdef int l, k
     for l in prange(latent, num_threads=nthreads, schedule='static'):
         for k in range(bp):
-            eps_t[l * bp + k] = normal(seed, step, k, l) if k < batch else 0.0
+            eps_t[l * bp + k] = normal(seed, step, first_sample + k, l) if k < batch else 0.0
 
 
 # ---------------------------------------------------------------- reconstruction loss
@@ -382,9 +382,9 @@ cdef class Net:
         linear_forward(&self.dec3, self.g2_t, self.logits_t, bp, ACT_NONE, self.nthreads)
 
     cdef void _forward(self, const uint8_t *pixels, const uint8_t *labels, int batch, int bp,
-                       uint64_t seed, uint64_t step) noexcept nogil:
+                       uint64_t seed, uint64_t step, uint64_t first_sample) noexcept nogil:
         self._encode(pixels, labels, batch, bp)
-        noise_fill(self.eps_t, seed, step, self.latent, batch, bp, self.nthreads)
+        noise_fill(self.eps_t, seed, step, first_sample, self.latent, batch, bp, self.nthreads)
         reparam_forward(self.o_t, self.eps_t, self.d0_t, self.kl, self.latent, batch, bp,
                         self.nthreads)
         self._decode(labels, batch, bp)
@@ -441,21 +441,24 @@ cdef class Net:
             adam.inv_bc2_sqrt = 1.0 / (1.0 - 0.999 ** adam_t) ** 0.5
             adam_p = &adam
         with nogil:
-            self._forward(&pixels[0, 0], &labels[0], batch, bp, seed, step)
+            self._forward(&pixels[0, 0], &labels[0], batch, bp, seed, step, 0)
             bce_forward_backward(self.logits_t, self.x_t, self.dlogits_t, self.rec, self.n_pix,
                                  batch, bp, 1.0 / batch, self.nthreads)
             self._backward(batch, bp, beta, adam_p)
         return self._sums(batch)
 
     def evaluate(self, const uint8_t[:, ::1] pixels not None, const uint8_t[::1] labels not None,
-                 uint64_t seed, uint64_t step, float[::1] rec_out not None,
+                 uint64_t seed, uint64_t step, uint64_t first_sample, float[::1] rec_out not None,
                  float[::1] kl_out not None):
-        """Forward only: per-sample reconstruction and KL terms into rec_out, kl_out."""
+        """Forward only: per-sample reconstruction and KL terms into rec_out, kl_out.
+
+        Sample k draws eps keyed by (seed, step, first_sample + k), so a data set evaluated in
+        consecutive batches gets the same draws whatever the batch size."""
         cdef int batch = self._check_batch(pixels, labels)
         cdef int bp = ceil_div(batch, 16) * 16
         cdef int k
         with nogil:
-            self._forward(&pixels[0, 0], &labels[0], batch, bp, seed, step)
+            self._forward(&pixels[0, 0], &labels[0], batch, bp, seed, step, first_sample)
             bce_forward_backward(self.logits_t, self.x_t, self.dlogits_t, self.rec, self.n_pix,
                                  batch, bp, 0.0, self.nthreads)
         for k in range(batch):

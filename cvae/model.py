@@ -225,11 +225,14 @@ class Model:
         return out
 
     # ---- inference
-    def evaluate(self, pixels, labels, seed, step):
-        """Per-image (rec, kl) at one eps draw keyed by (seed, step): views valid until next call."""
+    def evaluate(self, pixels, labels, seed, step, first_index=0):
+        """Per-image (rec, kl), image k with eps keyed by (seed, step, first_index + k).
+
+        Returns views that are valid until the next call."""
         b = pixels.shape[0]
         self._last_batch = b
-        self.net.evaluate(pixels, labels, seed, step, self._eval_rec[:b], self._eval_kl[:b])
+        self.net.evaluate(pixels, labels, seed, step, first_index, self._eval_rec[:b],
+                          self._eval_kl[:b])
         return self._eval_rec[:b], self._eval_kl[:b]
 
     def encode(self, pixels, labels):
