@@ -11,6 +11,10 @@ import os
 import sys
 import time
 
+# numpy's OpenBLAS reads this when it loads (threadpoolctl only reaches libraries already
+# loaded), so OpenMP (--threads) is the only pool that runs.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import cvae
 from cvae.errors import CvaeError
 

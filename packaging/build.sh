@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Builds the one-file `cvae` binary: dist/cvae (x86-64 Linux, runs without Python).
+#
+#   packaging/build.sh [--force]
+#
+# 1. copies the project's sources (cvae/, setup.py, pyproject.toml, README, packaging/; what
+#    git tracks or would track, so no stale *.so, *.c or build/ output) to build/binary/src;
+# 2. if dist/cvae exists and dist/cvae.stamp matches a hash of those sources, the Python
+#    version and the pinned PyInstaller, stops there ("up to date"; --force rebuilds);
+# 3. makes a fresh venv in build/binary/venv, does a NON-editable `pip install` of the copy
+#    (an editable install can freeze a stale extension) and the pinned PyInstaller;
+# 4. runs PyInstaller on packaging/cvae.spec, checks the archive holds the three kernel
+#    builds and libgomp, runs `cvae --version`, and moves the result to dist/cvae.
+#
+# Environment: PYTHON (default python3; needs its shared libpython: Debian's libpython3.X
+# package, installed here if missing when run as root, or a pyenv build with
+# --enable-shared), CVAE_BUILD_DIR (default build/binary), CVAE_DIST_DIR (default dist).
+# Needs a C compiler with OpenMP (gcc) and access to the package index.
+set -euo pipefail
+
+PYINSTALLER_PIN="pyinstaller==6.22.3"
+HOOKS_PIN="pyinstaller-hooks-contrib==2026.9"
+
+cd "$(dirname "$0")/.."
+REPO="$(pwd)"
+PYTHON="${PYTHON:-python3}"
+BUILD="${CVAE_BUILD_DIR:-$REPO/build/binary}"
+DIST="${CVAE_DIST_DIR:-$REPO/dist}"
+FORCE=0
+for arg in "$@"; do
+    case "$arg" in
+        --force) FORCE=1 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "build.sh: unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
+
+say() { echo "build.sh: $*" >&2; }
+t0=$(date +%s)
+
+# One build at a time per build directory (e.g. two test runs at once): the second waits,
+# then finds dist/cvae up to date.
+mkdir -p "$BUILD"
+exec 9>"$BUILD.lock"
+if ! flock -n 9; then
+    say "waiting for another build in $BUILD"
+    flock 9
+fi
+
+# ---------------------------------------------------------------- the Python to freeze
+# PyInstaller bundles Python's shared library. Debian's python3 keeps it in a separate package
+# (libpython3.X), installed here when we are root with apt-get; otherwise the error says how.
+check_python() {
+    "$PYTHON" - <<'EOF'
+import os, sys, sysconfig
+if sys.version_info < (3, 10):
+    print(f"build.sh: Python >= 3.10 needed, {sys.executable} is {sys.version.split()[0]}", file=sys.stderr)
+    sys.exit(2)
+libdir = sysconfig.get_config_var("LIBDIR") or ""
+name = sysconfig.get_config_var("INSTSONAME") or ""
+dirs = (libdir, "/usr/lib/x86_64-linux-gnu", "/usr/lib")
+if name and any(os.path.exists(os.path.join(d, name)) for d in dirs):
+    sys.exit(0)
+print(f"libpython3.{sys.version_info[1]} {sys.base_prefix}")
+sys.exit(1)
+EOF
+}
+status=0
+missing="$(check_python)" || status=$?
+if [ "$status" = 1 ]; then
+    set -- $missing
+    if [ "$2" = /usr ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        say "installing $1 (Python's shared library, for PyInstaller)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" >/dev/null \
+            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" >/dev/null; }
+        status=0
+        check_python >/dev/null || status=$?
+    fi
+    if [ "$status" != 0 ]; then
+        say "PyInstaller needs Python's shared library ($1), which $PYTHON lacks." \
+            "Debian: apt-get install $1; pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared pyenv install ..."
+        exit 1
+    fi
+elif [ "$status" != 0 ]; then
+    exit 1
+fi
+
+# ---------------------------------------------------------------- stage the sources
+SRC="$BUILD/src"
+rm -rf "$SRC"
+mkdir -p "$SRC"
+PATHS=(cvae setup.py pyproject.toml README.md LICENSE packaging)
+if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    # Tracked and untracked-but-not-ignored files; drop ones deleted from the work tree.
+    git -C "$REPO" ls-files -z --cached --others --exclude-standard -- "${PATHS[@]}" \
+        | while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done >"$BUILD/files"
+else
+    find "${PATHS[@]}" -type f ! -name '*.so' ! -name '*.c' ! -name '*.pyc' \
+        ! -path '*/__pycache__/*' -print0 2>/dev/null >"$BUILD/files" || true
+fi
+sort -z -o "$BUILD/files" "$BUILD/files"
+xargs -0 -a "$BUILD/files" cp --parents -t "$SRC"
+[ -f "$SRC/pyproject.toml" ] && [ -f "$SRC/cvae/_kernels.pyx" ] || { say "staging failed"; exit 1; }
+# pyproject.toml names README.md as the readme: give the copy one if the tree has none yet.
+[ -f "$SRC/README.md" ] || echo "cvae" >"$SRC/README.md"
+
+STAMP="$(
+    cd "$SRC" && {
+        find . -type f -print0 | sort -z | xargs -0 sha256sum
+        "$PYTHON" -c 'import sys, platform; print(sys.version, platform.machine())'
+        echo "$PYINSTALLER_PIN $HOOKS_PIN"
+    } | sha256sum | cut -d' ' -f1
+)"
+if [ "$FORCE" = 0 ] && [ -x "$DIST/cvae" ] && [ "$(cat "$DIST/cvae.stamp" 2>/dev/null)" = "$STAMP" ]; then
+    say "dist/cvae is up to date (sources $STAMP)"
+    exit 0
+fi
+
+# ---------------------------------------------------------------- fresh venv, non-editable install
+VENV="$BUILD/venv"
+rm -rf "$VENV" "$BUILD/work" "$BUILD/dist"
+say "venv and pip install (non-editable)"
+"$PYTHON" -m venv "$VENV"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+quiet_pip() {  # pip, minus the warnings some machines' pip configs print for every package
+    "$VENV/bin/python" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+quiet_pip "$PYINSTALLER_PIN" "$HOOKS_PIN"
+quiet_pip "$SRC"
+t1=$(date +%s)
+
+# The installed package, not the source tree, is what gets frozen.
+"$VENV/bin/python" - <<'EOF'
+import importlib.util, os, sys
+os.chdir("/")
+import cvae
+site = os.path.dirname(cvae.__file__)
+assert "site-packages" in site, f"cvae imported from {site}, not the venv"
+for name in ("cvae._kernels_base", "cvae._kernels_v3", "cvae._kernels_v4"):
+    path = importlib.util.find_spec(name).origin
+    assert path.startswith(site), path
+import rich, threadpoolctl, numpy  # noqa: F401  (dependencies present)
+print(f"build.sh: frozen from {site} (cvae {cvae.__version__}, numpy {numpy.__version__})", file=sys.stderr)
+EOF
+
+# ---------------------------------------------------------------- freeze
+say "PyInstaller"
+mkdir -p "$BUILD/work"
+(
+    cd "$BUILD/work"  # not the repo: `import cvae` must find the installed package
+    "$VENV/bin/pyinstaller" --noconfirm --clean --log-level WARN \
+        --distpath "$BUILD/dist" --workpath "$BUILD/work" "$SRC/packaging/cvae.spec"
+)
+BIN="$BUILD/dist/cvae"
+
+# ---------------------------------------------------------------- check the archive and run it
+CONTENTS="$("$VENV/bin/pyi-archive_viewer" --list --recursive "$BIN")"
+missing=0
+for want in cvae/_kernels_base cvae/_kernels_v3 cvae/_kernels_v4 libgomp.so threadpoolctl \
+        rich.console _multiarray_umath openblas; do
+    if ! grep -q -- "$want" <<<"$CONTENTS"; then
+        say "the archive lacks $want"
+        missing=1
+    fi
+done
+[ "$missing" = 0 ] || exit 1
+VERSION_LINE="$(env -u PYTHONPATH "$BIN" --version)"
+say "$VERSION_LINE"
+
+mkdir -p "$DIST"
+cp "$BIN" "$DIST/cvae.new"
+mv -f "$DIST/cvae.new" "$DIST/cvae"
+echo "$STAMP" >"$DIST/cvae.stamp"
+t2=$(date +%s)
+say "dist/cvae: $(du -h "$DIST/cvae" | cut -f1) ($(stat -c %s "$DIST/cvae") bytes); " \
+    "install $((t1 - t0)) s, freeze $((t2 - t1)) s, total $((t2 - t0)) s"

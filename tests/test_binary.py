@@ -1,0 +1,353 @@
+"""The one-file `cvae` binary (packaging/) runs on a Debian machine that has no Python.
+
+Builds dist/cvae with packaging/build.sh (a no-op when dist/cvae.stamp matches the sources),
+builds or reuses a `debootstrap --variant=minbase bookworm` root with packaging/make_chroot.sh
+(cached in ~/.cache/cvae-ci/bookworm-minbase; the mirror comes from this machine's apt
+sources), and runs the binary in it with chroot: --help, --version, a short training run on
+a tiny IDX set, generate / reconstruct / interpolate, and --threads 1 vs 2 giving
+byte-identical checkpoints.
+
+Needs root (debootstrap, chroot, mount), x86-64 Linux, gcc and network access to the package
+index and the Debian mirror. Marked `binary`: deselect with `pytest -m "not binary"`.
+Each chroot command runs in its own mount namespace (`unshare --mount`) with /proc mounted
+inside it, so nothing stays mounted on the host even if the test is killed.
+"""
+
+import gzip
+import json
+import os
+import platform
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGING = REPO / "packaging"
+BINARY = REPO / "dist" / "cvae"
+IN_ROOT = "/cvae-test"  # the test's directory inside the root
+ROOT_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+
+pytestmark = [
+    pytest.mark.binary,
+    pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64",
+                       reason="the binary is built for x86-64 Linux"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="debootstrap and chroot need root"),
+]
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def binary():
+    """dist/cvae, built (or found up to date) by packaging/build.sh."""
+    start = time.monotonic()
+    env = dict(os.environ, PYTHON=sys.executable)
+    for name in ("PYTHONPATH", "CVAE_DIST_DIR"):
+        env.pop(name, None)
+    result = subprocess.run([str(PACKAGING / "build.sh")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=40 * 60)
+    print(f"\nbuild.sh: {time.monotonic() - start:.0f} s\n{result.stdout[-3000:]}")
+    assert result.returncode == 0, f"packaging/build.sh failed:\n{result.stdout[-6000:]}"
+    assert BINARY.is_file() and os.access(BINARY, os.X_OK)
+    return BINARY
+
+
+@pytest.fixture(scope="module")
+def root(binary):
+    """The Debian root, with the binary in /usr/local/bin and a fresh /cvae-test holding
+    a tiny IDX data set. Held under a lock: test sessions sharing the cached root queue."""
+    import fcntl
+
+    start = time.monotonic()
+    result = subprocess.run([str(PACKAGING / "make_chroot.sh")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, timeout=30 * 60)
+    print(f"\nmake_chroot.sh: {time.monotonic() - start:.0f} s\n{result.stderr[-2000:]}")
+    assert result.returncode == 0, f"packaging/make_chroot.sh failed:\n{result.stderr[-4000:]}"
+    path = Path(result.stdout.strip().splitlines()[-1])
+    assert (path / "bin" / "sh").exists()
+
+    lock = open(f"{path}.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        shutil.copy2(binary, path / "usr" / "local" / "bin" / "cvae")
+        work = path / IN_ROOT.lstrip("/")
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "tmp").mkdir(parents=True)
+        write_tiny_mnist(work / "data")
+        yield path
+        shutil.rmtree(work, ignore_errors=True)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def in_root(root, *args, env=None, timeout=600, check=True, popen=False):
+    """Run a command inside the root (no Python there): a private mount namespace with /proc,
+    a clean environment, TMPDIR=/cvae-test/tmp (where the one-file binary unpacks)."""
+    environment = {"PATH": ROOT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TMPDIR": f"{IN_ROOT}/tmp",
+                   "TERM": "dumb"}
+    environment.update(env or {})
+    assignments = [f"{k}={v}" for k, v in environment.items()]
+    script = 'mount -t proc proc "$0/proc" && cd "$0" && exec chroot "$0" /usr/bin/env -i "$@"'
+    cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, str(root),
+           *assignments, "sh", "-c", f'cd {IN_ROOT} && exec "$@"', "sh", *args]
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
+    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, timeout=timeout)
+    if check:
+        assert result.returncode == 0, (f"{' '.join(args)} exited {result.returncode}\n"
+                                        f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}")
+    return result
+
+
+def host_path(root, path_in_root):
+    return Path(root) / path_in_root.lstrip("/")
+
+
+# ---------------------------------------------------------------- a tiny IDX data set
+
+
+def _read_idx_gz(path):
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _write_idx(path, array):
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def _synthetic(n, rng):
+    """Zeros as rings and ones as strokes, with jitter: enough for a training smoke test."""
+    yy, xx = np.mgrid[0:28, 0:28]
+    labels = np.arange(n) % 2
+    images = np.zeros((n, 28, 28), dtype=np.float64)
+    for i, label in enumerate(labels):
+        cy, cx = 14 + rng.normal(0, 1.5, size=2)
+        if label == 0:
+            r = np.hypot((yy - cy) / rng.uniform(7, 10), (xx - cx) / rng.uniform(5, 8))
+            images[i] = np.exp(-((r - 1.0) / 0.18) ** 2)
+        else:
+            slope = rng.normal(0, 0.25)
+            images[i] = np.exp(-((xx - cx - slope * (yy - cy)) / 1.3) ** 2) * (abs(yy - cy) < 10)
+    return (np.clip(images, 0, 1) * 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_tiny_mnist(directory, n_train=256, n_test=64):
+    """Raw IDX files of digits 0 and 1: from the real MNIST in $CVAE_DATA when it is there,
+    else synthetic."""
+    directory.mkdir(parents=True)
+    source = os.environ.get("CVAE_DATA", "")
+    sets = {}
+    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        images_gz = os.path.join(source, f"{prefix}-images-idx3-ubyte.gz")
+        labels_gz = os.path.join(source, f"{prefix}-labels-idx1-ubyte.gz")
+        if source and os.path.isfile(images_gz) and os.path.isfile(labels_gz):
+            images, labels = _read_idx_gz(images_gz), _read_idx_gz(labels_gz)
+            keep = np.concatenate([np.flatnonzero(labels == d)[: n // 2] for d in (0, 1)])
+            keep.sort()
+            sets[split] = (images[keep], labels[keep])
+        else:
+            sets[split] = _synthetic(n, np.random.default_rng(7 if split == "train" else 8))
+        images, labels = sets[split]
+        _write_idx(directory / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels)
+
+
+def read_pgm(path):
+    """(width, height, maxval, pixels) of a binary PGM (P5); fails on anything else."""
+    data = Path(path).read_bytes()
+    fields, pos = [], 0
+    while len(fields) < 4:
+        while data[pos:pos + 1].isspace():
+            pos += 1
+        if data[pos:pos + 1] == b"#":
+            pos = data.index(b"\n", pos) + 1
+            continue
+        end = pos
+        while not data[end:end + 1].isspace():
+            end += 1
+        fields.append(data[pos:end])
+        pos = end
+    pos += 1  # the single whitespace byte after maxval
+    assert fields[0] == b"P5", f"{path}: not a binary PGM ({fields[0]!r})"
+    width, height, maxval = (int(x) for x in fields[1:])
+    assert 0 < maxval < 256
+    pixels = data[pos:]
+    assert len(pixels) == width * height, f"{path}: {len(pixels)} bytes of pixels for {width}x{height}"
+    return width, height, maxval, pixels
+
+
+def no_unpacked_leftovers(root):
+    left = sorted(p.name for p in host_path(root, f"{IN_ROOT}/tmp").glob("_MEI*"))
+    assert not left, f"the one-file launcher left {left} in TMPDIR"
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_root_has_no_python(root):
+    result = in_root(root, "sh", "-c", "command -v python3 python; ls /usr/bin/python* "
+                     "/usr/local/bin/python* /usr/lib/x86_64-linux-gnu/libpython* 2>/dev/null",
+                     check=False)
+    assert result.stdout.strip() == "", f"the root has Python: {result.stdout}"
+    # Nor a system libgomp: the binary's own copy is the only one it can load.
+    assert not list(host_path(root, "/usr/lib/x86_64-linux-gnu").glob("libgomp*"))
+
+
+def test_help(root):
+    times = []
+    for _ in range(3):
+        start = time.monotonic()
+        result = in_root(root, "cvae", "--help")
+        times.append(time.monotonic() - start)
+    for command in ("train", "info", "data", "generate", "reconstruct", "interpolate", "bench"):
+        assert command in result.stdout
+    print(f"\ncvae --help in the root: {sorted(times)[1]:.2f} s (median of 3, incl. unshare/chroot)")
+    result = in_root(root, "cvae", "train", "--help")
+    assert "--threads" in result.stdout and "--epochs" in result.stdout
+    no_unpacked_leftovers(root)
+
+
+def test_version_and_kernel_dispatch(root):
+    import cvae
+
+    result = in_root(root, "cvae", "--version")
+    line = result.stdout.strip()
+    assert line.startswith(f"cvae {cvae.__version__} "), line
+    assert "build" in line and "kernels" in line, line
+    auto = line.split("kernels: ")[1].split()[0]
+    assert auto in ("baseline", "v3", "v4")
+    # Every build the CPU supports can be forced; all three are inside the binary.
+    for build in ("baseline", "v3", "v4"):
+        forced = in_root(root, "cvae", "--version", env={"CVAE_KERNELS": build}, check=False)
+        if forced.returncode == 0:
+            assert f"kernels: {build} build" in forced.stdout, forced.stdout
+        else:
+            assert "does not support" in forced.stderr, forced.stderr  # not this CPU; not missing
+    if auto == "v4":
+        assert "kernels: v3 build" in in_root(root, "cvae", "--version", env={"CVAE_KERNELS": "v3"}).stdout
+
+
+def _train(root, out, threads, extra=()):
+    return in_root(root, "cvae", "train", "--variant", "mini", "--epochs", "1", "--seed", "3",
+                   "--data", f"{IN_ROOT}/data", "--out", out, "--threads", str(threads), "--quiet",
+                   *extra)
+
+
+def test_train_generate_reconstruct_interpolate(root):
+    _train(root, "run", 2)
+    run = host_path(root, f"{IN_ROOT}/run")
+    assert (run / "last.cvae").is_file()
+    assert (run / "metrics.jsonl").is_file()
+
+    in_root(root, "cvae", "generate", "--checkpoint", "run", "--per-digit", "5", "--seed", "1",
+            "--out", "gen.pgm", "--threads", "2")
+    width, height, _, pixels = read_pgm(host_path(root, f"{IN_ROOT}/gen.pgm"))
+    assert len(set(pixels)) > 2, "a blank sheet"
+    sidecar = json.loads(host_path(root, f"{IN_ROOT}/gen.json").read_text())
+    assert (sidecar["width"], sidecar["height"]) == (width, height)
+    labels = sorted(cell["label"] for cell in sidecar["cells"] if cell.get("kind") == "sample")
+    assert labels == [0] * 5 + [1] * 5, sidecar["cells"]
+    # After training, the run directory got its sheets too.
+    for name in ("samples", "reconstructions", "interpolations"):
+        read_pgm(run / f"{name}.pgm")
+        json.loads((run / f"{name}.json").read_text())
+
+    # The same seed gives the same sheet.
+    in_root(root, "cvae", "generate", "--checkpoint", "run/last.cvae", "--per-digit", "5",
+            "--seed", "1", "--out", "gen2.pgm", "--threads", "1")
+    assert host_path(root, f"{IN_ROOT}/gen2.pgm").read_bytes() == pixels_file(root, "gen.pgm")
+
+    in_root(root, "cvae", "reconstruct", "--checkpoint", "run", "--data", f"{IN_ROOT}/data",
+            "--n", "8", "--out", "rec.pgm")
+    read_pgm(host_path(root, f"{IN_ROOT}/rec.pgm"))
+    json.loads(host_path(root, f"{IN_ROOT}/rec.json").read_text())
+    in_root(root, "cvae", "interpolate", "--checkpoint", "run", "--data", f"{IN_ROOT}/data",
+            "--pairs", "2", "--steps", "4", "--out", "interp.pgm")
+    read_pgm(host_path(root, f"{IN_ROOT}/interp.pgm"))
+    read_pgm(host_path(root, f"{IN_ROOT}/interp-classes.pgm"))
+    no_unpacked_leftovers(root)
+
+
+def pixels_file(root, name):
+    return host_path(root, f"{IN_ROOT}/{name}").read_bytes()
+
+
+def test_threads_1_and_2_give_identical_checkpoints(root):
+    _train(root, "run-t1", 1, ("--no-images",))
+    _train(root, "run-t2", 2, ("--no-images",))
+    one = host_path(root, f"{IN_ROOT}/run-t1/last.cvae").read_bytes()
+    two = host_path(root, f"{IN_ROOT}/run-t2/last.cvae").read_bytes()
+    assert one == two, "--threads 1 and --threads 2 trained different checkpoints"
+
+
+def test_bundled_libgomp_one_pool_and_sigterm(root):
+    """While training with --threads 2, the worker maps libgomp from its unpack directory
+    (there is no other in the root) and runs 2 threads: OpenMP's, none of OpenBLAS's.
+    SIGTERM to the launcher reaches the trainer (checkpoint, exit 143), and the launcher
+    removes its unpack directory."""
+    proc = in_root(root, "cvae", "train", "--variant", "mini", "--epochs", "5000", "--data",
+                   f"{IN_ROOT}/data", "--out", "run-term", "--threads", "2", "--quiet",
+                   "--no-images", popen=True)
+    try:
+        worker, libgomp, deadline = None, None, time.monotonic() + 120
+        while libgomp is None and time.monotonic() < deadline and proc.poll() is None:
+            for pid in _descendants(proc.pid)[1:]:
+                try:
+                    maps = Path(f"/proc/{pid}/maps").read_text()
+                except OSError:
+                    continue
+                hits = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
+                if hits:
+                    worker, libgomp = pid, hits
+                    break
+            time.sleep(0.05)
+        assert libgomp, "libgomp never showed up in the worker's memory maps"
+        assert all("/_MEI" in path for path in libgomp), libgomp
+        time.sleep(1.0)  # into the training loop: the OpenMP pool is up
+        n_threads = len(os.listdir(f"/proc/{worker}/task"))
+        assert n_threads <= 2, f"{n_threads} threads in the worker with --threads 2"
+        launcher = _descendants(proc.pid)[0]  # unshare, sh, chroot, env and sh exec each other
+        os.kill(launcher, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, (proc.returncode, stderr)
+    assert "SIGTERM" in stderr and "--resume" in stderr, stderr
+    assert host_path(root, f"{IN_ROOT}/run-term/last.cvae").is_file()
+    no_unpacked_leftovers(root)
+
+
+def _descendants(pid):
+    """pid and its descendants that run the cvae binary, outermost first."""
+    found, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop(0)
+        try:
+            if os.readlink(f"/proc/{current}/exe").endswith("/usr/local/bin/cvae"):
+                found.append(current)
+        except OSError:
+            pass
+        try:
+            frontier.extend(map(int, Path(f"/proc/{current}/task/{current}/children").read_text().split()))
+        except OSError:
+            pass
+    return found
