@@ -10,12 +10,6 @@ import os
 
 from cvae.errors import CvaeError
 
-# libgomp reads this once, when the first kernel module loads it. Its default spin before a
-# waiting thread sleeps is long enough that, with another process on one of our cores, the
-# two threads take turns spinning for each other (measured: 2 threads 3x slower than with
-# 1000). A short spin still covers the gaps between the parallel loops of one step.
-if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "1000"
 # The GEMM and Adam loops use schedule(runtime). guided hands out large contiguous chunks
 # first (each thread keeps streaming neighbouring rows, as with static) and small ones at the
 # end, so a thread that lost its core to another process does not hold work hostage. Any
