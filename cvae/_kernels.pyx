@@ -77,6 +77,14 @@ cdef inline float *at(float *base, dict layout, str key) except NULL:
     return base + <Py_ssize_t>layout[key]
 
 
+cdef Adam adam_step(float lr, long t):
+    """PyTorch's bias corrections for Adam step number t."""
+    cdef Adam adam
+    adam.step_size = lr / (1.0 - 0.9 ** t)
+    adam.inv_bc2_sqrt = 1.0 / (1.0 - 0.999 ** t) ** 0.5
+    return adam
+
+
 cdef inline int ceil_div(int a, int b) noexcept nogil:
     return (a + b - 1) // b
 
@@ -301,23 +309,21 @@ cdef class Net:
     cdef int n_pix, latent, act, nthreads, max_bp
     cdef object slab
 
-    def __init__(self, float[::1] slab not None, dict layout, dict dims, str act, int nthreads):
+    def __init__(self, float[::1] slab not None, dict layout, tuple layers, int latent,
+                 int max_bp, str act, int nthreads):
+        """``layers``: (name, n_in, n_out) of enc1, enc2, enc3, dec1, dec2, dec3 (Arch.layers)."""
         cdef float *base = &slab[0]
         self.slab = slab
-        self.n_pix = dims["x"]
-        self.latent = dims["latent"]
-        self.max_bp = dims["max_bp"]
+        self.latent = latent
+        self.max_bp = max_bp
         self.act = ACTIVATIONS[act]
         self.nthreads = nthreads
-        if dims["scratch_threads"] < nthreads:
-            raise ValueError("slab scratch holds fewer threads than requested")
-        for name, n_in, n_out in (("enc1", dims["x"] + 10, dims["h1"]),
-                                  ("enc2", dims["h1"], dims["h2"]),
-                                  ("enc3", dims["h2"], 2 * dims["latent"]),
-                                  ("dec1", dims["latent"] + 10, dims["h2"]),
-                                  ("dec2", dims["h2"], dims["h1"]),
-                                  ("dec3", dims["h1"], dims["x"])):
+        for name, n_in, n_out in layers:
             self._set_layer(name, base, layout, n_in, n_out)
+        self.n_pix = self.dec3.n_out
+        if (self.enc1.n_in != self.n_pix + 10 or self.enc3.n_out != 2 * latent
+                or self.dec1.n_in != latent + 10):
+            raise ValueError("layers do not form a CVAE of this latent size")
         self.x_t = at(base, layout, "act.x")
         self.h1_t = at(base, layout, "act.enc1")
         self.h2_t = at(base, layout, "act.enc2")
@@ -366,6 +372,13 @@ cdef class Net:
         if pixels.shape[1] != self.n_pix or labels.shape[0] != batch:
             raise ValueError("pixels must be (batch, %d) and labels (batch,)" % self.n_pix)
         return batch
+
+    cdef int _check_out(self, str name, Py_ssize_t rows, Py_ssize_t cols, int batch,
+                        int width) except -1:
+        """Every output array must hold the whole answer: bounds checks are off in here."""
+        if rows < batch or cols != width:
+            raise ValueError(f"{name} must be at least ({batch}, {width}), got ({rows}, {cols})")
+        return 0
 
     cdef void _encode(self, const uint8_t *pixels, const uint8_t *labels, int batch,
                       int bp) noexcept nogil:
@@ -437,8 +450,7 @@ cdef class Net:
         cdef Adam adam
         cdef const Adam *adam_p = NULL
         if adam_t > 0:
-            adam.step_size = lr / (1.0 - 0.9 ** adam_t)
-            adam.inv_bc2_sqrt = 1.0 / (1.0 - 0.999 ** adam_t) ** 0.5
+            adam = adam_step(lr, adam_t)
             adam_p = &adam
         with nogil:
             self._forward(&pixels[0, 0], &labels[0], batch, bp, seed, step, 0)
@@ -457,6 +469,8 @@ cdef class Net:
         cdef int batch = self._check_batch(pixels, labels)
         cdef int bp = ceil_div(batch, 16) * 16
         cdef int k
+        self._check_out("rec_out", rec_out.shape[0], 1, batch, 1)
+        self._check_out("kl_out", kl_out.shape[0], 1, batch, 1)
         with nogil:
             self._forward(&pixels[0, 0], &labels[0], batch, bp, seed, step, first_sample)
             bce_forward_backward(self.logits_t, self.x_t, self.dlogits_t, self.rec, self.n_pix,
@@ -467,9 +481,7 @@ cdef class Net:
 
     def adam_update(self, float lr, long adam_t):
         """Adam step number adam_t from the stored gradients (the unfused path)."""
-        cdef Adam adam
-        adam.step_size = lr / (1.0 - 0.9 ** adam_t)
-        adam.inv_bc2_sqrt = 1.0 / (1.0 - 0.999 ** adam_t) ** 0.5
+        cdef Adam adam = adam_step(lr, adam_t)
         with nogil:
             linear_adam(&self.enc1, &adam, self.nthreads)
             linear_adam(&self.enc2, &adam, self.nthreads)
@@ -481,6 +493,7 @@ cdef class Net:
     def noise(self, uint64_t seed, uint64_t step, float[:, ::1] out not None):
         """The eps of (seed, step) for the first out.shape[0] samples, as (batch, latent)."""
         cdef int k, l
+        self._check_out("out", out.shape[0], out.shape[1], out.shape[0], self.latent)
         for k in range(out.shape[0]):
             for l in range(self.latent):
                 out[k, l] = normal(seed, step, k, l)
@@ -491,6 +504,9 @@ cdef class Net:
         cdef int batch = self._check_batch(pixels, labels)
         cdef int bp = ceil_div(batch, 16) * 16
         cdef int k, l
+        self._check_out("mu_out", mu_out.shape[0], mu_out.shape[1], batch, self.latent)
+        self._check_out("logvar_out", logvar_out.shape[0], logvar_out.shape[1], batch,
+                        self.latent)
         with nogil:
             self._encode(&pixels[0, 0], &labels[0], batch, bp)
         for k in range(batch):
@@ -506,6 +522,8 @@ cdef class Net:
         cdef int k, l, p
         if batch < 1 or bp > self.max_bp or labels.shape[0] != batch:
             raise ValueError(f"batch of {batch} does not fit this model's slab")
+        self._check_out("z", z.shape[0], z.shape[1], batch, self.latent)
+        self._check_out("probs_out", probs_out.shape[0], probs_out.shape[1], batch, self.n_pix)
         for l in range(self.latent):
             for k in range(bp):
                 self.d0_t[l * bp + k] = z[k, l] if k < batch else 0.0

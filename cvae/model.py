@@ -116,16 +116,15 @@ class Model:
         self.slab = raw[shift:shift + total]
         self.layout = offsets
         self.section_sizes = sizes
-        dims = dict(x=arch.x_dim, h1=arch.h1, h2=arch.h2, latent=arch.latent,
-                    max_bp=self.max_bp, scratch_threads=threads)
-        self.net = k.Net(self.slab, offsets, dims, arch.act, threads)
+        self.net = k.Net(self.slab, offsets, arch.layers(), arch.latent, self.max_bp, arch.act,
+                         threads)
 
         self.params = self._tensor_views("param")
         self.grads = self._tensor_views("grad")
         self.adam_m = self._tensor_views("adam_m")
         self.adam_v = self._tensor_views("adam_v")
-        self._eval_rec = np.zeros(max_batch, dtype=np.float32)
-        self._eval_kl = np.zeros(max_batch, dtype=np.float32)
+        self._eval_rec = np.zeros(self.max_bp, dtype=np.float32)
+        self._eval_kl = np.zeros(self.max_bp, dtype=np.float32)
         self._last_batch = 0
 
     # ---- views

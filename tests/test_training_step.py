@@ -248,3 +248,19 @@ def test_evaluation_draws_do_not_depend_on_the_batch_size():
     # rec depends on eps (KL is analytic): without the offset, images 16-31 get other draws
     shifted = np.array(model.evaluate(pixels[16:32], labels[16:32], seed=3, step=10**9)[0])
     assert not np.allclose(shifted, rec_all[16:32], rtol=1e-6)
+
+
+def test_kernel_entry_points_refuse_arrays_of_the_wrong_shape():
+    """Bounds checks are off inside the kernels, so every Net method checks its arrays."""
+    model = Model(Arch(h1=24, h2=16, latent=8), max_batch=20, threads=1)
+    model.init_params(seed=0)
+    with pytest.raises(ValueError, match="z must be"):
+        model.decode(np.zeros((3, 4), np.float32), np.zeros(3, np.uint8))
+    with pytest.raises(ValueError, match="does not fit"):
+        model.evaluate(R.digit_like_pixels(40, seed=1), R.random_labels(40, seed=1), 0, 0)
+    with pytest.raises(ValueError, match="mu_out"):
+        model.net.encode(R.digit_like_pixels(3, seed=1), R.random_labels(3, seed=1),
+                         np.zeros((3, 7), np.float32), np.zeros((3, 8), np.float32))
+    # a batch above max_batch but inside its padding (20 -> 32) still gets whole outputs
+    rec, kl = model.evaluate(R.digit_like_pixels(30, seed=1), R.random_labels(30, seed=1), 0, 0)
+    assert rec.shape == kl.shape == (30,) and np.isfinite(rec).all()
