@@ -469,6 +469,10 @@ def main(argv=None):
         message = " ".join(str(e).split("\n"))
         print(f"cvae: error: {message}", file=sys.stderr, flush=True)
         return getattr(e, "exit_code", 2)
+    except MemoryError:
+        print("cvae: error: out of memory: choose smaller sizes (--hidden, --batch, "
+              "--per-digit ...)", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         print("cvae: interrupted", file=sys.stderr, flush=True)
         return 130

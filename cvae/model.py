@@ -278,10 +278,13 @@ class Model:
 
 def arch_from_json(data, source="checkpoint"):
     try:
-        return Arch(h1=int(data["h1"]), h2=int(data["h2"]), latent=int(data["latent"]),
+        arch = Arch(h1=int(data["h1"]), h2=int(data["h2"]), latent=int(data["latent"]),
                     act=str(data["act"]))
     except (KeyError, TypeError, ValueError):
         raise CvaeError(f"{source}: no valid architecture in its header") from None
+    if min(arch.h1, arch.h2, arch.latent) <= 0 or arch.act not in ACTIVATIONS:
+        raise CvaeError(f"{source}: its header's architecture {data} is not one cvae can build")
+    return arch
 
 
 def model_from_checkpoint(path, threads=1, max_batch=64):

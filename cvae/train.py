@@ -404,9 +404,10 @@ class Trainer:
                 phase, beta, lr = at(step, total, e)
                 loss, rec, kl = train_step(pixels, labels, lr, beta, seed, step)
                 if loss != loss or loss == math.inf:
-                    raise CvaeError(
-                        f"training diverged at epoch {e + 1}, step {step} (loss {loss}); "
-                        f"the last good checkpoint is in {self.run_dir}: try a lower --lr")
+                    saved = (f"the last good checkpoint is in {self.run_dir}"
+                             if list_checkpoints(self.run_dir) else "no checkpoint was saved yet")
+                    raise CvaeError(f"training diverged at epoch {e + 1}, step {step} (loss "
+                                    f"{loss}); {saved}: try a lower --lr")
                 b = len(labels)
                 step += 1
                 k += 1
@@ -439,9 +440,11 @@ class Trainer:
             if not math.isfinite(neg_elbo):
                 raise CvaeError(f"the test ELBO is not finite after epoch {e + 1}: the model "
                                 f"diverged; try a lower --lr")
-            path = self._save(epoch=e + 1)
+            # Metrics first: resume drops records newer than its checkpoint, but could never
+            # recreate one missing for an epoch the checkpoint says is done.
             self.records.append(record)
             self._write_metrics()
+            path = self._save(epoch=e + 1)
             reporter.epoch_end(record)
             epochs_done_here += 1
             if self.stop_signal is not None:
@@ -515,6 +518,10 @@ def check_fresh_run_dir(run_dir, create=True):
     if os.path.isdir(run_dir) and list_checkpoints(run_dir):
         raise CvaeError(f"{run_dir} already holds a run (it has checkpoints): continue it with "
                         f"'cvae train --resume {run_dir}' or choose another --out")
+    for name in (CONFIG_NAME, METRICS_NAME):
+        if os.path.exists(os.path.join(run_dir, name)):
+            raise CvaeError(f"{run_dir} already holds a run's outputs ({name}): choose another "
+                            f"--out")
     if not create:
         return
     try:

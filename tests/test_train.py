@@ -272,3 +272,20 @@ def test_mini_on_real_mnist(tmp_path):
     assert record["train_loss"] < losses[0]  # the running mean fell over the epoch
     model, meta = model_from_checkpoint(run / "last.cvae")
     assert meta["epoch"] == 1 and model.adam_t == record["step"] == 198
+
+
+def test_a_directory_with_a_runs_outputs_but_no_checkpoint_is_not_clobbered(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(CvaeError, match="metrics.jsonl"):
+        T.check_fresh_run_dir(tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+@pytest.mark.parametrize("arch", [{"h1": 8, "h2": 8, "latent": 4, "act": "gelu"},
+                                  {"h1": -4, "h2": 8, "latent": 4, "act": "elu"},
+                                  {"h1": 8, "h2": 8}])
+def test_a_checkpoint_header_with_an_impossible_architecture_is_a_clear_error(arch):
+    from cvae.model import arch_from_json
+
+    with pytest.raises(CvaeError, match="x.cvae"):
+        arch_from_json(arch, source="x.cvae")
