@@ -318,8 +318,8 @@ def cmd_train(args):
         trainer = T.new_trainer(out, plan, train_set, test_set, args.threads, reporter, config_extra=extra)
     result = trainer.run(stop_after_epochs=args.stop_after_epochs)
     if result.status == "complete" and not args.no_images:
-        if T.write_images(trainer):
-            _say(args)(f"images written to {trainer.run_dir}")
+        T.write_images(trainer)
+        _say(args)(f"images written to {trainer.run_dir}")
     return result.exit_code
 
 

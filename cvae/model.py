@@ -287,11 +287,16 @@ def arch_from_json(data, source="checkpoint"):
     return arch
 
 
-def model_from_checkpoint(path, threads=1, max_batch=64):
-    """(model, meta) from a CVAE checkpoint; Adam's state too when the file has it."""
-    meta, sections, _ = load_checkpoint(path, expected_kind="cvae")
-    arch = arch_from_json(meta.get("arch", {}), source=str(path))
+def model_from_sections(meta, sections, source, threads=1, max_batch=64):
+    """A model from a loaded checkpoint's meta and sections; Adam's state too when present."""
+    arch = arch_from_json(meta.get("arch", {}), source=str(source))
     model = Model(arch, max_batch=max_batch, threads=threads)
-    model.load_state_sections(sections, source=str(path))
+    model.load_state_sections(sections, source=str(source))
     model.adam_t = int(meta.get("adam_t", 0))
-    return model, meta
+    return model
+
+
+def model_from_checkpoint(path, threads=1, max_batch=64):
+    """(model, meta) from a CVAE checkpoint file."""
+    meta, sections, _ = load_checkpoint(path, expected_kind="cvae")
+    return model_from_sections(meta, sections, path, threads, max_batch), meta

@@ -30,7 +30,7 @@ from cvae.checkpoint import (
 )
 from cvae.data import BatchStream, Dataset
 from cvae.errors import CvaeError
-from cvae.model import Arch, Model, arch_from_json, model_from_checkpoint
+from cvae.model import Arch, Model, arch_from_json, model_from_sections
 from cvae.schedule import schedule_from_json
 
 KIND = "cvae"
@@ -563,9 +563,11 @@ def load_resume_point(run_dir, threads):
         raise CvaeError(f"--resume {run_dir}: no checkpoint (*.cvae) in it to resume from")
     from cvae.checkpoint import load_checkpoint
 
-    meta, _, _ = load_checkpoint(path, expected_kind=KIND)
+    meta, sections, _ = load_checkpoint(path, expected_kind=KIND)
     plan = Plan.from_meta(meta, path)
-    model, _ = model_from_checkpoint(path, threads=threads, max_batch=plan.batch)
+    if not any(name.startswith("adam_") for name in sections):
+        raise CvaeError(f"{path} has no optimizer state, so the run cannot continue exactly")
+    model = model_from_sections(meta, sections, path, threads=threads, max_batch=plan.batch)
     if model.adam_t != plan.step:
         raise CvaeError(f"{path}: Adam's step count {model.adam_t} does not match the run's "
                         f"step {plan.step}")
@@ -573,7 +575,14 @@ def load_resume_point(run_dir, threads):
 
 
 def resume_trainer(run_dir, threads, data_dir, reporter=None, after_step=None, loaded=None):
+    from cvae.kernels import build_name
+
     model, plan, path = loaded or load_resume_point(run_dir, threads)
+    started_with = recorded_config(run_dir).get("kernels")
+    if started_with and started_with != build_name():
+        print(f"cvae: warning: {run_dir} was started with the {started_with} kernels and "
+              f"continues with {build_name()}: the result will not be bit-identical to an "
+              f"uninterrupted run (CVAE_KERNELS={started_with} would be)", file=sys.stderr)
     train_set, test_set = load_datasets(data_dir, plan.digits)
     data = data_description(train_set, test_set)
     if plan.data and plan.data != data:
@@ -581,22 +590,25 @@ def resume_trainer(run_dir, threads, data_dir, reporter=None, after_step=None, l
     return Trainer(run_dir, model, plan, train_set, test_set, reporter, after_step)
 
 
-def recorded_data_dir(run_dir):
-    """The data directory config.json says the run was started with, if it still exists."""
+def recorded_config(run_dir):
+    """The run's config.json as a dict ({} when missing or unreadable)."""
     try:
         with open(os.path.join(os.fspath(run_dir), CONFIG_NAME), encoding="utf-8") as f:
-            data_dir = json.load(f).get("data_dir")
-    except (OSError, ValueError, AttributeError):
-        return None
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def recorded_data_dir(run_dir):
+    """The data directory config.json says the run was started with, if it still exists."""
+    data_dir = recorded_config(run_dir).get("data_dir")
     return data_dir if isinstance(data_dir, str) and os.path.isdir(data_dir) else None
 
 
 def write_images(trainer):
-    """The run's reconstructions, digit sheet and interpolations, when cvae.sample has them."""
+    """The run's reconstructions, digit sheet and interpolations."""
     from cvae import sample
 
-    if hasattr(sample, "write_run_images"):
-        sample.write_run_images(trainer.model, trainer.test_set, trainer.run_dir,
-                                trainer.plan.seed, trainer.plan.digits)
-        return True
-    return False
+    sample.write_run_images(trainer.model, trainer.test_set, trainer.run_dir,
+                            trainer.plan.seed, trainer.plan.digits)

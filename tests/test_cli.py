@@ -179,8 +179,7 @@ def test_variant_digits_default_and_images_hook(capsys, tmp_path, data_dir, monk
 
     calls = []
     monkeypatch.setattr(sample, "write_run_images",
-                        lambda model, test, run_dir, seed, digits: calls.append((test, run_dir, seed, digits)),
-                        raising=False)
+                        lambda model, test, run_dir, seed, digits: calls.append((test, run_dir, seed, digits)))
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", "--variant", "mini", "--hidden", "32,16", "--latent", "4",
                            "--batch", "16", "--threads", "1", "--epochs", "1", "--seed", "5",
@@ -260,3 +259,16 @@ def test_subprocess_sigint_saves_and_resumes(tmp_path, data_dir):
     assert proc.returncode == 0, proc.stderr
     (line,) = proc.stdout.splitlines()
     assert json.loads(line)["epoch"] == meta["epoch"] + 1
+
+
+def test_resuming_on_another_kernel_build_warns(capsys, tmp_path, data_dir):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", *TINY_ARGS, "--epochs", "2", "--data", str(data_dir),
+                           "--out", str(run), "--json", "--stop-after-epochs", "1")
+    assert code == 0, err
+    config = json.loads((run / "config.json").read_text())
+    config["kernels"] = "some-other-build"
+    (run / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--json", "--no-images")
+    assert code == 0, err
+    assert "warning" in err and "some-other-build" in err and "bit-identical" in err
