@@ -79,6 +79,7 @@ def extensions():
             f"cvae._kernels_{isa}",
             [path],
             include_dirs=[os.path.join(HERE, "cvae")],
+            depends=[os.path.join("cvae", "cvae_simd.h")],  # Cython does not track the header
             extra_compile_args=COMMON_FLAGS + ISA_FLAGS[isa],
             extra_link_args=["-fopenmp"],
         )

@@ -139,6 +139,7 @@ def save_checkpoint(path, kind, meta, sections):
             writer.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)))
             writer.write(header_bytes)
             data_start = _align(writer.position)
+            writer.pad_to(data_start)  # the data area starts aligned even with no sections
             for entry, array in zip(header["sections"], arrays.values()):
                 writer.pad_to(data_start + entry["offset"])
                 _write_section(writer, array)

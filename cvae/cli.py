@@ -17,6 +17,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import cvae
 from cvae.errors import CvaeError
+from cvae.kernels import default_threads
 
 DEFAULT_VARIANT = "full"
 
@@ -87,13 +88,6 @@ def digits_type(text):
         return parse_digits(text)
     except CvaeError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def default_threads():
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------- architecture options
@@ -197,14 +191,12 @@ def _say(args):
 
 def ensure_data(args):
     """The data directory to train from; an empty cache is filled first (said in one line)."""
-    from cvae.data import locate_mnist_file
+    from cvae.data import has_mnist_files
     from cvae.fetch import fetch_mnist, resolve_data_dir
 
     data_dir, source = resolve_data_dir(args.data)
     if source == "cache":
-        missing = [1 for split in ("train", "test") for kind in ("images", "labels")
-                   if locate_mnist_file(data_dir, split, kind) is None]
-        if missing:
+        if not has_mnist_files(data_dir):
             stream = sys.stderr if (args.json or args.quiet) else sys.stdout
             print(f"cvae: MNIST is not in the cache {data_dir}: fetching it first", file=stream, flush=True)
             fetch_mnist(data_dir, log=_say(args))

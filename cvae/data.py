@@ -162,6 +162,13 @@ def locate_mnist_file(data_dir, split, kind):
     return None
 
 
+def has_mnist_files(data_dir, splits=("train", "test")):
+    """Whether data_dir holds the images and labels of every split (raw or .gz)."""
+    return os.path.isdir(data_dir) and all(
+        locate_mnist_file(data_dir, split, kind) is not None
+        for split in splits for kind in ("images", "labels"))
+
+
 def find_mnist_files(data_dir, split):
     """Return (images_path, labels_path) for split in data_dir, raw or gzipped."""
     data_dir = os.fspath(data_dir)

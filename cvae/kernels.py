@@ -64,3 +64,11 @@ def kernels():
 def build_name():
     kernels()
     return _loaded[1]
+
+
+def default_threads():
+    """The thread count when none is given: the CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -361,10 +361,9 @@ def _resolve_seed(seed):
 def _threads(args):
     threads = getattr(args, "threads", None)
     if threads is None:
-        try:
-            return len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            return os.cpu_count() or 1
+        from cvae.kernels import default_threads
+
+        return default_threads()
     return _positive(threads, "--threads")
 
 
@@ -376,15 +375,11 @@ def _open_model(path, args, batch=DEFAULT_BATCH):
 
 
 def _load_test(args, trained):
-    from cvae.data import Dataset
+    from cvae.data import Dataset, has_mnist_files
     from cvae.fetch import resolve_data_dir
 
-    from cvae.data import locate_mnist_file
-
     data_dir, source = resolve_data_dir(args.data)
-    if source == "cache" and any(locate_mnist_file(data_dir, "test", kind) is None
-                                 if os.path.isdir(data_dir) else True
-                                 for kind in ("images", "labels")):
+    if source == "cache" and not has_mnist_files(data_dir, splits=("test",)):
         raise CvaeError(f"MNIST test data is not in the cache {data_dir}: run 'cvae data fetch' "
                         f"first, or give --data DIR")
     dataset = Dataset.load(data_dir, "test")  # every row, so sources are test-file indices

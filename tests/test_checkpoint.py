@@ -291,3 +291,9 @@ def test_written_files_get_the_usual_permissions(tmp_path):
         assert (path.stat().st_mode & 0o777) == 0o644
     finally:
         os.umask(umask)
+
+
+def test_a_checkpoint_with_no_sections_reads_back(tmp_path):
+    save_checkpoint(tmp_path / "empty.cvae", "cvae", {"note": "no arrays"}, {})
+    meta, sections, _ = load_checkpoint(tmp_path / "empty.cvae")
+    assert meta == {"note": "no arrays"} and sections == {}
