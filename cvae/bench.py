@@ -13,7 +13,7 @@ from cvae.data import BatchStream, Dataset
 from cvae.errors import CvaeError
 from cvae.fetch import resolve_data_dir
 from cvae.kernels import build_name
-from cvae.model import VARIANTS, Arch, Model
+from cvae.model import ACTIVATIONS, VARIANTS, Arch, Model
 
 
 def parse_int_list(text, what):
@@ -121,7 +121,8 @@ def register(subparsers):
     p.add_argument("--warmup", type=int, default=30, help="untimed steps first (default: 30)")
     p.add_argument("--repeat", type=int, default=3,
                    help="interleaved repeats; the median is reported (default: 3)")
-    p.add_argument("--act", choices=("elu", "relu"), default="elu")
+    p.add_argument("--act", choices=ACTIVATIONS, default="elu",
+                   help="hidden activation (default: elu)")
     p.add_argument("--data", help="MNIST directory (default: $CVAE_DATA, else the cache)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=command)

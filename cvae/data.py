@@ -1,7 +1,7 @@
 """MNIST in IDX format: validated readers, the per-split dataset and the minibatch stream.
 
-Pixels stay uint8 from disk to the batch buffers; turning them into floats is the
-trainer's job, done into its own preallocated buffers.
+Pixels stay uint8 from disk to the batch buffers; the kernels turn them into floats
+(pixels_forward in _kernels.pyx), into the slab.
 """
 
 import gzip

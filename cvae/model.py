@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from cvae.checkpoint import load_checkpoint
+from cvae.data import NUM_DIGITS as N_CLASSES
+from cvae.data import PIXELS_PER_IMAGE as N_PIXELS
 from cvae.errors import CvaeError
 from cvae.kernels import kernels
 
-N_PIXELS = 784
-N_CLASSES = 10
 ALIGN = 16  # floats: 64 bytes
 
 VARIANTS = {

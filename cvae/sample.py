@@ -25,16 +25,14 @@ Conventions:
 import argparse
 import math
 import os
-import secrets
 import time
 
 import numpy as np
 
+from cvae.data import NUM_DIGITS as N_CLASSES
+from cvae.data import PIXELS_PER_IMAGE as N_PIXELS
 from cvae.errors import CvaeError
-from cvae.images import CELL, sidecar_path, to_uint8, write_sheet, write_sheets
-
-N_PIXELS = CELL * CELL
-N_CLASSES = 10
+from cvae.images import sidecar_path, to_uint8, write_sheet, write_sheets
 
 DEFAULT_N = 64            # reconstruct: test digits (each shown beside its reconstruction)
 RECON_PAIRS_PER_ROW = 8   # reconstruct: original|reconstruction pairs per row
@@ -351,8 +349,6 @@ def _positive(value, option):
 
 
 def _resolve_seed(seed):
-    if seed is None:
-        return secrets.randbelow(2 ** 32)
     if seed < 0:
         raise CvaeError(f"--seed must be a non-negative integer, got {seed}")
     return seed
