@@ -139,7 +139,7 @@ cdef void linear_backward_params(const Linear *L, const float *dYt, const float 
                                  int nthreads) noexcept nogil:
     """dW = dYt . X and db = sum over the batch of dYt.
 
-    A task is one block of MR whole rows of dW. With ``adam``, the block goes to per-thread
+    A task is one block of MR whole rows of dW and the same rows of db. With ``adam``, the block goes to per-thread
     scratch (it stays in cache) and Adam then streams over whole rows of W, m and v: per-tile
     updates touched 3 x MR short row pieces at once, which defeats the prefetcher. Without
     ``adam``, dW goes to gW (the path the gradient tests read).
@@ -162,17 +162,17 @@ cdef void linear_backward_params(const Linear *L, const float *dYt, const float 
             j0 = ct * NR
             nv = min(NV, (L.ld - j0) // VW)
             tile(mr, nv, batch, dYt + i0 * bp, bp, 1, Xb + j0, L.ld, C + j0, L.ld)
+        for i in range(i0, i0 + mr):
+            s = 0.0
+            for k in range(batch):
+                s = s + dYt[i * bp + k]
+            L.gb[i] = s
         if adam != NULL:
             for i in range(mr):
                 adam_row(L.W + (i0 + i) * L.ld, L.mW + (i0 + i) * L.ld, L.vW + (i0 + i) * L.ld,
                          C + i * L.ld, L.ld, adam.step_size, adam.inv_bc2_sqrt)
-    for i in prange(L.n_out, num_threads=nthreads, schedule='static'):
-        s = 0.0
-        for k in range(batch):
-            s = s + dYt[i * bp + k]
-        L.gb[i] = s
-    if adam != NULL:
-        adam_row(L.b, L.mb, L.vb, L.gb, L.n_out, adam.step_size, adam.inv_bc2_sqrt)
+            adam_row(L.b + i0, L.mb + i0, L.vb + i0, L.gb + i0, mr, adam.step_size,
+                     adam.inv_bc2_sqrt)
 
 
 cdef void linear_adam(const Linear *L, const Adam *adam, int nthreads) noexcept nogil:
