@@ -348,7 +348,7 @@ def _positive(value, option):
     return value
 
 
-def _resolve_seed(seed):
+def resolve_seed(seed):
     if seed < 0:
         raise CvaeError(f"--seed must be a non-negative integer, got {seed}")
     return seed
@@ -363,14 +363,14 @@ def _threads(args):
     return _positive(threads, "--threads")
 
 
-def _open_model(path, args, batch=DEFAULT_BATCH):
+def open_model(path, args, batch=DEFAULT_BATCH):
     from cvae.model import model_from_checkpoint
 
     model, meta = model_from_checkpoint(path, threads=_threads(args), max_batch=batch)
     return model, meta
 
 
-def _load_test(args, trained):
+def load_test(args, trained):
     from cvae.data import Dataset, has_mnist_files
     from cvae.fetch import resolve_data_dir
 
@@ -387,13 +387,13 @@ def _load_test(args, trained):
 
 def cmd_reconstruct(args):
     n = _positive(args.n, "--n")
-    seed = _resolve_seed(args.seed)
+    seed = resolve_seed(args.seed)
     _threads(args)
     path, run_dir = resolve_checkpoint(args.checkpoint)
     out = output_path(args.out, run_dir, "reconstruct.pgm")
-    model, meta = _open_model(path, args)
+    model, meta = open_model(path, args)
     digits = checkpoint_digits(meta, path)
-    dataset = _load_test(args, digits)
+    dataset = load_test(args, digits)
     paths, k = reconstruction_sheet(model, dataset, digits, out, n=n, seed=seed,
                                     extra={"checkpoint": os.path.abspath(path)})
     note = f" (only {k} test images of digits {_digits_text(digits)})" if k < n else ""
@@ -409,11 +409,11 @@ def cmd_generate(args):
     if args.cols is not None:
         _positive(args.cols, "--cols")
     max_rows = _positive(args.max_rows, "--max-rows")
-    seed = _resolve_seed(args.seed)
+    seed = resolve_seed(args.seed)
     _threads(args)
     path, run_dir = resolve_checkpoint(args.checkpoint)
     out = output_path(args.out, run_dir, "generate.pgm")
-    model, meta = _open_model(path, args)
+    model, meta = open_model(path, args)
     trained = checkpoint_digits(meta, path)
     digits = trained
     if args.digits is not None:
@@ -440,14 +440,14 @@ def cmd_interpolate(args):
     if steps < 2:
         raise CvaeError(f"--steps must be at least 2 (the two endpoints), got {steps}")
     pairs = _positive(args.pairs, "--pairs")
-    seed = _resolve_seed(args.seed)
+    seed = resolve_seed(args.seed)
     _threads(args)
     path, run_dir = resolve_checkpoint(args.checkpoint)
     out = output_path(args.out, run_dir, "interpolate.pgm")
     classes_out = classes_path_for(out)
-    model, meta = _open_model(path, args)
+    model, meta = open_model(path, args)
     digits = checkpoint_digits(meta, path)
-    dataset = _load_test(args, digits)
+    dataset = load_test(args, digits)
     paths = interpolation_sheets(model, dataset, digits, out, classes_out, steps=steps,
                                  pairs=pairs, seed=seed,
                                  extra={"checkpoint": os.path.abspath(path)})

@@ -18,8 +18,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 import cvae
 from cvae.atomic import write_text_atomic
 from cvae.checkpoint import (
@@ -30,18 +28,13 @@ from cvae.checkpoint import (
 )
 from cvae.data import BatchStream, Dataset
 from cvae.errors import CvaeError
+from cvae.evaluate import EVAL_STEP, test_elbo  # noqa: F401  (EVAL_STEP: the test set's noise key)
 from cvae.model import Arch, Model, arch_from_json, model_from_sections
 from cvae.schedule import schedule_from_json
 
 KIND = "cvae"
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
-#: Noise key of the test-set evaluation: (seed, EVAL_STEP, image index), a step far above any
-#: training step, so the test ELBO of a given model is deterministic, does not depend on the
-#: evaluation batch size and never reuses a training draw.
-EVAL_STEP = 2 ** 62
-
-EVAL_BATCH = 64
 
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -124,25 +117,6 @@ class Plan:
 
 def data_description(train_set, test_set):
     return {"name": "MNIST", "train_images": len(train_set), "test_images": len(test_set)}
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-def test_elbo(model, dataset, seed):
-    """(neg_elbo, rec, kl) in nats per image at β = 1, one eps draw per image keyed by
-    (seed, EVAL_STEP, image index)."""
-    images, labels = dataset.images, dataset.labels
-    n = len(labels)
-    size = min(EVAL_BATCH, model.max_batch)
-    rec_sum = kl_sum = 0.0
-    for start in range(0, n, size):
-        rec, kl = model.evaluate(images[start:start + size], labels[start:start + size],
-                                 seed, EVAL_STEP, first_index=start)
-        rec_sum += float(rec.sum(dtype=np.float64))
-        kl_sum += float(kl.sum(dtype=np.float64))
-    rec_mean, kl_mean = rec_sum / n, kl_sum / n
-    return rec_mean + kl_mean, rec_mean, kl_mean
 
 
 # ---------------------------------------------------------------- reporters

@@ -1,0 +1,355 @@
+"""`cvae eval`: the test-set quality figures of a checkpoint, each defined here and in the README.
+
+Over the test images of the checkpoint's trained digits (meta["digits"]), in the order of the
+test file:
+
+* neg_elbo (rec, kl): negative ELBO at β = 1 in nats per image, rec = BCE-with-logits summed
+  over the 784 continuous pixels (bytes/255), kl = the analytic KL(q(z|x, y) || N(0, I)), one
+  ε per image keyed by (seed, EVAL_STEP, image index): the trainer's per-epoch test figure.
+* iwae_nll (k): the importance-weighted bound (Burda et al. 2016) with k samples,
+  -mean_i log((1/k) Σ_j w_ij), log w_ij = -rec_ij - (log q(z_ij|x_i) - log p(z_ij)), sample j
+  of image i keyed by (seed, IWAE_STEP + j, image index). The log-sum-exp over j is streamed
+  (a running maximum and a scaled sum per image, float64), so any k needs memory for one
+  batch only.
+* ssim, ssim_per_digit: SSIM (Wang et al. 2004) of each reconstruction (decoder mean at
+  z = mu) against its original (bytes/255): 11×11 Gaussian window σ = 1.5, K1 = 0.01,
+  K2 = 0.03, data range 1, population (co)variances, averaged over the 18×18 valid window
+  positions of a 28×28 image; then the mean over all images, and over the images of each digit.
+
+Every loop here is per batch (or per importance sample of a batch), never per image.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from cvae.data import IMAGE_SIDE, NUM_DIGITS
+from cvae.errors import CvaeError
+
+#: Noise key of the test-set ELBO: (seed, EVAL_STEP, image index), a step far above any
+#: training step, so the test ELBO of a given model is deterministic, does not depend on the
+#: evaluation batch size and never reuses a training draw.
+EVAL_STEP = 2 ** 62
+#: Importance sample j of the IWAE bound uses step IWAE_STEP + j: below EVAL_STEP by far more
+#: than any k, above any training step.
+IWAE_STEP = 2 ** 61
+EVAL_BATCH = 64
+DEFAULT_K = 100
+EVAL_JSON = "eval.json"
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+# ---------------------------------------------------------------- ELBO
+
+
+def test_elbo(model, dataset, seed, advance=None):
+    """(neg_elbo, rec, kl) in nats per image at β = 1, one eps draw per image keyed by
+    (seed, EVAL_STEP, image index). advance(n) is called after each batch of n images."""
+    images, labels = dataset.images, dataset.labels
+    n = len(labels)
+    size = min(EVAL_BATCH, model.max_batch)
+    rec_sum = kl_sum = 0.0
+    for start in range(0, n, size):
+        rec, kl = model.evaluate(images[start:start + size], labels[start:start + size],
+                                 seed, EVAL_STEP, first_index=start)
+        rec_sum += float(rec.sum(dtype=np.float64))
+        kl_sum += float(kl.sum(dtype=np.float64))
+        if advance is not None:
+            advance(len(rec))
+    rec_mean, kl_mean = rec_sum / n, kl_sum / n
+    return rec_mean + kl_mean, rec_mean, kl_mean
+
+
+# ---------------------------------------------------------------- IWAE
+
+
+def log_weights(model, pixels, labels, seed, step, first_index=0):
+    """log w = log p(x|z) + log p(z) - log q(z|x) (float64, one per image) of one forward pass
+    with eps keyed by (seed, step, first_index + image)."""
+    rec, _ = model.evaluate(pixels, labels, seed, step, first_index=first_index)
+    acts = model.acts
+    mu = acts["mu"].astype(np.float64)
+    logvar = acts["logvar"].astype(np.float64)
+    z = acts["z"].astype(np.float64)
+    log_q = -0.5 * (_LOG_2PI + logvar + ((z - mu) / np.exp(0.5 * logvar)) ** 2).sum(axis=1)
+    log_p = -0.5 * (_LOG_2PI + z * z).sum(axis=1)
+    return -rec.astype(np.float64) - (log_q - log_p)
+
+
+class StreamingLogSumExp:
+    """log Σ_j exp(x_j) per row, fed one x_j (n,) at a time: a running maximum and the sum
+    scaled by exp(-maximum), in float64. Memory is O(n) whatever the number of terms."""
+
+    def __init__(self, n):
+        self.max = np.full(n, -np.inf)
+        self.sum = np.zeros(n)
+        self.count = 0
+
+    def add(self, x):
+        x = np.asarray(x, dtype=np.float64)
+        new = np.maximum(self.max, x)
+        shift = np.where(np.isneginf(new), 0.0, new)  # all terms -inf so far: keep the sum 0
+        self.sum = self.sum * np.exp(self.max - shift) + np.exp(x - shift)
+        self.max = new
+        self.count += 1
+
+    def result(self):
+        with np.errstate(divide="ignore"):
+            return self.max + np.log(self.sum)
+
+
+def iwae_log_likelihood(model, pixels, labels, seed, k, first_index=0, advance=None):
+    """Per-image IWAE estimate of log p(x|y) with k samples: LSE_j log w_j - log k (float64)."""
+    lse = StreamingLogSumExp(len(labels))
+    for j in range(k):
+        lse.add(log_weights(model, pixels, labels, seed, IWAE_STEP + j, first_index))
+        if advance is not None:
+            advance(len(labels))
+    return lse.result() - math.log(k)
+
+
+def iwae_nll(model, dataset, seed, k, advance=None):
+    """The IWAE negative log-likelihood bound in nats per image: -mean_i log p̂_k(x_i | y_i)."""
+    if k <= 0:
+        raise CvaeError(f"--k must be a positive integer, got {k}")
+    images, labels = dataset.images, dataset.labels
+    n = len(labels)
+    size = model.max_batch
+    total = 0.0
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        ll = iwae_log_likelihood(model, images[start:stop], labels[start:stop], seed, k,
+                                 first_index=start, advance=advance)
+        total += float(ll.sum())
+    return -total / n
+
+
+# ---------------------------------------------------------------- SSIM
+
+
+def gaussian_window(size=SSIM_WINDOW, sigma=SSIM_SIGMA):
+    """The normalised 1-D Gaussian taps (float64) of the separable SSIM window."""
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    w = np.exp(-0.5 * (x / sigma) ** 2)
+    return w / w.sum()
+
+
+def _valid_filter_matrix(side, taps):
+    """(side - len(taps) + 1, side) matrix G with G[i, i + t] = taps[t]: G @ X @ G.T is the
+    2-D separable filter of X at its valid positions."""
+    n_out = side - len(taps) + 1
+    g = np.zeros((n_out, side))
+    rows = np.arange(n_out)[:, None]
+    g[rows, rows + np.arange(len(taps))[None, :]] = taps
+    return g
+
+
+def ssim_map(a, b, data_range=1.0):
+    """SSIM at every valid window position, (n, 18, 18) float64, of images a and b ((n, 784) or
+    (n, 28, 28), values in [0, data_range]): Gaussian window 11×11 σ = 1.5, K1 = 0.01,
+    K2 = 0.03, population (co)variances. The separable filter is two matrix products."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
+    if a.shape != b.shape:
+        raise ValueError(f"image batches differ in shape: {a.shape} and {b.shape}")
+    g = _valid_filter_matrix(IMAGE_SIDE, gaussian_window())
+    # The five local moments of every image in one stack: (5, n, 28, 28) -> (5, n, 18, 18).
+    maps = np.stack([a, b, a * a, b * b, a * b])
+    mu_a, mu_b, e_aa, e_bb, e_ab = g @ maps @ g.T
+    var_a = e_aa - mu_a * mu_a
+    var_b = e_bb - mu_b * mu_b
+    cov = e_ab - mu_a * mu_b
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)
+         / ((mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2)))
+    return s
+
+
+def ssim(a, b, data_range=1.0):
+    """Per-image SSIM (float64 (n,)): ssim_map averaged over the valid window positions."""
+    return ssim_map(a, b, data_range).mean(axis=(1, 2))
+
+
+def reconstruction_ssim(model, dataset, advance=None):
+    """(per-image SSIM (n,), float64) of the reconstructions sigmoid(decoder(mu(x, y), y))
+    against the originals (bytes/255), in batches of the model's max_batch."""
+    images, labels = dataset.images, dataset.labels
+    n = len(labels)
+    out = np.empty(n)
+    size = model.max_batch
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        pixels, batch_labels = images[start:stop], labels[start:stop]
+        mu, _ = model.encode(pixels, batch_labels)
+        recon = model.decode(mu, batch_labels)
+        out[start:stop] = ssim(np.asarray(pixels, dtype=np.float64) / 255.0, recon)
+        if advance is not None:
+            advance(stop - start)
+    return out
+
+
+def per_digit_means(values, labels, digits):
+    """{digit: mean of values over the images of that digit} for each digit in digits."""
+    labels = np.asarray(labels, dtype=np.int64)
+    sums = np.bincount(labels, weights=values, minlength=NUM_DIGITS)
+    counts = np.bincount(labels, minlength=NUM_DIGITS)
+    return {int(d): float(sums[d] / counts[d]) for d in digits if counts[d] > 0}
+
+
+# ---------------------------------------------------------------- everything
+
+
+def evaluate_model(model, dataset, digits, seed, k, advance=None):
+    """The metrics dict (neg_elbo, rec, kl, iwae_nll, k, ssim, ssim_per_digit, n_images) of a
+    model over a dataset holding only the given digits."""
+    if k <= 0:
+        raise CvaeError(f"--k must be a positive integer, got {k}")
+    neg_elbo, rec, kl = test_elbo(model, dataset, seed, advance=advance)
+    per_image_ssim = reconstruction_ssim(model, dataset, advance=advance)
+    nll = iwae_nll(model, dataset, seed, k, advance=advance)
+    return {"neg_elbo": neg_elbo, "rec": rec, "kl": kl, "iwae_nll": nll, "k": k,
+            "ssim": float(per_image_ssim.mean()),
+            "ssim_per_digit": per_digit_means(per_image_ssim, dataset.labels, digits),
+            "n_images": len(dataset)}
+
+
+def restrict_to_digits(dataset, digits):
+    """The dataset's rows whose label is in digits, in file order (what Dataset.load(..., digits)
+    gives, so image indices, hence noise keys, match the trainer's test set)."""
+    from cvae.data import Dataset
+
+    keep = np.zeros(NUM_DIGITS, dtype=bool)
+    keep[list(digits)] = True
+    mask = keep[np.asarray(dataset.labels)]
+    if mask.all():
+        return dataset
+    rows = np.flatnonzero(mask)
+    return Dataset(np.take(dataset.images, rows, axis=0), np.take(dataset.labels, rows),
+                   dataset.name)
+
+
+def eval_json_path(checkpoint):
+    """eval.json beside the checkpoint; an error now if it cannot be written there."""
+    directory = os.path.dirname(os.path.abspath(checkpoint))
+    path = os.path.join(directory, EVAL_JSON)
+    if os.path.isdir(path):
+        raise CvaeError(f"cannot write {path}: it is a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CvaeError(f"cannot write {path}: directory {directory} is not writable")
+    return path
+
+
+def _progress_bar(total):
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=30),
+                        MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+                        refresh_per_second=4)
+    task = progress.add_task("evaluating (forward passes)", total=total)
+    return progress, lambda n: progress.update(task, advance=n)
+
+
+def cmd_eval(args):
+    from cvae.sample import checkpoint_digits, load_test, open_model, resolve_checkpoint, resolve_seed
+
+    k = args.k
+    if k is None or k <= 0:
+        raise CvaeError(f"--k must be a positive integer, got {k}")
+    seed = resolve_seed(args.seed)
+    path, _ = resolve_checkpoint(args.checkpoint)
+    out = eval_json_path(path)
+    model, meta = open_model(path, args)
+    digits = checkpoint_digits(meta, path)
+    dataset = restrict_to_digits(load_test(args, digits), digits)
+
+    start = time.perf_counter()
+    if args.json:
+        metrics = evaluate_model(model, dataset, digits, seed, k)
+    else:
+        progress, advance = _progress_bar(len(dataset) * (k + 2))
+        with progress:
+            metrics = evaluate_model(model, dataset, digits, seed, k, advance=advance)
+    seconds = time.perf_counter() - start
+
+    result = {**metrics, "seed": seed, "checkpoint": os.path.abspath(path),
+              "digits": list(digits), "seconds": seconds}
+    text = json.dumps(result)
+    try:
+        from cvae.atomic import write_text_atomic
+
+        write_text_atomic(out, json.dumps(result, indent=1) + "\n")
+    except OSError as e:
+        raise CvaeError(f"cannot write {out}: {e.strerror or e}") from None
+    if args.json:
+        print(text, flush=True)
+    else:
+        _print_table(result, out, model.threads)
+    return 0
+
+
+def _print_table(r, out, threads):
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    table = Table(title=f"{r['checkpoint']}: {r['n_images']:,} test images of digits "
+                        f"{','.join(map(str, r['digits']))}, seed {r['seed']}",
+                  title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("definition")
+    table.add_row("negative ELBO", f"[bold]{r['neg_elbo']:.2f}[/bold]",
+                  "nats/image at β = 1: rec + KL, one ε per image")
+    table.add_row("  rec", f"{r['rec']:.2f}", "BCE over 784 continuous pixels")
+    table.add_row("  KL", f"{r['kl']:.2f}", "analytic KL(q(z|x,y) || N(0, I))")
+    table.add_row(f"IWAE NLL (k = {r['k']})", f"[bold]{r['iwae_nll']:.2f}[/bold]",
+                  "nats/image, importance-weighted bound")
+    table.add_row("SSIM", f"[bold]{r['ssim']:.4f}[/bold]",
+                  "reconstructions at z = mu")
+    for d, v in r["ssim_per_digit"].items():
+        table.add_row(f"  SSIM digit {d}", f"{v:.4f}", "")
+    console.print(table)
+    console.print(f"{r['seconds']:.1f} s on {threads} threads -> {out}")
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="test-set negative ELBO, IWAE bound and SSIM per digit of a checkpoint",
+        description="Over the test images of the checkpoint's trained digits:\n"
+                    "  neg_elbo (rec, kl): nats/image at β = 1, BCE over continuous pixels + "
+                    "analytic KL, one ε per image;\n"
+                    "  iwae_nll: the importance-weighted bound with --k samples per image;\n"
+                    "  ssim, ssim_per_digit: SSIM of reconstructions (z = mu) against the "
+                    "originals,\n  Gaussian window 11×11 σ = 1.5, mean over valid windows, then "
+                    "over images (of each digit).\nThe results are also written to eval.json "
+                    "beside the checkpoint. See the README's 'Quality metrics'.")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a .cvae checkpoint, or a run directory (its last.cvae, else its latest "
+                        "epoch-NNNN.cvae)")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="MNIST directory with the test files (default: $CVAE_DATA, else the cache)")
+    p.add_argument("--k", type=int, default=DEFAULT_K, metavar="K",
+                   help=f"importance samples per image for the IWAE bound (default: {DEFAULT_K})")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="noise seed; the same seed gives the same figures (default: 0)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="OpenMP threads (default: the CPUs available to this process)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of the table (no progress bar)")
+    p.set_defaults(func=cmd_eval)

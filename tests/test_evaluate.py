@@ -1,0 +1,342 @@
+"""cvae eval: the negative ELBO, the IWAE bound and SSIM per digit (cvae/evaluate.py).
+
+Tiny models and tiny IDX files, so the module runs in seconds; real MNIST digits only where
+CVAE_DATA is set."""
+
+import json
+import math
+import os
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from cvae import cli
+from cvae import evaluate as E
+from cvae.checkpoint import save_checkpoint
+from cvae.data import Dataset
+from cvae.model import Arch, Model
+from idx_files import image_idx, label_idx
+
+REAL = os.environ.get("CVAE_DATA")
+
+
+# ---------------------------------------------------------------- synthetic digits
+
+
+def synthetic_digits(labels, rng, jitter=1.5):
+    """Digit-like uint8 images: per class a fixed polyline of 4 strokes (from a fixed seed),
+    its control points jittered per image, drawn as soft 1.5-pixel-wide lines."""
+    labels = np.asarray(labels, dtype=np.uint8)
+    templates = np.random.default_rng(1234).uniform(5, 23, size=(10, 5, 2))
+    points = templates[labels] + rng.normal(0, jitter, size=(len(labels), 5, 2))
+    a, b = points[:, :-1], points[:, 1:]                      # (n, 4, 2) stroke ends
+    yy, xx = np.mgrid[0:28, 0:28].astype(np.float64)
+    p = np.stack([yy, xx], axis=-1)[None, None]               # (1, 1, 28, 28, 2)
+    d = (b - a)[:, :, None, None, :]
+    t = np.clip(((p - a[:, :, None, None, :]) * d).sum(-1) / (d * d).sum(-1).clip(1e-9), 0, 1)
+    dist2 = ((a[:, :, None, None, :] + t[..., None] * d - p) ** 2).sum(-1)
+    ink = np.exp(-dist2 / (2 * 1.5 ** 2)).max(axis=1)         # (n, 28, 28)
+    return np.round(255 * ink.clip(0, 1)).astype(np.uint8).reshape(-1, 784), labels
+
+
+# ---------------------------------------------------------------- SSIM
+
+
+def skimage_ssim(a, b, full=False):
+    from skimage.metrics import structural_similarity
+
+    return structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
+                                 use_sample_covariance=False, data_range=1, full=full)
+
+
+def degraded(images, rng):
+    """Originals (bytes/255) and a blurred, shifted, noisy copy of them in [0, 1]."""
+    x = images.reshape(-1, 28, 28).astype(np.float64) / 255.0
+    y = 0.5 * x + 0.25 * np.roll(x, 1, axis=2) + 0.25 * np.roll(x, 1, axis=1)
+    y = (y + rng.normal(0, 0.05, size=y.shape)).clip(0, 1)
+    return x, y
+
+
+def check_against_skimage(images):
+    x, y = degraded(images, np.random.default_rng(3))
+    ours = E.ssim(x, y)
+    theirs = np.array([skimage_ssim(a, b) for a, b in zip(x, y)])
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    # skimage filters the whole image, then crops (win_size - 1) // 2 = 5 pixels per side
+    # before averaging: exactly our 18x18 valid window positions.
+    _, full_map = skimage_ssim(x[0], y[0], full=True)
+    ours_map = E.ssim_map(x[:1], y[:1])[0]
+    assert ours_map.shape == (18, 18)
+    np.testing.assert_allclose(ours_map, full_map[5:-5, 5:-5], atol=1e-10)
+    return ours
+
+
+def test_ssim_equals_scikit_image_on_synthetic_digits():
+    images, _ = synthetic_digits(np.arange(40) % 10, np.random.default_rng(0))
+    values = check_against_skimage(images)
+    assert 0.1 < values.mean() < 0.99
+    x = images.astype(np.float64) / 255
+    np.testing.assert_allclose(E.ssim(x, x), 1.0, atol=1e-12)
+
+
+@pytest.mark.skipif(not REAL, reason="CVAE_DATA not set (real MNIST)")
+def test_ssim_equals_scikit_image_on_real_digits():
+    test = Dataset.load(REAL, "test")
+    check_against_skimage(np.asarray(test.images[:100]))
+
+
+def test_gaussian_window_is_scipys():
+    from scipy.ndimage import gaussian_filter1d
+
+    impulse = np.zeros(31)
+    impulse[15] = 1.0
+    taps = gaussian_filter1d(impulse, 1.5, truncate=3.5)[10:21]  # skimage's window
+    np.testing.assert_allclose(E.gaussian_window(), taps, atol=1e-15)
+
+
+def test_per_digit_means():
+    values = np.array([1.0, 2.0, 3.0, 5.0])
+    assert E.per_digit_means(values, [0, 3, 0, 3], (0, 3)) == {0: 2.0, 3: 3.5}
+
+
+# ---------------------------------------------------------------- a briefly trained model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model trained 400 steps (real MNIST when CVAE_DATA is set) and 256 test digits."""
+    rng = np.random.default_rng(0)
+    if REAL:
+        train = Dataset.load(REAL, "train")
+        train_x, train_y = np.asarray(train.images[:20000]), np.asarray(train.labels[:20000])
+        test = Dataset.load(REAL, "test")
+        test_set = Dataset(np.ascontiguousarray(test.images[:256]),
+                           np.ascontiguousarray(test.labels[:256]), "real")
+    else:
+        train_x, train_y = synthetic_digits(rng.integers(0, 10, 4000), rng)
+        test_set = Dataset(*synthetic_digits(np.arange(256) % 10, rng), name="synthetic")
+    model = Model(Arch(h1=64, h2=32, latent=8), max_batch=64, threads=1)
+    model.init_params(0)
+    for step in range(400):
+        rows = rng.integers(0, len(train_y), 64)
+        model.train_step(np.ascontiguousarray(train_x[rows]), np.ascontiguousarray(train_y[rows]),
+                         lr=2e-3, beta=1.0, seed=1, step=step)
+    return model, test_set
+
+
+def test_k1_log_weights_average_to_the_elbo(trained):
+    model, data = trained
+    x, y = data.images, data.labels
+    rec, kl = (v.astype(np.float64) for v in model.evaluate(x[:64], y[:64], 0, E.EVAL_STEP))
+    # Same noise key as the ELBO: the reconstruction term is the same number; the sampled
+    # log q - log p has the analytic KL as its mean.
+    lw = E.log_weights(model, x[:64], y[:64], 0, E.EVAL_STEP)
+    sampled_kl = -lw - rec
+    diff = sampled_kl - kl
+    assert abs(diff.mean()) < 4 * diff.std() / math.sqrt(len(diff)) + 1e-3
+    # Over the whole set with the IWAE's own keys: the k = 1 bound is the ELBO, up to noise.
+    neg_elbo, _, _ = E.test_elbo(model, data, 0)
+    per_image = []
+    for start in range(0, len(y), 64):
+        per_image.append(-E.log_weights(model, x[start:start + 64], y[start:start + 64], 0,
+                                        E.IWAE_STEP, first_index=start))
+    per_image = np.concatenate(per_image)
+    assert E.iwae_nll(model, data, 0, 1) == pytest.approx(per_image.mean(), abs=1e-9)
+    noise = per_image.std() / math.sqrt(len(per_image))
+    assert abs(per_image.mean() - neg_elbo) < 4 * noise + 0.05
+
+
+def test_iwae_64_is_not_above_the_elbo(trained):
+    model, data = trained
+    neg_elbo, rec, kl = E.test_elbo(model, data, 0)
+    nll1 = E.iwae_nll(model, data, 0, 1)
+    nll64 = E.iwae_nll(model, data, 0, 64)
+    print(f"\ntiny model: -ELBO {neg_elbo:.2f} (rec {rec:.2f}, KL {kl:.2f}), "
+          f"IWAE k=1 {nll1:.2f}, k=64 {nll64:.2f}")
+    assert nll64 <= neg_elbo + 0.1
+    assert nll64 < nll1
+    assert kl > 0.5  # the model uses its latent code, so the bound has room to tighten
+
+
+def test_streaming_lse_equals_direct_lse(trained):
+    model, data = trained
+    x, y = data.images[:20], data.labels[:20]
+    k = 7
+    weights = np.stack([E.log_weights(model, x, y, 5, E.IWAE_STEP + j, first_index=0)
+                        for j in range(k)])                               # (k, n), all at once
+    top = weights.max(axis=0)
+    direct = top + np.log(np.exp(weights - top).sum(axis=0)) - math.log(k)
+    streamed = E.iwae_log_likelihood(model, x, y, 5, k)
+    np.testing.assert_allclose(streamed, direct, rtol=0, atol=1e-9)
+
+
+def test_streaming_lse_is_stable_at_extremes():
+    terms = [[1000.0, -1000.0, -np.inf], [-1000.0, -1000.0, -np.inf], [3.0, -np.inf, -np.inf]]
+    lse = E.StreamingLogSumExp(3)
+    for term in terms:  # one term for each of the 3 rows at a time
+        lse.add(term)
+    out = lse.result()
+    assert out[0] == pytest.approx(1000.0)
+    assert out[1] == pytest.approx(-1000.0 + math.log(2))
+    assert out[2] == -np.inf
+    assert lse.count == 3
+
+
+def test_results_are_deterministic_for_a_seed_and_independent_of_the_batch(trained):
+    model, data = trained
+    first = E.evaluate_model(model, data, tuple(range(10)), seed=3, k=4)
+    assert E.evaluate_model(model, data, tuple(range(10)), seed=3, k=4) == first
+    other = E.evaluate_model(model, data, tuple(range(10)), seed=4, k=4)
+    assert other["iwae_nll"] != first["iwae_nll"] and other["neg_elbo"] != first["neg_elbo"]
+    assert other["ssim"] == first["ssim"]  # z = mu: no noise
+    # Noise is keyed by image index, so a model with another batch size agrees.
+    small = Model(model.arch, max_batch=16, threads=2)
+    small.group_block("param")[...] = model.group_block("param")
+    again = E.evaluate_model(small, data, tuple(range(10)), seed=3, k=4)
+    for key in ("neg_elbo", "rec", "kl", "iwae_nll", "ssim"):
+        assert again[key] == pytest.approx(first[key], rel=1e-5)
+
+
+def test_k_5000_on_a_tiny_batch_in_bounded_memory(trained):
+    model, data = trained
+    x, y = data.images[:3], data.labels[:3]
+    tracemalloc.start()
+    try:
+        ll = E.iwae_log_likelihood(model, x, y, 0, 5000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.isfinite(ll).all()
+    assert peak < 200_000  # bytes: nothing grows with k
+    assert (ll >= E.iwae_log_likelihood(model, x, y, 0, 10) - 1.0).all()
+
+
+def test_k_must_be_positive(trained):
+    model, data = trained
+    with pytest.raises(E.CvaeError, match="--k"):
+        E.iwae_nll(model, data, 0, 0)
+
+
+# ---------------------------------------------------------------- the command
+
+TRAINED_DIGITS = [0, 1, 2]
+N_TEST = 30  # labels i % 10: digits 3-9 are in the file but not trained
+
+
+@pytest.fixture
+def world(tmp_path):
+    model = Model(Arch(h1=32, h2=16, latent=8), max_batch=64, threads=1)
+    model.init_params(0)
+    run = tmp_path / "run"
+    run.mkdir()
+    meta = {"arch": model.arch.to_json(), "digits": TRAINED_DIGITS, "adam_t": 0}
+    save_checkpoint(run / "last.cvae", "cvae", meta, model.state_sections())
+    data = tmp_path / "data"
+    data.mkdir()
+    images, labels = synthetic_digits(np.arange(N_TEST) % 10, np.random.default_rng(2))
+    (data / "t10k-images-idx3-ubyte").write_bytes(image_idx(images))
+    (data / "t10k-labels-idx1-ubyte").write_bytes(label_idx(labels))
+    return {"run": run, "ckpt": run / "last.cvae", "data": data, "model": model,
+            "images": images, "labels": labels}
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+KEYS = {"neg_elbo", "rec", "kl", "iwae_nll", "k", "ssim", "ssim_per_digit", "seed",
+        "checkpoint", "n_images", "seconds"}
+
+
+def test_eval_json_prints_one_object_and_writes_eval_json(world, capsys):
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", world["run"], "--data", world["data"],
+                             "--k", 5, "--seed", 2, "--threads", 1, "--json")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert KEYS <= set(result)
+    assert result["k"] == 5 and result["seed"] == 2
+    assert result["n_images"] == 9  # digits 0, 1, 2 of 30 images labelled i % 10
+    assert set(result["ssim_per_digit"]) == {"0", "1", "2"}
+    assert result["checkpoint"] == os.path.abspath(world["ckpt"])
+    written = json.loads((world["run"] / "eval.json").read_text())
+    assert written == result
+    # The same figures as the library on the trained digits' rows, in file order.
+    rows = np.flatnonzero(np.isin(world["labels"], TRAINED_DIGITS))
+    data = Dataset(world["images"][rows], world["labels"][rows])
+    expected = E.evaluate_model(world["model"], data, tuple(TRAINED_DIGITS), seed=2, k=5)
+    for key in ("neg_elbo", "rec", "kl", "iwae_nll", "ssim"):
+        assert result[key] == pytest.approx(expected[key], rel=1e-6)
+    assert not [f for f in os.listdir(world["run"]) if f.endswith(".tmp")]
+
+
+def test_eval_table(world, capsys):
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", world["ckpt"], "--data", world["data"],
+                             "--k", 3, "--threads", 1)
+    assert code == 0, err
+    assert "negative ELBO" in out and "IWAE NLL (k = 3)" in out and "SSIM digit 2" in out
+    assert (world["run"] / "eval.json").exists()
+
+
+def one_line_error(capsys, *argv, fragment):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("cvae: error:")
+    assert fragment in err
+    return err
+
+
+@pytest.mark.parametrize("k", [0, -3])
+def test_k_not_positive_is_one_line_exit_2(world, capsys, k):
+    one_line_error(capsys, "eval", "--checkpoint", world["run"], "--data", world["data"],
+                   "--k", k, fragment="--k must be a positive integer")
+    assert not (world["run"] / "eval.json").exists()
+
+
+def test_missing_and_damaged_checkpoints(world, capsys, tmp_path):
+    one_line_error(capsys, "eval", "--checkpoint", tmp_path / "nope.cvae", "--data", world["data"],
+                   fragment="does not exist")
+    damaged = world["run"] / "damaged.cvae"
+    blob = bytearray(world["ckpt"].read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(blob))
+    one_line_error(capsys, "eval", "--checkpoint", damaged, "--data", world["data"],
+                   fragment=str(damaged))
+    truncated = world["run"] / "short.cvae"
+    truncated.write_bytes(world["ckpt"].read_bytes()[:100])
+    one_line_error(capsys, "eval", "--checkpoint", truncated, "--data", world["data"],
+                   fragment=str(truncated))
+    assert not (world["run"] / "eval.json").exists()
+
+
+def test_data_without_the_checkpoints_digits(world, capsys, tmp_path):
+    data = tmp_path / "other"
+    data.mkdir()
+    images, labels = synthetic_digits(np.array([0, 1, 0, 1]), np.random.default_rng(0))
+    (data / "t10k-images-idx3-ubyte").write_bytes(image_idx(images))
+    (data / "t10k-labels-idx1-ubyte").write_bytes(label_idx(labels))
+    one_line_error(capsys, "eval", "--checkpoint", world["run"], "--data", data,
+                   fragment="no images of digit 2")
+    assert not (world["run"] / "eval.json").exists()
+
+
+def test_unwritable_eval_json_location(world, capsys):
+    (world["run"] / "eval.json").mkdir()
+    one_line_error(capsys, "eval", "--checkpoint", world["run"], "--data", world["data"],
+                   "--k", 2, fragment="eval.json")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_read_only_run_directory(world, capsys):
+    os.chmod(world["run"], 0o555)
+    try:
+        one_line_error(capsys, "eval", "--checkpoint", world["run"], "--data", world["data"],
+                       "--k", 2, fragment="not writable")
+    finally:
+        os.chmod(world["run"], 0o755)
+    assert not (world["run"] / "eval.json").exists()
