@@ -9,21 +9,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as R  # noqa: E402
+from test_gradients import TINY, make_model  # noqa: E402
 
 from cvae.model import Arch, Model  # noqa: E402  (not importable = failure, never a skip)
 
-TINY = dict(h1=24, h2=16, latent=8)
 SEED = 4321
-
-
-def make_model(arch, max_batch, threads=1, seed=0):
-    model = Model(arch, max_batch=max_batch, threads=threads)
-    model.init_params(seed=seed)
-    rng = np.random.default_rng(seed + 100)
-    for k, v in model.params.items():
-        if k.endswith(".b"):
-            v[...] = rng.normal(0, 0.1, v.shape)
-    return model
 
 
 def copy64(d):
