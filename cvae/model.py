@@ -154,33 +154,28 @@ class Model:
         full = self.slab[off:off + pad(rows) * bp].reshape(pad(rows), bp)
         return full[:rows][row_slice, :b].T
 
+    def _named_views(self, prefix):
+        z = self.arch.latent
+        r = _activation_rows(self.arch)
+        view = self._feature_major
+        return {"enc1": view(f"{prefix}.enc1", r["enc1"]),
+                "enc2": view(f"{prefix}.enc2", r["enc2"]),
+                "mu": view(f"{prefix}.enc3", r["enc3"], slice(0, z)),
+                "logvar": view(f"{prefix}.enc3", r["enc3"], slice(z, 2 * z)),
+                "z": view(f"{prefix}.dec_in", r["dec_in"], slice(0, z)),
+                "dec1": view(f"{prefix}.dec1", r["dec1"]),
+                "dec2": view(f"{prefix}.dec2", r["dec2"]),
+                "logits": view(f"{prefix}.dec3", r["dec3"])}
+
     @property
     def acts(self):
         """Last forward's activations as (batch, features) views (post-activation)."""
-        z = self.arch.latent
-        r = _activation_rows(self.arch)
-        return {"enc1": self._feature_major("act.enc1", r["enc1"]),
-                "enc2": self._feature_major("act.enc2", r["enc2"]),
-                "mu": self._feature_major("act.enc3", r["enc3"], slice(0, z)),
-                "logvar": self._feature_major("act.enc3", r["enc3"], slice(z, 2 * z)),
-                "z": self._feature_major("act.dec_in", r["dec_in"], slice(0, z)),
-                "dec1": self._feature_major("act.dec1", r["dec1"]),
-                "dec2": self._feature_major("act.dec2", r["dec2"]),
-                "logits": self._feature_major("act.dec3", r["dec3"])}
+        return self._named_views("act")
 
     @property
     def act_grads(self):
         """Gradients of the batch-mean loss w.r.t. pre-activations, mu, logvar, z and logits."""
-        z = self.arch.latent
-        r = _activation_rows(self.arch)
-        return {"enc1": self._feature_major("actgrad.enc1", r["enc1"]),
-                "enc2": self._feature_major("actgrad.enc2", r["enc2"]),
-                "mu": self._feature_major("actgrad.enc3", r["enc3"], slice(0, z)),
-                "logvar": self._feature_major("actgrad.enc3", r["enc3"], slice(z, 2 * z)),
-                "z": self._feature_major("actgrad.dec_in", r["dec_in"], slice(0, z)),
-                "dec1": self._feature_major("actgrad.dec1", r["dec1"]),
-                "dec2": self._feature_major("actgrad.dec2", r["dec2"]),
-                "logits": self._feature_major("actgrad.dec3", r["dec3"])}
+        return self._named_views("actgrad")
 
     # ---- parameters
     def init_params(self, seed):

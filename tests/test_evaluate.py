@@ -13,10 +13,9 @@ import pytest
 
 from cvae import cli
 from cvae import evaluate as E
-from cvae.checkpoint import save_checkpoint
 from cvae.data import Dataset
 from cvae.model import Arch, Model
-from idx_files import image_idx, label_idx
+from idx_files import checkpoint_world, image_idx, label_idx
 
 REAL = os.environ.get("CVAE_DATA")
 
@@ -228,17 +227,8 @@ N_TEST = 30  # labels i % 10: digits 3-9 are in the file but not trained
 def world(tmp_path):
     model = Model(Arch(h1=32, h2=16, latent=8), max_batch=64, threads=1)
     model.init_params(0)
-    run = tmp_path / "run"
-    run.mkdir()
-    meta = {"arch": model.arch.to_json(), "digits": TRAINED_DIGITS, "adam_t": 0}
-    save_checkpoint(run / "last.cvae", "cvae", meta, model.state_sections())
-    data = tmp_path / "data"
-    data.mkdir()
     images, labels = synthetic_digits(np.arange(N_TEST) % 10, np.random.default_rng(2))
-    (data / "t10k-images-idx3-ubyte").write_bytes(image_idx(images))
-    (data / "t10k-labels-idx1-ubyte").write_bytes(label_idx(labels))
-    return {"run": run, "ckpt": run / "last.cvae", "data": data, "model": model,
-            "images": images, "labels": labels}
+    return checkpoint_world(tmp_path, model, TRAINED_DIGITS, images, labels)
 
 
 def run_cli(capsys, *argv):

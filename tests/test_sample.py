@@ -15,7 +15,7 @@ from cvae.data import Dataset
 from cvae.errors import CvaeError
 from cvae.images import read_pgm, to_uint8
 from cvae.model import Arch, Model, model_from_checkpoint
-from idx_files import image_idx, label_idx
+from idx_files import checkpoint_world
 
 TRAINED = [0, 1, 2, 3]
 N_TEST = 40  # labels i % 10: digits 4-9 are in the test file but not trained
@@ -26,22 +26,12 @@ PITCH = 30   # 28-pixel cells and a 2-pixel gutter
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample")
     model = Model(Arch(h1=32, h2=16, latent=8), max_batch=64, threads=1)
     model.init_params(0)
-    run = root / "run"
-    run.mkdir()
-    meta = {"arch": model.arch.to_json(), "digits": TRAINED, "adam_t": 0}
-    save_checkpoint(run / "last.cvae", "cvae", meta, model.state_sections())
-    data = root / "data"
-    data.mkdir()
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(N_TEST, 784), dtype=np.uint8)
     labels = (np.arange(N_TEST) % 10).astype(np.uint8)
-    (data / "t10k-images-idx3-ubyte").write_bytes(image_idx(images))
-    (data / "t10k-labels-idx1-ubyte").write_bytes(label_idx(labels))
-    return {"root": root, "run": run, "ckpt": run / "last.cvae", "data": data, "meta": meta,
-            "images": images, "labels": labels}
+    return checkpoint_world(tmp_path_factory.mktemp("sample"), model, TRAINED, images, labels)
 
 
 @pytest.fixture
