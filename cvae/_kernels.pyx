@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # cython: initializedcheck=False, nonecheck=False
-"""Every forward and backward step of the MLP CVAE, over pointers into one slab.
+"""Every forward and backward step of the MLP CVAE, and of the project's digit classifier,
+over pointers into one slab.
 
 Activations and their gradients are feature-major, ``[features][bp]`` with ``bp`` the batch
 rounded up to 16, so the batch is the contiguous (vector) direction of every GEMM and every
@@ -14,7 +15,7 @@ The module is compiled once per ISA level (see setup.py); ``cvae.kernels`` picks
 """
 
 from cython.parallel cimport prange, threadid
-from libc.math cimport expf, fabsf
+from libc.math cimport expf, fabsf, logf
 from libc.stdint cimport uint8_t, uint64_t
 
 cdef extern from "cvae_simd.h" nogil:
@@ -194,9 +195,9 @@ cdef void onehot_rows(float *Rt, const uint8_t *labels, int batch, int bp) noexc
             Rt[c * bp + k] = 1.0 if (k < batch and labels[k] == c) else 0.0
 
 
-cdef void pixels_forward(const uint8_t *pixels, const uint8_t *labels, float *Xt, int n_pix,
-                         int batch, int bp, int nthreads) noexcept nogil:
-    """Xt = [pixels / 255 ; onehot(labels)], transposed to feature-major as it converts."""
+cdef void pixel_rows(const uint8_t *pixels, float *Xt, int n_pix, int batch, int bp,
+                     int nthreads) noexcept nogil:
+    """Xt = pixels / 255, transposed to feature-major as it converts."""
     cdef int p, k
     cdef float inv255 = 1.0 / 255.0
     for p in prange(n_pix, num_threads=nthreads, schedule='static'):
@@ -204,6 +205,12 @@ cdef void pixels_forward(const uint8_t *pixels, const uint8_t *labels, float *Xt
             Xt[p * bp + k] = pixels[k * n_pix + p] * inv255
         for k in range(batch, bp):
             Xt[p * bp + k] = 0.0
+
+
+cdef void pixels_forward(const uint8_t *pixels, const uint8_t *labels, float *Xt, int n_pix,
+                         int batch, int bp, int nthreads) noexcept nogil:
+    """Xt = [pixels / 255 ; onehot(labels)]: the CVAE encoder's input."""
+    pixel_rows(pixels, Xt, n_pix, batch, bp, nthreads)
     onehot_rows(Xt + n_pix * bp, labels, batch, bp)
 
 
@@ -278,6 +285,69 @@ cdef void bce_forward_backward(const float *logits_t, const float *Xt, float *dl
                     dlogits_t[p * bp + k] = 0.0
 
 
+# ---------------------------------------------------------------- classification loss
+
+cdef void softmax_xent_forward_backward(const float *logits_t, const uint8_t *labels,
+                                        float *dlogits_t, float *loss, int n_cls, int batch,
+                                        int bp, float scale) noexcept nogil:
+    """loss[b] = logsumexp(logits[:, b]) - logits[label_b, b]; dlogits = (softmax - onehot)
+    * scale. Ten rows by one batch: too little work to be worth a parallel region."""
+    cdef int k, c
+    cdef float m, s, e
+    for k in range(bp):
+        if k >= batch:
+            loss[k] = 0.0
+            for c in range(n_cls):
+                dlogits_t[c * bp + k] = 0.0
+            continue
+        m = logits_t[k]
+        for c in range(1, n_cls):
+            m = max(m, logits_t[c * bp + k])
+        s = 0.0
+        for c in range(n_cls):
+            e = expf(logits_t[c * bp + k] - m)
+            dlogits_t[c * bp + k] = e
+            s = s + e
+        loss[k] = m + logf(s) - logits_t[labels[k] * bp + k]
+        for c in range(n_cls):
+            dlogits_t[c * bp + k] = (dlogits_t[c * bp + k] / s
+                                     - (1.0 if c == labels[k] else 0.0)) * scale
+
+
+# ---------------------------------------------------------------- slab plumbing
+
+cdef Linear linear_in_slab(float *base, dict layout, dict dims, str name) except *:
+    """Layer ``name`` (dims[name] = (n_in, n_out)): W and b, their gradients and Adam moments,
+    at layout's offsets."""
+    cdef Linear L
+    L.n_in, L.n_out = dims[name]
+    L.ld = ceil_div(L.n_in, 16) * 16
+    L.W = at(base, layout, "param." + name + ".W")
+    L.b = at(base, layout, "param." + name + ".b")
+    L.gW = at(base, layout, "grad." + name + ".W")
+    L.gb = at(base, layout, "grad." + name + ".b")
+    L.mW = at(base, layout, "adam_m." + name + ".W")
+    L.mb = at(base, layout, "adam_m." + name + ".b")
+    L.vW = at(base, layout, "adam_v." + name + ".W")
+    L.vb = at(base, layout, "adam_v." + name + ".b")
+    return L
+
+
+cdef int check_pixels(Py_ssize_t batch, Py_ssize_t n_cols, int n_pix, int max_bp) except -1:
+    if batch < 1 or ceil_div(batch, 16) * 16 > max_bp:
+        raise ValueError(f"batch of {batch} does not fit this model's slab")
+    if n_cols != n_pix:
+        raise ValueError("pixels must be (batch, %d)" % n_pix)
+    return 0
+
+
+cdef int check_out(str name, Py_ssize_t rows, Py_ssize_t cols, int batch, int width) except -1:
+    """Every output array must hold the whole answer: bounds checks are off in here."""
+    if rows < batch or cols != width:
+        raise ValueError(f"{name} must be at least ({batch}, {width}), got ({rows}, {cols})")
+    return 0
+
+
 # ---------------------------------------------------------------- the network
 
 cdef class Net:
@@ -318,8 +388,13 @@ cdef class Net:
         self.max_bp = max_bp
         self.act = ACTIVATIONS[act]
         self.nthreads = nthreads
-        for name, n_in, n_out in layers:
-            self._set_layer(name, base, layout, n_in, n_out)
+        dims = {name: (n_in, n_out) for name, n_in, n_out in layers}
+        self.enc1 = linear_in_slab(base, layout, dims, "enc1")
+        self.enc2 = linear_in_slab(base, layout, dims, "enc2")
+        self.enc3 = linear_in_slab(base, layout, dims, "enc3")
+        self.dec1 = linear_in_slab(base, layout, dims, "dec1")
+        self.dec2 = linear_in_slab(base, layout, dims, "dec2")
+        self.dec3 = linear_in_slab(base, layout, dims, "dec3")
         self.n_pix = self.dec3.n_out
         if (self.enc1.n_in != self.n_pix + 10 or self.enc3.n_out != 2 * latent
                 or self.dec1.n_in != latent + 10):
@@ -345,40 +420,11 @@ cdef class Net:
         self.xb = at(base, layout, "scratch.batch_major")
         self.scratch = at(base, layout, "scratch.tiles")
 
-    cdef _set_layer(self, str name, float *base, dict layout, int n_in, int n_out):
-        cdef Linear L
-        L.n_in = n_in
-        L.n_out = n_out
-        L.ld = ceil_div(n_in, 16) * 16
-        L.W = at(base, layout, "param." + name + ".W")
-        L.b = at(base, layout, "param." + name + ".b")
-        L.gW = at(base, layout, "grad." + name + ".W")
-        L.gb = at(base, layout, "grad." + name + ".b")
-        L.mW = at(base, layout, "adam_m." + name + ".W")
-        L.mb = at(base, layout, "adam_m." + name + ".b")
-        L.vW = at(base, layout, "adam_v." + name + ".W")
-        L.vb = at(base, layout, "adam_v." + name + ".b")
-        if name == "enc1": self.enc1 = L
-        elif name == "enc2": self.enc2 = L
-        elif name == "enc3": self.enc3 = L
-        elif name == "dec1": self.dec1 = L
-        elif name == "dec2": self.dec2 = L
-        else: self.dec3 = L
-
     cdef int _check_batch(self, const uint8_t[:, ::1] pixels, const uint8_t[::1] labels) except -1:
-        cdef int batch = pixels.shape[0]
-        if batch < 1 or ceil_div(batch, 16) * 16 > self.max_bp:
-            raise ValueError(f"batch of {batch} does not fit this model's slab")
-        if pixels.shape[1] != self.n_pix or labels.shape[0] != batch:
-            raise ValueError("pixels must be (batch, %d) and labels (batch,)" % self.n_pix)
-        return batch
-
-    cdef int _check_out(self, str name, Py_ssize_t rows, Py_ssize_t cols, int batch,
-                        int width) except -1:
-        """Every output array must hold the whole answer: bounds checks are off in here."""
-        if rows < batch or cols != width:
-            raise ValueError(f"{name} must be at least ({batch}, {width}), got ({rows}, {cols})")
-        return 0
+        check_pixels(pixels.shape[0], pixels.shape[1], self.n_pix, self.max_bp)
+        if labels.shape[0] != pixels.shape[0]:
+            raise ValueError("labels must be (batch,)")
+        return pixels.shape[0]
 
     cdef void _encode(self, const uint8_t *pixels, const uint8_t *labels, int batch,
                       int bp) noexcept nogil:
@@ -469,8 +515,8 @@ cdef class Net:
         cdef int batch = self._check_batch(pixels, labels)
         cdef int bp = ceil_div(batch, 16) * 16
         cdef int k
-        self._check_out("rec_out", rec_out.shape[0], 1, batch, 1)
-        self._check_out("kl_out", kl_out.shape[0], 1, batch, 1)
+        check_out("rec_out", rec_out.shape[0], 1, batch, 1)
+        check_out("kl_out", kl_out.shape[0], 1, batch, 1)
         with nogil:
             self._forward(&pixels[0, 0], &labels[0], batch, bp, seed, step, first_sample)
             bce_forward_backward(self.logits_t, self.x_t, self.dlogits_t, self.rec, self.n_pix,
@@ -493,7 +539,7 @@ cdef class Net:
     def noise(self, uint64_t seed, uint64_t step, float[:, ::1] out not None):
         """The eps of (seed, step) for the first out.shape[0] samples, as (batch, latent)."""
         cdef int k, l
-        self._check_out("out", out.shape[0], out.shape[1], out.shape[0], self.latent)
+        check_out("out", out.shape[0], out.shape[1], out.shape[0], self.latent)
         for k in range(out.shape[0]):
             for l in range(self.latent):
                 out[k, l] = normal(seed, step, k, l)
@@ -504,8 +550,8 @@ cdef class Net:
         cdef int batch = self._check_batch(pixels, labels)
         cdef int bp = ceil_div(batch, 16) * 16
         cdef int k, l
-        self._check_out("mu_out", mu_out.shape[0], mu_out.shape[1], batch, self.latent)
-        self._check_out("logvar_out", logvar_out.shape[0], logvar_out.shape[1], batch,
+        check_out("mu_out", mu_out.shape[0], mu_out.shape[1], batch, self.latent)
+        check_out("logvar_out", logvar_out.shape[0], logvar_out.shape[1], batch,
                         self.latent)
         with nogil:
             self._encode(&pixels[0, 0], &labels[0], batch, bp)
@@ -522,8 +568,8 @@ cdef class Net:
         cdef int k, l, p
         if batch < 1 or bp > self.max_bp or labels.shape[0] != batch:
             raise ValueError(f"batch of {batch} does not fit this model's slab")
-        self._check_out("z", z.shape[0], z.shape[1], batch, self.latent)
-        self._check_out("probs_out", probs_out.shape[0], probs_out.shape[1], batch, self.n_pix)
+        check_out("z", z.shape[0], z.shape[1], batch, self.latent)
+        check_out("probs_out", probs_out.shape[0], probs_out.shape[1], batch, self.n_pix)
         for l in range(self.latent):
             for k in range(bp):
                 self.d0_t[l * bp + k] = z[k, l] if k < batch else 0.0
@@ -534,3 +580,124 @@ cdef class Net:
         for k in range(batch):
             for p in range(self.n_pix):
                 probs_out[k, p] = self.dlogits_t[p * bp + k]
+
+
+# ---------------------------------------------------------------- the digit classifier
+
+cdef class Classifier:
+    """The project's digit classifier: pixels -> fc1 -> fc2 -> fc3 (class logits), softmax
+    cross-entropy, the same linear layers and slab conventions as Net (cvae.classifier carves
+    the slab). fc2's output is the feature space of the FID."""
+    cdef Linear fc1, fc2, fc3
+    cdef float *x_t
+    cdef float *h1_t
+    cdef float *h2_t
+    cdef float *logits_t
+    cdef float *dh1_t
+    cdef float *dh2_t
+    cdef float *dlogits_t
+    cdef float *loss
+    cdef float *xb
+    cdef float *scratch
+    cdef int n_pix, n_cls, act, nthreads, max_bp
+    cdef object slab
+
+    def __init__(self, float[::1] slab not None, dict layout, tuple layers, int max_bp, str act,
+                 int nthreads):
+        """``layers``: (name, n_in, n_out) of fc1, fc2, fc3."""
+        cdef float *base = &slab[0]
+        self.slab = slab
+        self.max_bp = max_bp
+        self.act = ACTIVATIONS[act]
+        self.nthreads = nthreads
+        dims = {name: (n_in, n_out) for name, n_in, n_out in layers}
+        self.fc1 = linear_in_slab(base, layout, dims, "fc1")
+        self.fc2 = linear_in_slab(base, layout, dims, "fc2")
+        self.fc3 = linear_in_slab(base, layout, dims, "fc3")
+        self.n_pix = self.fc1.n_in
+        self.n_cls = self.fc3.n_out
+        if self.fc2.n_in != self.fc1.n_out or self.fc3.n_in != self.fc2.n_out:
+            raise ValueError("layers do not chain")
+        self.x_t = at(base, layout, "act.x")
+        self.h1_t = at(base, layout, "act.fc1")
+        self.h2_t = at(base, layout, "act.fc2")
+        self.logits_t = at(base, layout, "act.fc3")
+        self.dh1_t = at(base, layout, "actgrad.fc1")
+        self.dh2_t = at(base, layout, "actgrad.fc2")
+        self.dlogits_t = at(base, layout, "actgrad.fc3")
+        self.loss = at(base, layout, "per_sample.loss")
+        self.xb = at(base, layout, "scratch.batch_major")
+        self.scratch = at(base, layout, "scratch.tiles")
+
+    cdef void _forward(self, const uint8_t *pixels, int batch, int bp) noexcept nogil:
+        pixel_rows(pixels, self.x_t, self.n_pix, batch, bp, self.nthreads)
+        linear_forward(&self.fc1, self.x_t, self.h1_t, bp, self.act, self.nthreads)
+        linear_forward(&self.fc2, self.h1_t, self.h2_t, bp, self.act, self.nthreads)
+        linear_forward(&self.fc3, self.h2_t, self.logits_t, bp, ACT_NONE, self.nthreads)
+
+    cdef void _backward(self, int batch, int bp, const Adam *adam) noexcept nogil:
+        cdef int nt = self.nthreads
+        linear_backward_input(&self.fc3, self.dlogits_t, self.dh2_t, self.h2_t, self.act, bp,
+                              self.xb, nt)
+        linear_backward_params(&self.fc3, self.dlogits_t, self.h2_t, self.xb, batch, bp, adam,
+                               self.scratch, nt)
+        linear_backward_input(&self.fc2, self.dh2_t, self.dh1_t, self.h1_t, self.act, bp,
+                              self.xb, nt)
+        linear_backward_params(&self.fc2, self.dh2_t, self.h1_t, self.xb, batch, bp, adam,
+                               self.scratch, nt)
+        linear_backward_params(&self.fc1, self.dh1_t, self.x_t, self.xb, batch, bp, adam,
+                               self.scratch, nt)
+
+    def step(self, const uint8_t[:, ::1] pixels not None, const uint8_t[::1] labels not None,
+             float lr=0.0, long adam_t=0):
+        """One training step; returns the cross-entropy summed over the batch. With
+        adam_t > 0 Adam is fused into the backward pass, else the gradients are stored."""
+        cdef int batch = pixels.shape[0]
+        cdef int bp = ceil_div(batch, 16) * 16
+        cdef int k
+        cdef double total = 0.0
+        cdef Adam adam
+        cdef const Adam *adam_p = NULL
+        check_pixels(batch, pixels.shape[1], self.n_pix, self.max_bp)
+        if labels.shape[0] != batch:
+            raise ValueError("labels must be (batch,)")
+        for k in range(batch):
+            if labels[k] >= self.n_cls:
+                raise ValueError(f"label {labels[k]} is not below {self.n_cls}")
+        if adam_t > 0:
+            adam = adam_step(lr, adam_t)
+            adam_p = &adam
+        with nogil:
+            self._forward(&pixels[0, 0], batch, bp)
+            softmax_xent_forward_backward(self.logits_t, &labels[0], self.dlogits_t, self.loss,
+                                          self.n_cls, batch, bp, 1.0 / batch)
+            self._backward(batch, bp, adam_p)
+        for k in range(batch):
+            total += self.loss[k]
+        return total
+
+    def adam_update(self, float lr, long adam_t):
+        """Adam step number adam_t from the stored gradients (the unfused path)."""
+        cdef Adam adam = adam_step(lr, adam_t)
+        with nogil:
+            linear_adam(&self.fc1, &adam, self.nthreads)
+            linear_adam(&self.fc2, &adam, self.nthreads)
+            linear_adam(&self.fc3, &adam, self.nthreads)
+
+    def forward(self, const uint8_t[:, ::1] pixels not None, float[:, ::1] logits_out not None,
+                float[:, ::1] features_out not None):
+        """Class logits (batch, n_cls) and the last hidden layer (batch, fc2 outputs)."""
+        cdef int batch = pixels.shape[0]
+        cdef int bp = ceil_div(batch, 16) * 16
+        cdef int k, c
+        check_pixels(batch, pixels.shape[1], self.n_pix, self.max_bp)
+        check_out("logits_out", logits_out.shape[0], logits_out.shape[1], batch, self.n_cls)
+        check_out("features_out", features_out.shape[0], features_out.shape[1], batch,
+                  self.fc2.n_out)
+        with nogil:
+            self._forward(&pixels[0, 0], batch, bp)
+        for k in range(batch):
+            for c in range(self.n_cls):
+                logits_out[k, c] = self.logits_t[c * bp + k]
+            for c in range(self.fc2.n_out):
+                features_out[k, c] = self.h2_t[c * bp + k]

@@ -431,9 +431,9 @@ def build_parser():
                    help="MNIST directory (default: $CVAE_DATA, else the cache)")
     q.set_defaults(func=cmd_data_verify)
 
-    from cvae import bench, evaluate, sample
+    from cvae import bench, classifier, evaluate, sample
 
-    for module in (sample, evaluate, bench):
+    for module in (sample, evaluate, classifier, bench):
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)

@@ -69,23 +69,23 @@ def _activation_rows(arch):
             "dec_in": z + c, "dec1": arch.h2, "dec2": arch.h1, "dec3": x}
 
 
-class Model:
-    """Owns the slab and the kernels' Net over it.
+class SlabModel:
+    """One slab for a stack of linear layers: parameters, gradients and Adam moments (each
+    group contiguous, layers in order), then the activation buffers, per-sample terms and
+    per-thread scratch. Subclasses name the layers and buffers and build their kernel object
+    over it (``self.net``); the parameter views, initialisation and checkpoint sections are
+    the same for every network."""
 
-    ``threads`` is the OpenMP thread count for every kernel call; ``max_batch`` sizes the
-    activation buffers.
-    """
-
-    def __init__(self, arch, max_batch=64, threads=1):
-        if arch.act not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}")
-        self.arch = arch
+    def _carve(self, layers, act_rows, actgrad_names, per_sample, max_batch, threads):
+        """Lay out the slab; sets slab, layout, section_sizes, params, grads, adam_m, adam_v."""
+        self.layer_dims = tuple(layers)
         self.max_batch = max_batch
         self.threads = threads
         self.max_bp = pad(max_batch)
         k = kernels()
         self.kernel_isa = k.isa
         self.adam_t = 0
+        self._last_batch = 0
 
         offsets, sizes = {}, {}
         total = 0
@@ -96,18 +96,16 @@ class Model:
             total += pad(n)
 
         for group in ("param", "grad", "adam_m", "adam_v"):
-            for name, n_in, n_out in arch.layers():
+            for name, n_in, n_out in layers:
                 carve(f"{group}.{name}.W", n_out * pad(n_in))
                 carve(f"{group}.{name}.b", n_out)
-        self._group_end = {}
-        rows = _activation_rows(arch)
-        for name, r in rows.items():
+        for name, r in act_rows.items():
             carve(f"act.{name}", pad(r) * self.max_bp)
-        for name in ("enc1", "enc2", "enc3", "dec_in", "dec1", "dec2", "dec3"):
-            carve(f"actgrad.{name}", pad(rows[name]) * self.max_bp)
-        carve("per_sample.rec", self.max_bp)
-        carve("per_sample.kl", self.max_bp)
-        widest = max(pad(n_in) for _, n_in, _ in arch.layers())
+        for name in actgrad_names:
+            carve(f"actgrad.{name}", pad(act_rows[name]) * self.max_bp)
+        for name in per_sample:
+            carve(f"per_sample.{name}", self.max_bp)
+        widest = max(pad(n_in) for _, n_in, _ in layers)
         carve("scratch.batch_major", self.max_bp * widest)
         carve("scratch.tiles", threads * k.tile_rows * widest)
 
@@ -116,18 +114,12 @@ class Model:
         self.slab = raw[shift:shift + total]
         self.layout = offsets
         self.section_sizes = sizes
-        self.net = k.Net(self.slab, offsets, arch.layers(), arch.latent, self.max_bp, arch.act,
-                         threads)
-
         self.params = self._tensor_views("param")
         self.grads = self._tensor_views("grad")
         self.adam_m = self._tensor_views("adam_m")
         self.adam_v = self._tensor_views("adam_v")
-        self._eval_rec = np.zeros(self.max_bp, dtype=np.float32)
-        self._eval_kl = np.zeros(self.max_bp, dtype=np.float32)
-        self._last_batch = 0
+        return k
 
-    # ---- views
     def _view(self, name, shape):
         off = self.layout[name]
         n = int(np.prod(shape))
@@ -135,14 +127,14 @@ class Model:
 
     def _tensor_views(self, group):
         views = {}
-        for name, n_in, n_out in self.arch.layers():
+        for name, n_in, n_out in self.layer_dims:
             views[f"{name}.W"] = self._view(f"{group}.{name}.W", (n_out, pad(n_in)))[:, :n_in]
             views[f"{name}.b"] = self._view(f"{group}.{name}.b", (n_out,))
         return views
 
     def group_block(self, group):
         """The contiguous slab block of one group (param, grad, adam_m, adam_v), padding included."""
-        names = [f"{group}.{name}.{t}" for name, _, _ in self.arch.layers() for t in "Wb"]
+        names = [f"{group}.{name}.{t}" for name, _, _ in self.layer_dims for t in "Wb"]
         start = self.layout[names[0]]
         end = self.layout[names[-1]] + pad(self.section_sizes[names[-1]])
         return self.slab[start:end]
@@ -153,6 +145,67 @@ class Model:
         off = self.layout[buffer]
         full = self.slab[off:off + pad(rows) * bp].reshape(pad(rows), bp)
         return full[:rows][row_slice, :b].T
+
+    def init_params(self, seed):
+        """PyTorch's nn.Linear default: U(-1/sqrt(in), 1/sqrt(in)) for W and b; Adam reset."""
+        rng = np.random.default_rng(seed)
+        for name, n_in, _ in self.layer_dims:
+            bound = 1.0 / np.sqrt(n_in)
+            for t in ("W", "b"):
+                view = self.params[f"{name}.{t}"]
+                view[...] = rng.uniform(-bound, bound, size=view.shape)
+        for group in ("grad", "adam_m", "adam_v"):
+            self.group_block(group)[...] = 0.0
+        self.adam_t = 0
+
+    def adam_update(self, lr):
+        """Plain Adam from ``grads`` (the unfused path)."""
+        self.adam_t += 1
+        self.net.adam_update(lr, self.adam_t)
+
+    def state_sections(self, optimizer=True):
+        """Named arrays (views, logical shapes) for save_checkpoint: parameters and Adam state."""
+        groups = (("param", self.params), ("adam_m", self.adam_m), ("adam_v", self.adam_v))
+        return {f"{group}.{name}": view for group, views in groups[:3 if optimizer else 1]
+                for name, view in views.items()}
+
+    def load_state_sections(self, sections, source="checkpoint"):
+        """Copy checkpoint sections into the slab; missing or misshapen sections are an error."""
+        expected = self.state_sections(optimizer=any(k.startswith("adam_") for k in sections))
+        for name, view in expected.items():
+            array = sections.get(name)
+            if array is None or tuple(array.shape) != view.shape:
+                raise CvaeError(f"{source}: section {name} is missing or has the wrong shape "
+                                f"for this architecture")
+            view[...] = array
+
+    def slab_report(self):
+        """(section, floats) rows for `cvae info`, grouped by what they hold."""
+        groups = {}
+        for name, n in self.section_sizes.items():
+            key = name.split(".")[0]
+            groups[key] = groups.get(key, 0) + pad(n)
+        return groups
+
+
+class Model(SlabModel):
+    """The CVAE: its slab and the kernels' Net over it.
+
+    ``threads`` is the OpenMP thread count for every kernel call; ``max_batch`` sizes the
+    activation buffers.
+    """
+
+    def __init__(self, arch, max_batch=64, threads=1):
+        if arch.act not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}")
+        self.arch = arch
+        k = self._carve(arch.layers(), _activation_rows(arch),
+                        ("enc1", "enc2", "enc3", "dec_in", "dec1", "dec2", "dec3"),
+                        ("rec", "kl"), max_batch, threads)
+        self.net = k.Net(self.slab, self.layout, arch.layers(), arch.latent, self.max_bp,
+                         arch.act, threads)
+        self._eval_rec = np.zeros(self.max_bp, dtype=np.float32)
+        self._eval_kl = np.zeros(self.max_bp, dtype=np.float32)
 
     def _named_views(self, prefix):
         z = self.arch.latent
@@ -177,20 +230,6 @@ class Model:
         """Gradients of the batch-mean loss w.r.t. pre-activations, mu, logvar, z and logits."""
         return self._named_views("actgrad")
 
-    # ---- parameters
-    def init_params(self, seed):
-        """PyTorch's nn.Linear default: U(-1/sqrt(in), 1/sqrt(in)) for W and b; Adam reset."""
-        rng = np.random.default_rng(seed)
-        for name, n_in, _ in self.arch.layers():
-            bound = 1.0 / np.sqrt(n_in)
-            for t in ("W", "b"):
-                view = self.params[f"{name}.{t}"]
-                view[...] = rng.uniform(-bound, bound, size=view.shape)
-        for group in ("grad", "adam_m", "adam_v"):
-            self.group_block(group)[...] = 0.0
-        self.adam_t = 0
-
-    # ---- training
     def forward_backward(self, pixels, labels, beta, seed, step):
         """Gradients of the batch-mean loss into ``grads``; returns (loss, rec, kl) means."""
         return self._step(pixels, labels, beta, seed, step, 0.0, 0)
@@ -208,17 +247,11 @@ class Model:
         kl /= b
         return rec + beta * kl, rec, kl
 
-    def adam_update(self, lr):
-        """Plain Adam from ``grads`` (the unfused path)."""
-        self.adam_t += 1
-        self.net.adam_update(lr, self.adam_t)
-
     def noise(self, seed, step, batch):
         out = np.empty((batch, self.arch.latent), dtype=np.float32)
         self.net.noise(seed, step, out)
         return out
 
-    # ---- inference
     def evaluate(self, pixels, labels, seed, step, first_index=0):
         """Per-image (rec, kl), image k with eps keyed by (seed, step, first_index + k).
 
@@ -244,31 +277,6 @@ class Model:
         self._last_batch = b
         self.net.decode(np.ascontiguousarray(z, dtype=np.float32), labels, probs)
         return probs
-
-    # ---- state for checkpoints
-    def state_sections(self, optimizer=True):
-        """Named arrays (views, logical shapes) for save_checkpoint: parameters and Adam state."""
-        groups = (("param", self.params), ("adam_m", self.adam_m), ("adam_v", self.adam_v))
-        return {f"{group}.{name}": view for group, views in groups[:3 if optimizer else 1]
-                for name, view in views.items()}
-
-    def load_state_sections(self, sections, source="checkpoint"):
-        """Copy checkpoint sections into the slab; missing or misshapen sections are an error."""
-        expected = self.state_sections(optimizer=any(k.startswith("adam_") for k in sections))
-        for name, view in expected.items():
-            array = sections.get(name)
-            if array is None or tuple(array.shape) != view.shape:
-                raise CvaeError(f"{source}: section {name} is missing or has the wrong shape "
-                                f"for this architecture")
-            view[...] = array
-
-    def slab_report(self):
-        """(section, floats) rows for `cvae info`, grouped by what they hold."""
-        groups = {}
-        for name, n in self.section_sizes.items():
-            key = name.split(".")[0]
-            groups[key] = groups.get(key, 0) + pad(n)
-        return groups
 
 
 def arch_from_json(data, source="checkpoint"):

@@ -216,3 +216,49 @@ def mismatch(name, got, ref, rtol=1e-4, atol_scale=1e-5):
             f"got {got[i]:.7g}, ref {ref[i]:.7g} ({err[i] / tol[i]:.1f}x tol); "
             f"max|err| = {err.max():.3g} = {err.max() / max(scale, 1e-300):.2e} * max|ref| "
             f"(max|ref| = {scale:.3g}); least squares got ~ {fit:.5g} * ref")
+
+
+# --------------------------------------------------------------------------- the digit classifier
+
+CLASSIFIER_LAYERS = ("fc1", "fc2", "fc3")
+CLASSIFIER_PARAMS = tuple(f"{layer}.{kind}" for layer in CLASSIFIER_LAYERS for kind in ("W", "b"))
+
+
+def classifier_forward_backward(params, pixels, labels, act):
+    """The classifier's batch-mean softmax cross-entropy and its gradients, float64:
+
+        h1 = act(x @ W1.T + b1);  h2 = act(h1 @ W2.T + b2);  logits = h2 @ W3.T + b3
+        loss = mean over images of logsumexp(logits) - logits[label]
+
+    Returns (loss, grads, acts) with acts = {"fc1", "fc2", "logits"} (post-activation).
+    """
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    b = pixels.shape[0]
+    x = pixels.astype(np.float64) / 255.0
+    pre1 = x @ p["fc1.W"].T + p["fc1.b"]
+    h1 = act_forward(pre1, act)
+    pre2 = h1 @ p["fc2.W"].T + p["fc2.b"]
+    h2 = act_forward(pre2, act)
+    logits = h2 @ p["fc3.W"].T + p["fc3.b"]
+    shift = logits.max(axis=1, keepdims=True)
+    log_z = shift[:, 0] + np.log(np.exp(logits - shift).sum(axis=1))
+    y = onehot(labels)
+    loss = float(np.mean(log_z - (logits * y).sum(axis=1)))
+
+    d_logits = (np.exp(logits - log_z[:, None]) - y) / b
+    grads = {"fc3.W": d_logits.T @ h2, "fc3.b": d_logits.sum(axis=0)}
+    d_pre2 = act_backward(d_logits @ p["fc3.W"], pre2, act)
+    grads["fc2.W"], grads["fc2.b"] = d_pre2.T @ h1, d_pre2.sum(axis=0)
+    d_pre1 = act_backward(d_pre2 @ p["fc2.W"], pre1, act)
+    grads["fc1.W"], grads["fc1.b"] = d_pre1.T @ x, d_pre1.sum(axis=0)
+    return loss, grads, {"fc1": h1, "fc2": h2, "logits": logits}
+
+
+def classifier_init_params(h1, h2, seed=0):
+    rng = np.random.default_rng(seed)
+    params = {}
+    for layer, (fan_out, fan_in) in {"fc1": (h1, X_DIM), "fc2": (h2, h1),
+                                     "fc3": (N_CLASSES, h2)}.items():
+        params[f"{layer}.W"] = rng.normal(0, 1 / np.sqrt(fan_in), (fan_out, fan_in))
+        params[f"{layer}.b"] = rng.normal(0, 0.1, fan_out)
+    return params
