@@ -16,6 +16,18 @@ test file:
   K2 = 0.03, data range 1, population (co)variances, averaged over the 18×18 valid window
   positions of a 28×28 image; then the mean over all images, and over the images of each digit.
 
+* cond_accuracy, cond_accuracy_per_digit (samples, temperature): `samples` digits per trained
+  digit drawn from the prior with the label given, z ~ N(0, temperature² I) (numpy
+  default_rng(seed)), decoded to the decoder mean as bytes (what the sheets show), then
+  classified by the project's classifier (cvae.classifier) over all ten classes; the share
+  classified as the digit they were generated as.
+* fid, fid_test_floor: the Fréchet distance |mu_g - mu_t|² + tr(C_g + C_t - 2 (C_g C_t)^½)
+  between Gaussians fitted to the classifier's last hidden layer (256 features) of the
+  generated digits and of the test images; the trace of the square root is exact, from the
+  eigenvalues of the symmetric C_g^½ C_t C_g^½ (numpy eigh). The floor is the same distance
+  between two random halves of the test images (seeded): what two samples of real digits
+  score. Without a classifier for the data both are None, and classifier_note says why.
+
 Every loop here is per batch (or per importance sample of a batch), never per image.
 """
 
@@ -39,6 +51,7 @@ EVAL_STEP = 2 ** 62
 IWAE_STEP = 2 ** 61
 EVAL_BATCH = 64
 DEFAULT_K = 100
+DEFAULT_SAMPLES = 1000  # generated digits per digit for the conditional accuracy and FID
 EVAL_JSON = "eval.json"
 
 SSIM_WINDOW = 11
@@ -207,21 +220,113 @@ def per_digit_means(values, labels, digits):
     return {int(d): float(sums[d] / counts[d]) for d in digits if counts[d] > 0}
 
 
+# ---------------------------------------------------------------- generated digits, judged
+
+#: Generated digits per kernel call of decoder and classifier: moments are summed per chunk,
+#: so any --samples needs memory for one chunk only.
+GENERATE_CHUNK = 4096
+
+
+class FeatureMoments:
+    """Running sum and sum of outer products (float64) of feature vectors: their mean and
+    sample covariance without holding them."""
+
+    def __init__(self, dim):
+        self.n = 0
+        self.sum = np.zeros(dim)
+        self.outer = np.zeros((dim, dim))
+
+    def add(self, features):
+        f = np.asarray(features, dtype=np.float64)
+        self.n += len(f)
+        self.sum += f.sum(axis=0)
+        self.outer += f.T @ f
+
+    def mean_cov(self):
+        mean = self.sum / self.n
+        cov = (self.outer - self.n * np.outer(mean, mean)) / (self.n - 1)
+        return mean, cov
+
+
+def _sqrt_psd(matrix):
+    """The symmetric square root of a symmetric positive semi-definite matrix (eigh)."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def frechet_distance(mean_a, cov_a, mean_b, cov_b):
+    """|mean_a - mean_b|² + tr(cov_a + cov_b - 2 (cov_a cov_b)^½), with
+    tr (cov_a cov_b)^½ = Σ sqrt(eigenvalues of cov_a^½ cov_b cov_a^½)."""
+    root_a = _sqrt_psd(cov_a)
+    middle = root_a @ cov_b @ root_a
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    diff = mean_a - mean_b
+    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
+
+
+def _moments(classifier, images):
+    moments = FeatureMoments(classifier.arch.h2)
+    for start in range(0, len(images), GENERATE_CHUNK):
+        moments.add(classifier.predict(images[start:start + GENERATE_CHUNK])[1])
+    return moments.mean_cov()
+
+
+def judge_samples(model, classifier, digits, samples, temperature, seed, test_images,
+                  advance=None):
+    """(cond_accuracy, {digit: accuracy}, fid, fid_test_floor) of `samples` generated digits
+    per digit; see the module docstring."""
+    from cvae.sample import decode_images
+
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.asarray(digits, dtype=np.uint8), samples)
+    correct = np.zeros(len(labels), dtype=bool)
+    generated = FeatureMoments(classifier.arch.h2)
+    for start in range(0, len(labels), GENERATE_CHUNK):
+        chunk = labels[start:start + GENERATE_CHUNK]
+        z = rng.standard_normal((len(chunk), model.arch.latent), dtype=np.float32)
+        z *= np.float32(temperature)
+        logits, features = classifier.predict(decode_images(model, z, chunk))
+        correct[start:start + len(chunk)] = logits.argmax(axis=1) == chunk
+        generated.add(features)
+        if advance is not None:
+            advance(len(chunk))
+    per_digit = per_digit_means(correct.astype(np.float64), labels, digits)
+
+    test_mean, test_cov = _moments(classifier, test_images)
+    fid = frechet_distance(*generated.mean_cov(), test_mean, test_cov)
+    order = np.random.default_rng(seed).permutation(len(test_images))
+    half = len(order) // 2
+    floor = frechet_distance(*_moments(classifier, np.take(test_images, np.sort(order[:half]), axis=0)),
+                             *_moments(classifier, np.take(test_images, np.sort(order[half:]), axis=0)))
+    if advance is not None:
+        advance(len(test_images))
+    return float(correct.mean()), per_digit, fid, floor
+
+
 # ---------------------------------------------------------------- everything
 
 
-def evaluate_model(model, dataset, digits, seed, k, advance=None):
-    """The metrics dict (neg_elbo, rec, kl, iwae_nll, k, ssim, ssim_per_digit, n_images) of a
-    model over a dataset holding only the given digits."""
+def evaluate_model(model, dataset, digits, seed, k, classifier=None, samples=DEFAULT_SAMPLES,
+                   temperature=1.0, advance=None):
+    """The metrics dict of a model over a dataset holding only the given digits: neg_elbo,
+    rec, kl, iwae_nll, k, ssim, ssim_per_digit, n_images, and with a classifier
+    cond_accuracy, cond_accuracy_per_digit, fid, fid_test_floor (else those are None)."""
     if k <= 0:
         raise CvaeError(f"--k must be a positive integer, got {k}")
     neg_elbo, rec, kl = test_elbo(model, dataset, seed, advance=advance)
     per_image_ssim = reconstruction_ssim(model, dataset, advance=advance)
     nll = iwae_nll(model, dataset, seed, k, advance=advance)
+    judged = (None, None, None, None)
+    if classifier is not None:
+        judged = judge_samples(model, classifier, digits, samples, temperature, seed,
+                               dataset.images, advance=advance)
+    accuracy, accuracy_per_digit, fid, floor = judged
     return {"neg_elbo": neg_elbo, "rec": rec, "kl": kl, "iwae_nll": nll, "k": k,
             "ssim": float(per_image_ssim.mean()),
             "ssim_per_digit": per_digit_means(per_image_ssim, dataset.labels, digits),
-            "n_images": len(dataset)}
+            "n_images": len(dataset), "samples": samples, "temperature": temperature,
+            "cond_accuracy": accuracy, "cond_accuracy_per_digit": accuracy_per_digit,
+            "fid": fid, "fid_test_floor": floor}
 
 
 def restrict_to_digits(dataset, digits):
@@ -263,41 +368,66 @@ def _progress_bar(total):
     return progress, lambda n: progress.update(task, advance=n)
 
 
-def cmd_eval(args):
+def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES, temperature=1.0,
+             seed=0, threads=None, classifier=None, progress=False):
+    """Evaluate a checkpoint (a .cvae file or a run directory) on its digits' test images;
+    write eval.json beside it (atomically) and return the result dict. This is `cvae eval`
+    without the printing; `cvae sweep` calls it for every run."""
+    from cvae.atomic import write_text_atomic
     from cvae.sample import checkpoint_digits, load_test, open_model, resolve_checkpoint, resolve_seed
 
-    k = args.k
+    from cvae.classifier import classifier_for
+
     if k is None or k <= 0:
         raise CvaeError(f"--k must be a positive integer, got {k}")
-    seed = resolve_seed(args.seed)
-    path, _ = resolve_checkpoint(args.checkpoint)
+    if samples is None or samples <= 0:
+        raise CvaeError(f"--samples must be a positive integer, got {samples}")
+    if temperature is None or not math.isfinite(temperature) or temperature < 0:
+        raise CvaeError(f"--temperature must be a finite number >= 0, got {temperature}")
+    seed = resolve_seed(seed)
+    path, _ = resolve_checkpoint(checkpoint)
     out = eval_json_path(path)
-    model, meta = open_model(path, args)
+    model, meta = open_model(path, argparse.Namespace(threads=threads))
     digits = checkpoint_digits(meta, path)
-    dataset = restrict_to_digits(load_test(args, digits), digits)
+    test_set = load_test(argparse.Namespace(data=data), digits)
+    judge, judge_meta, judge_source = classifier_for(test_set, classifier, model.threads)
+    dataset = restrict_to_digits(test_set, digits)
 
     start = time.perf_counter()
-    if args.json:
-        metrics = evaluate_model(model, dataset, digits, seed, k)
+    options = dict(classifier=judge, samples=samples, temperature=temperature)
+    if progress:
+        judged = samples * len(digits) + len(dataset) if judge is not None else 0
+        bar, advance = _progress_bar(len(dataset) * (k + 2) + judged)
+        with bar:
+            metrics = evaluate_model(model, dataset, digits, seed, k, advance=advance, **options)
     else:
-        progress, advance = _progress_bar(len(dataset) * (k + 2))
-        with progress:
-            metrics = evaluate_model(model, dataset, digits, seed, k, advance=advance)
+        metrics = evaluate_model(model, dataset, digits, seed, k, **options)
     seconds = time.perf_counter() - start
 
     result = {**metrics, "seed": seed, "checkpoint": os.path.abspath(path),
-              "digits": list(digits), "seconds": seconds}
-    text = json.dumps(result)
+              "digits": list(digits), "threads": model.threads, "seconds": seconds}
+    if judge is not None:
+        result["classifier"] = os.path.abspath(judge_source)
+        result["classifier_test_accuracy"] = judge_meta.get("test_accuracy")
+    else:
+        result["classifier"] = None
+        result["classifier_note"] = judge_source
+    result["eval_json"] = out
     try:
-        from cvae.atomic import write_text_atomic
-
         write_text_atomic(out, json.dumps(result, indent=1) + "\n")
     except OSError as e:
         raise CvaeError(f"cannot write {out}: {e.strerror or e}") from None
+    return result
+
+
+def cmd_eval(args):
+    result = run_eval(args.checkpoint, data=args.data, k=args.k, samples=args.samples,
+                      temperature=args.temperature, seed=args.seed, threads=args.threads,
+                      classifier=args.classifier, progress=not args.json)
     if args.json:
-        print(text, flush=True)
+        print(json.dumps(result), flush=True)
     else:
-        _print_table(result, out, model.threads)
+        _print_table(result, result["eval_json"], result["threads"])
     return 0
 
 
@@ -323,6 +453,19 @@ def _print_table(r, out, threads):
                   "reconstructions at z = mu")
     for d, v in r["ssim_per_digit"].items():
         table.add_row(f"  SSIM digit {d}", f"{v:.4f}", "")
+    t = f"T = {r['temperature']:g}"
+    if r["cond_accuracy"] is None:
+        table.add_row(f"conditional accuracy ({t})", "—", r["classifier_note"])
+        table.add_row("FID", "—", "")
+    else:
+        table.add_row(f"conditional accuracy ({t})", f"[bold]{100 * r['cond_accuracy']:.2f}%[/bold]",
+                      f"{r['samples']} samples per digit from N(0, T² I), judged by the classifier")
+        for d, v in r["cond_accuracy_per_digit"].items():
+            table.add_row(f"  accuracy digit {d}", f"{100 * v:.1f}%", "")
+        table.add_row(f"FID ({t})", f"[bold]{r['fid']:.2f}[/bold]",
+                      "generated vs test digits, classifier's 256 features")
+        table.add_row("  FID test-halves floor", f"{r['fid_test_floor']:.2f}",
+                      "two random halves of the test digits")
     console.print(table)
     console.print(f"{r['seconds']:.1f} s on {threads} threads -> {out}")
 
@@ -330,14 +473,17 @@ def _print_table(r, out, threads):
 def register(subparsers):
     p = subparsers.add_parser(
         "eval", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="test-set negative ELBO, IWAE bound and SSIM per digit of a checkpoint",
+        help="test-set negative ELBO, IWAE bound, SSIM, conditional accuracy and FID of a checkpoint",
         description="Over the test images of the checkpoint's trained digits:\n"
                     "  neg_elbo (rec, kl): nats/image at β = 1, BCE over continuous pixels + "
                     "analytic KL, one ε per image;\n"
                     "  iwae_nll: the importance-weighted bound with --k samples per image;\n"
                     "  ssim, ssim_per_digit: SSIM of reconstructions (z = mu) against the "
                     "originals,\n  Gaussian window 11×11 σ = 1.5, mean over valid windows, then "
-                    "over images (of each digit).\nThe results are also written to eval.json "
+                    "over images (of each digit);\n  cond_accuracy: --samples digits per digit from the prior at "
+                    "--temperature, judged by\n  the project's classifier; fid: Fréchet distance "
+                    "to the test digits in its feature space,\n  beside the distance between two "
+                    "halves of the test set (the floor).\nThe results are also written to eval.json "
                     "beside the checkpoint. See the README's 'Quality metrics'.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a .cvae checkpoint, or a run directory (its last.cvae, else its latest "
@@ -346,6 +492,14 @@ def register(subparsers):
                    help="MNIST directory with the test files (default: $CVAE_DATA, else the cache)")
     p.add_argument("--k", type=int, default=DEFAULT_K, metavar="K",
                    help=f"importance samples per image for the IWAE bound (default: {DEFAULT_K})")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
+                   help=f"generated digits per digit for the conditional accuracy and FID "
+                        f"(default: {DEFAULT_SAMPLES})")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="prior samples z ~ N(0, T² I); 1 is the model's own prior (default: 1)")
+    p.add_argument("--classifier", metavar="FILE", default=None,
+                   help="classifier that judges the samples (default: the shipped one, on the "
+                        "MNIST test set only; see 'cvae classifier')")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="noise seed; the same seed gives the same figures (default: 0)")
     p.add_argument("--threads", type=int, default=None, metavar="N",

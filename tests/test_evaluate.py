@@ -330,3 +330,136 @@ def test_read_only_run_directory(world, capsys):
     finally:
         os.chmod(world["run"], 0o755)
     assert not (world["run"] / "eval.json").exists()
+
+
+# ---------------------------------------------------------------- conditional accuracy and FID
+
+
+def test_frechet_distance_matches_scipy():
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 12)) @ rng.normal(size=(12, 12))
+    b = rng.normal(0.3, 1.0, size=(300, 12)) @ rng.normal(size=(12, 12))
+    mean_a, cov_a = a.mean(0), np.cov(a, rowvar=False)
+    mean_b, cov_b = b.mean(0), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    expected = (np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b)
+                - 2 * np.trace(root))
+    assert E.frechet_distance(mean_a, cov_a, mean_b, cov_b) == pytest.approx(expected, rel=1e-8)
+    assert abs(E.frechet_distance(mean_a, cov_a, mean_a, cov_a)) < 1e-9
+    # A rank-deficient covariance (fewer samples than features) stays finite and exact.
+    c = rng.normal(size=(5, 12))
+    mean_c, cov_c = c.mean(0), np.cov(c, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_c)
+    expected = (np.sum((mean_a - mean_c) ** 2) + np.trace(cov_a) + np.trace(cov_c)
+                - 2 * np.trace(root).real)
+    assert E.frechet_distance(mean_a, cov_a, mean_c, cov_c) == pytest.approx(expected, rel=1e-6)
+
+
+def test_feature_moments_stream_to_numpys_mean_and_covariance():
+    x = np.random.default_rng(1).normal(2.0, 3.0, size=(1000, 7)).astype(np.float32)
+    moments = E.FeatureMoments(7)
+    for start in range(0, 1000, 300):
+        moments.add(x[start:start + 300])
+    mean, cov = moments.mean_cov()
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(0), rtol=1e-10)
+    np.testing.assert_allclose(cov, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-8)
+
+
+class AlwaysOne:
+    """A stand-in judge that calls every image a 1; its features are the images' first
+    pixels, so the FID is computed on real (if crude) features."""
+
+    class arch:
+        h2 = 6
+
+    def predict(self, images):
+        logits = np.zeros((len(images), 10), dtype=np.float32)
+        logits[:, 1] = 1
+        return logits, np.asarray(images[:, 300:306], dtype=np.float32)
+
+
+def test_conditional_accuracy_counts_per_digit(world):
+    result = E.judge_samples(world["model"], AlwaysOne(), (0, 1, 2), 50, 1.0, 0, world["images"])
+    accuracy, per_digit, fid, floor = result
+    assert per_digit == {0: 0.0, 1: 1.0, 2: 0.0}
+    assert accuracy == pytest.approx(1 / 3)
+    assert np.isfinite(fid) and fid >= 0 and np.isfinite(floor) and floor >= 0
+    # The floor compares two seeded random halves of the test images; the same seed repeats.
+    assert E.judge_samples(world["model"], AlwaysOne(), (0, 1, 2), 50, 1.0, 0,
+                           world["images"]) == result
+
+
+def trained_judge(world, tmp_path):
+    """A tiny classifier trained on the world's test images, saved as a file."""
+    from cvae import classifier as C
+
+    images, labels = synthetic_digits(np.arange(300) % 10, np.random.default_rng(5))
+    model = C.train_classifier(Dataset(images, labels, "synthetic"), epochs=2, batch=32,
+                               seed=0, arch=C.ClassifierArch(h1=32, h2=16))
+    path = tmp_path / "judge.cvae"
+    C.save_classifier(path, model, {"test_accuracy": 0.5})
+    return path
+
+
+def test_eval_without_a_classifier_for_the_data_says_so(world, capsys):
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", world["run"], "--data",
+                             world["data"], "--k", 2, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["cond_accuracy"] is None and result["fid"] is None
+    assert result["classifier"] is None and "cvae classifier train" in result["classifier_note"]
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", world["run"], "--data",
+                             world["data"], "--k", 2)
+    assert code == 0 and "need a classifier" in " ".join(out.split())
+
+
+def test_eval_with_a_classifier_at_two_temperatures(world, capsys, tmp_path):
+    judge = trained_judge(world, tmp_path)
+    results = {}
+    for t in ("1", "0.7"):
+        code, out, err = run_cli(capsys, "eval", "--checkpoint", world["run"], "--data",
+                                 world["data"], "--k", 2, "--samples", 40, "--temperature", t,
+                                 "--classifier", judge, "--json")
+        assert code == 0, err
+        results[t] = json.loads(out)
+    for t, r in results.items():
+        assert r["temperature"] == float(t) and r["samples"] == 40
+        assert 0 <= r["cond_accuracy"] <= 1 and set(r["cond_accuracy_per_digit"]) == {"0", "1", "2"}
+        assert r["cond_accuracy"] == pytest.approx(np.mean(list(r["cond_accuracy_per_digit"].values())))
+        assert r["fid"] >= 0 and r["fid_test_floor"] >= 0
+        assert r["classifier"] == str(judge) and r["classifier_test_accuracy"] == 0.5
+    assert results["1"]["fid"] != results["0.7"]["fid"]
+    assert results["1"]["fid_test_floor"] == results["0.7"]["fid_test_floor"]
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", world["run"], "--data",
+                             world["data"], "--k", 2, "--samples", 40, "--classifier", judge)
+    assert code == 0 and "conditional accuracy (T = 1)" in out and "FID test-halves floor" in out
+
+
+@pytest.mark.parametrize("option,value,fragment", [
+    ("--samples", 0, "--samples must be a positive integer"),
+    ("--samples", -5, "--samples must be a positive integer"),
+    ("--temperature", -1, "--temperature must be a finite number"),
+    ("--temperature", "nan", "--temperature must be a finite number"),
+])
+def test_samples_and_temperature_out_of_range(world, capsys, option, value, fragment):
+    one_line_error(capsys, "eval", "--checkpoint", world["run"], "--data", world["data"],
+                   option, value, fragment=fragment)
+    assert not (world["run"] / "eval.json").exists()
+
+
+def test_damaged_or_foreign_classifier(world, capsys, tmp_path):
+    judge = trained_judge(world, tmp_path)
+    damaged = tmp_path / "damaged.cvae"
+    blob = bytearray(judge.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(blob))
+    one_line_error(capsys, "eval", "--checkpoint", world["run"], "--data", world["data"],
+                   "--classifier", damaged, fragment=str(damaged))
+    # A CVAE checkpoint is not a classifier.
+    one_line_error(capsys, "eval", "--checkpoint", world["run"], "--data", world["data"],
+                   "--classifier", world["ckpt"], fragment="classifier")
+    one_line_error(capsys, "eval", "--checkpoint", world["run"], "--data", world["data"],
+                   "--classifier", tmp_path / "absent.cvae", fragment="does not exist")
+    assert not (world["run"] / "eval.json").exists()
