@@ -281,6 +281,22 @@ def check_resume_conflicts(args, plan, path):
                         f"differ: {'; '.join(problems)}")
 
 
+def start_run(args, out, reporter, config_extra=None):
+    """A fresh run in `out` (which must not hold one) from train options in args (build_plan's,
+    data, threads, json, quiet, variant, argv): loads the data and writes config.json; returns
+    the Trainer. `cvae train` and `cvae sweep` both start their runs here."""
+    from cvae import train as T
+
+    plan = build_plan(args)
+    T.check_fresh_run_dir(out, create=False)  # before any data work: fail fast on a clobber
+    data_dir, source = ensure_data(args)
+    train_set, test_set = T.load_datasets(data_dir, plan.digits)
+    plan.data = T.data_description(train_set, test_set)
+    extra = {"variant": args.variant, "data_dir": os.path.abspath(data_dir), "data_source": source,
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": args.argv, **(config_extra or {})}
+    return T.new_trainer(out, plan, train_set, test_set, args.threads, reporter, config_extra=extra)
+
+
 def cmd_train(args):
     from cvae import train as T
 
@@ -299,15 +315,7 @@ def cmd_train(args):
         data_dir, _ = ensure_data(args)
         trainer = T.resume_trainer(args.resume, args.threads, data_dir, reporter, loaded=(model, plan, path))
     else:
-        plan = build_plan(args)
-        out = args.out or default_out(args.variant)
-        T.check_fresh_run_dir(out, create=False)  # before any data work: fail fast on a clobber
-        data_dir, source = ensure_data(args)
-        train_set, test_set = T.load_datasets(data_dir, plan.digits)
-        plan.data = T.data_description(train_set, test_set)
-        extra = {"variant": args.variant, "data_dir": os.path.abspath(data_dir), "data_source": source,
-                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": args.argv}
-        trainer = T.new_trainer(out, plan, train_set, test_set, args.threads, reporter, config_extra=extra)
+        trainer = start_run(args, args.out or default_out(args.variant), reporter)
     result = trainer.run(stop_after_epochs=args.stop_after_epochs)
     if result.status == "complete" and not args.no_images:
         T.write_images(trainer)
@@ -431,9 +439,9 @@ def build_parser():
                    help="MNIST directory (default: $CVAE_DATA, else the cache)")
     q.set_defaults(func=cmd_data_verify)
 
-    from cvae import bench, classifier, evaluate, sample
+    from cvae import bench, classifier, evaluate, sample, sweep
 
-    for module in (sample, evaluate, classifier, bench):
+    for module in (sample, evaluate, classifier, sweep, bench):
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)

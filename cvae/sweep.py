@@ -1,0 +1,856 @@
+"""`cvae sweep`: train every combination of a few settings, evaluate each, write one table.
+
+    cvae sweep --latent 128,256 [--hidden 640x320,512x256] [--act elu,relu]
+               [--schedule progressive,constant] --epochs E --out DIR
+
+Every combination is one run directory DIR/<name>, named after the settings that make up the
+grid, always in the same form: ``latent128-h640x320-elu-progressive``. The other settings
+(--variant, --digits, --epochs, --batch, --lr, --seed) are shared by every run. Each run is
+trained in-process exactly as `cvae train` trains it (cli.start_run), then its images are
+written (train.write_images: reconstructions, the samples.pgm digit sheet, interpolations) and
+it is evaluated (evaluate.run_eval, which writes DIR/<name>/eval.json). The table of all the
+runs goes to DIR/sweep.jsonl (one object per run) and DIR/sweep.md.
+
+Restarting: a run whose training is complete and whose eval.json is the evaluation of its
+final checkpoint (with the same k, seed, samples, temperature) is skipped; a run with a
+partial checkpoint is resumed (train.resume_trainer); a complete run with a missing or stale
+eval.json or sheet only gets those. A run directory holding a run with other settings is an
+error (before anything is trained). Ctrl-C / SIGTERM stop the sweep at once with exit code
+130 / 143 (the trainer saves a checkpoint first), and the same command continues it.
+
+`cvae sweep --collect DIR` builds the same table from every finished run under DIR (a
+subdirectory with config.json and eval.json, and a complete training), whoever made them:
+this command, or independent `cvae train --out DIR/name` + `cvae eval --checkpoint DIR/name`
+jobs (Slurm array tasks, GNU parallel; `--commands` prints those job lines).
+"""
+
+import argparse
+import inspect
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import sys
+import threading
+import time
+
+from cvae.errors import CvaeError
+
+SWEEP_MD = "sweep.md"
+SWEEP_JSONL = "sweep.jsonl"
+SAMPLES_NAME = "samples.pgm"
+EVAL_NAME = "eval.json"
+#: eval.json older than its checkpoint by more than this is stale (the slack lets a run
+#: directory copied without preserved times, files in any order, still count as finished).
+STALE_SECONDS = 2.0
+
+#: The grid options, in the order that makes up a run's name.
+GRID = ("latent", "hidden", "act", "schedule")
+#: Options shared by every run of a sweep (also training options --collect refuses).
+SHARED = ("variant", "digits", "epochs", "batch", "lr", "seed", "threads", "data")
+EVAL_OPTIONS = ("k", "samples", "temperature", "classifier")
+#: Metrics copied from eval.json into the table (None when absent).
+METRICS = ("neg_elbo", "rec", "kl", "iwae_nll", "k", "ssim", "cond_accuracy", "fid",
+           "fid_test_floor", "temperature")
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM outside training (the trainer handles its own): stop the sweep now."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# ---------------------------------------------------------------- list options
+
+
+def _list_type(parse_item, example):
+    """An argparse type for a comma-separated list: no empty items, no duplicates."""
+
+    def parse(text):
+        items = text.split(",")
+        if any(not item.strip() for item in items):
+            raise argparse.ArgumentTypeError(f"{text!r} has an empty item: give a list like {example}")
+        values = []
+        for item in items:
+            value = parse_item(item.strip())
+            if value in values:
+                raise argparse.ArgumentTypeError(f"{text!r} lists {item.strip()} twice")
+            values.append(value)
+        return tuple(values)
+
+    return parse
+
+
+def _latent_item(text):
+    if not re.fullmatch(r"\d+", text) or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (e.g. 128,256)")
+    return int(text)
+
+
+def _hidden_item(text):
+    match = re.fullmatch(r"(\d+)x(\d+)", text, flags=re.IGNORECASE)
+    if not match or min(int(match.group(1)), int(match.group(2))) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a pair of hidden sizes H1xH2: give e.g. 640x320,512x256")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _choice_item(choices, what):
+    def parse(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (choose from {','.join(choices)})")
+        return text
+
+    return parse
+
+
+def _digits_text(digits):
+    """(0,1,2,3,5) -> '0-3,5'."""
+    digits = sorted(digits)
+    parts = []
+    start = prev = None
+    for d in digits + [None]:
+        if start is not None and (d is None or d != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if d is not None and start is None:
+            start = d
+        prev = d
+    return ",".join(parts)
+
+
+# ---------------------------------------------------------------- the runs of a sweep
+
+
+class Run:
+    """One combination: its name, its run directory, the train options and the plan."""
+
+    def __init__(self, name, run_dir, train_args, plan):
+        self.name = name
+        self.run_dir = run_dir
+        self.train_args = train_args
+        self.plan = plan
+        self.state = None      # "new", "restart", "partial", "complete", "finished"
+        self.eval_problem = None
+
+    def train_options(self, args):
+        """The `cvae train` options (without --out) that start this run."""
+        plan = self.plan
+        opts = ["--hidden", f"{plan.arch.h1},{plan.arch.h2}", "--latent", str(plan.arch.latent),
+                "--act", plan.arch.act, "--schedule", plan.schedule.name,
+                "--digits", _digits_text(plan.digits), "--epochs", str(plan.epochs),
+                "--batch", str(plan.batch), "--lr", repr(plan.lr), "--seed", str(plan.seed)]
+        if args.threads is not None:
+            opts += ["--threads", str(args.threads)]
+        if args.data is not None:
+            opts += ["--data", args.data]
+        return opts
+
+
+def run_name(plan):
+    a = plan.arch
+    return f"latent{a.latent}-h{a.h1}x{a.h2}-{a.act}-{plan.schedule.name}"
+
+
+def plan_runs(args):
+    """Every combination of the grid options as a Run (in the grid's order)."""
+    from cvae import cli
+
+    lists = [getattr(args, name) or (None,) for name in GRID]
+    runs, names = [], set()
+    for latent, hidden, act, schedule in itertools.product(*lists):
+        ns = argparse.Namespace(
+            variant=args.variant or cli.DEFAULT_VARIANT, hidden=hidden, latent=latent, act=act,
+            schedule=schedule, digits=args.digits, epochs=args.epochs, batch=args.batch,
+            lr=args.lr, seed=args.seed, beta=None, schedule_set=None, data=args.data,
+            threads=args.threads, json=args.json, quiet=args.quiet)
+        plan = cli.build_plan(ns)
+        name = run_name(plan)
+        if name in names:  # distinct list values always give distinct names; never clobber
+            raise CvaeError(f"two combinations of the sweep are the same run ({name})")
+        names.add(name)
+        run = Run(name, os.path.join(args.out, name), ns, plan)
+        ns.argv = ["train", "--out", run.run_dir, *run.train_options(args)]
+        runs.append(run)
+    return runs
+
+
+def eval_kwargs(args, seed):
+    """Keyword arguments for evaluate.run_eval: eval's own defaults unless given."""
+    from cvae.evaluate import run_eval
+
+    accepted = inspect.signature(run_eval).parameters
+    kwargs = {"data": None, "seed": seed, "threads": args.threads}
+    for name in EVAL_OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            if name not in accepted:
+                raise CvaeError(f"--{name}: this cvae's evaluation has no such setting")
+            kwargs[name] = value
+    return kwargs
+
+
+def eval_wanted(args, seed):
+    """{eval.json key: value} an existing evaluation must have to be reused."""
+    from cvae.evaluate import run_eval
+
+    params = inspect.signature(run_eval).parameters
+    wanted = {"seed": seed}
+    for name in EVAL_OPTIONS:
+        value = getattr(args, name)
+        if name == "classifier":
+            if value is not None:  # eval.json names the classifier it used by absolute path
+                wanted[name] = os.path.abspath(value)
+            continue
+        if value is None and name in params and params[name].default is not inspect.Parameter.empty:
+            value = params[name].default
+        if value is not None:
+            wanted[name] = value
+    return wanted
+
+
+# ---------------------------------------------------------------- the state of a run directory
+
+
+_CONFIG_KEYS = ("arch", "digits", "schedule", "epochs", "seed", "batch", "lr")
+
+
+def config_differences(have, want):
+    """The settings (of _CONFIG_KEYS) in which a recorded configuration differs from want."""
+    out = []
+    for key in _CONFIG_KEYS:
+        if have.get(key) != want.get(key):
+            out.append(f"{key} {_short(have.get(key))} (this sweep: {_short(want.get(key))})")
+    return out
+
+
+def _short(value):
+    if isinstance(value, dict) and set(value) >= {"h1", "h2", "latent"}:
+        return f"{value['h1']}-{value['h2']}-{value['latent']} {value.get('act', '?')}"
+    if isinstance(value, dict) and "name" in value:
+        return value["name"] + (" " + ",".join(f"{k}={v:g}" for k, v in value.get("params", {}).items())
+                                if value.get("params") else "")
+    if isinstance(value, list):
+        return _digits_text(value) if all(isinstance(v, int) for v in value) else str(value)
+    return str(value)
+
+
+def _read_json(path):
+    """(dict, None) or (None, why not)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None, f"no {os.path.basename(path)}"
+    except (OSError, ValueError) as e:
+        return None, f"{os.path.basename(path)} is unreadable ({getattr(e, 'strerror', None) or e})"
+    if not isinstance(data, dict):
+        return None, f"{os.path.basename(path)} is not a JSON object"
+    return data, None
+
+
+def eval_problem(run_dir, epochs, wanted=None):
+    """None when run_dir/eval.json evaluates the run's final checkpoint (and, given wanted,
+    with those settings); otherwise why it does not."""
+    from cvae.checkpoint import LAST_NAME, epoch_checkpoint_path
+
+    path = os.path.join(run_dir, EVAL_NAME)
+    data, why = _read_json(path)
+    if data is None:
+        return why
+    named = data.get("checkpoint")
+    finals = (LAST_NAME, os.path.basename(epoch_checkpoint_path(run_dir, epochs)))
+    if not isinstance(named, str) or os.path.basename(named) not in finals:
+        return f"eval.json is of another checkpoint ({named})"
+    checkpoint = os.path.join(run_dir, os.path.basename(named))
+    try:
+        if os.path.getmtime(path) + STALE_SECONDS < os.path.getmtime(checkpoint):
+            return f"eval.json is older than {os.path.basename(named)}"
+    except OSError:
+        pass  # a run directory kept without its checkpoints: nothing to compare
+    for key, value in (wanted or {}).items():
+        if key in data and data[key] != value:
+            return f"eval.json has {key} {data[key]} (this sweep: {value})"
+        if key in ("k", "seed", "classifier") and key not in data:
+            return f"eval.json does not record {key}"
+    return None
+
+
+def training_state(run_dir):
+    """(state, plan or None): "none" (no checkpoint), "partial" or "complete", from the
+    newest checkpoint's header (fully verified)."""
+    from cvae.checkpoint import latest_checkpoint, load_checkpoint
+    from cvae.train import KIND, Plan
+
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return "none", None
+    meta, _, _ = load_checkpoint(path, expected_kind=KIND)
+    plan = Plan.from_meta(meta, path)
+    return ("complete" if plan.epoch >= plan.epochs else "partial"), plan
+
+
+def inspect_run(run, wanted_eval):
+    """Set run.state (and run.eval_problem); a directory holding another run is an error."""
+    from cvae.train import CONFIG_NAME, METRICS_NAME, recorded_config
+
+    run_dir = run.run_dir
+    want = run.plan.to_config()
+    if not os.path.exists(run_dir):
+        run.state = "new"
+        return
+    if not os.path.isdir(run_dir):
+        raise CvaeError(f"{run_dir} exists and is not a directory: choose another --out")
+    state, plan = training_state(run_dir)
+    if state == "none":
+        if not any(os.path.exists(os.path.join(run_dir, n)) for n in (CONFIG_NAME, METRICS_NAME)):
+            run.state = "new"
+            return
+        differ = config_differences(recorded_config(run_dir), want)
+        if differ:
+            raise CvaeError(f"{run_dir} holds another run's outputs ({'; '.join(differ)}): "
+                            f"choose another --out")
+        run.state = "restart"  # this run, stopped before its first checkpoint
+        return
+    differ = config_differences(plan.to_config(), want)
+    if differ:
+        raise CvaeError(f"{run_dir} holds a run with other settings: {'; '.join(differ)}; choose "
+                        f"another --out (or the run's own settings)")
+    if state == "partial":
+        run.state = "partial"
+        return
+    run.eval_problem = eval_problem(run_dir, plan.epochs, wanted_eval)
+    has_sheet = os.path.isfile(os.path.join(run_dir, SAMPLES_NAME))
+    run.state = "finished" if run.eval_problem is None and has_sheet else "complete"
+
+
+# ---------------------------------------------------------------- the table
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_row(table_dir, run_dir):
+    """The table's row of a finished run: settings from config.json, metrics from eval.json."""
+    from cvae.train import recorded_config
+
+    config = recorded_config(run_dir)
+    ev, _ = _read_json(os.path.join(run_dir, EVAL_NAME))
+    ev = ev or {}
+    arch = config.get("arch") if isinstance(config.get("arch"), dict) else {}
+    schedule = config.get("schedule") if isinstance(config.get("schedule"), dict) else {}
+    hidden = [arch["h1"], arch["h2"]] if "h1" in arch and "h2" in arch else None
+    samples = os.path.join(run_dir, SAMPLES_NAME)
+    row = {
+        "name": os.path.basename(os.path.normpath(run_dir)),
+        "run_dir": os.path.relpath(run_dir, table_dir),
+        "latent": arch.get("latent"), "hidden": hidden, "act": arch.get("act"),
+        "schedule": schedule.get("name"), "schedule_params": schedule.get("params"),
+        "epochs": config.get("epochs"), "digits": config.get("digits"),
+        "batch": config.get("batch"), "lr": config.get("lr"), "seed": config.get("seed"),
+    }
+    for key in METRICS:
+        row[key] = _finite(ev.get(key))
+    row["ssim_per_digit"] = ev.get("ssim_per_digit")
+    row["cond_accuracy_per_digit"] = ev.get("cond_accuracy_per_digit")
+    row["eval_seed"] = ev.get("seed")
+    row["n_images"] = ev.get("n_images")
+    row["samples"] = os.path.relpath(samples, table_dir) if os.path.isfile(samples) else None
+    return row
+
+
+def _sort_key(row):
+    def part(value):
+        if value is None:
+            return (1, "")
+        if isinstance(value, list):
+            return (0, tuple(value))
+        return (0, value)
+
+    keys = ("latent", "hidden", "act", "schedule", "epochs", "digits", "batch", "lr", "seed", "name")
+    return tuple(part(row.get(k)) for k in keys)
+
+
+def _fmt(value, places):
+    value = _finite(value)
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{places}f}"
+    return str(value)
+
+
+def _md(text):
+    return str(text).replace("|", "\\|")
+
+
+def _setting_text(key, value):
+    if value is None:
+        return "—"
+    if key == "hidden":
+        return "×".join(map(str, value))
+    if key == "digits":
+        return _digits_text(value) if isinstance(value, list) else str(value)
+    if key == "lr":
+        return f"{value:g}"
+    return str(value)
+
+
+#: (header, row key, decimals, definition) of the metric columns.
+METRIC_COLUMNS = (
+    ("−ELBO", "neg_elbo", 2, "test-set negative ELBO at β = 1, nats per image (= rec + KL); "
+                             "lower is better, the best is in bold"),
+    ("rec", "rec", 2, "reconstruction term: BCE with logits over the 784 continuous pixels, nats"),
+    ("KL", "kl", 2, "analytic KL(q(z|x,y) ‖ N(0, I)), nats"),
+    ("IWAE NLL", "iwae_nll", 2, "importance-weighted bound on −log p(x|y) with k samples per "
+                                "image, nats (tighter than −ELBO)"),
+    ("k", "k", 0, "importance samples per image of the IWAE bound"),
+    ("SSIM", "ssim", 4, "mean SSIM of the reconstructions (z = μ) against the test digits; "
+                        "higher is better"),
+    ("cond. acc.", "cond_accuracy", 4, "conditional accuracy: the share of generated digits a "
+                                       "classifier reads as the digit they were generated for"),
+    ("FID", "fid", 2, "Fréchet distance between features of generated and test digits; lower "
+                      "is better"),
+    ("FID floor", "fid_test_floor", 2, "the FID the test digits themselves reach: a floor for FID"),
+    ("T", "temperature", 2, "temperature of the generated digits (z ~ N(0, T² I))"),
+)
+#: Settings that get a column only when the rows differ in them (else one line above the table).
+OPTIONAL_SETTINGS = (("digits", "digits"), ("batch", "batch"), ("lr", "lr"), ("seed", "seed"),
+                     ("eval seed", "eval_seed"))
+
+
+def render_markdown(rows, title):
+    rows = list(rows)
+    varying = [(h, k) for h, k in OPTIONAL_SETTINGS
+               if len({json.dumps(r.get(k)) for r in rows}) > 1]
+    common = [(h, k) for h, k in OPTIONAL_SETTINGS if (h, k) not in varying]
+    best = min((r["neg_elbo"] for r in rows if r.get("neg_elbo") is not None), default=None)
+
+    lines = [f"# {title}", ""]
+    lines.append(f"{len(rows)} finished run(s), one row each, sorted by latent size, hidden sizes, "
+                 f"activation and schedule. Metrics are those of each run's `eval.json` "
+                 f"(`cvae eval`, see the README's Quality metrics); — marks a metric the "
+                 f"evaluation did not give.")
+    if common and rows:
+        shared = ", ".join(f"{h} {_setting_text(k, rows[0].get(k))}" for h, k in common)
+        lines.append("")
+        lines.append(f"Common to every run: {shared}.")
+    lines.append("")
+    headers = (["run", "latent", "hidden", "act", "schedule", "epochs"] + [h for h, _ in varying]
+               + [h for h, _, _, _ in METRIC_COLUMNS] + ["samples"])
+    lines.append("| " + " | ".join(headers) + " |")
+    align = ["---"] + ["---:", "---:", "---", "---", "---:"] + ["---:"] * len(varying) \
+        + ["---:"] * len(METRIC_COLUMNS) + ["---"]
+    lines.append("|" + "|".join(align) + "|")
+    for r in rows:
+        cells = [f"`{_md(r['name'])}`"]
+        cells += [_md(_setting_text(k, r.get(k))) for k in ("latent", "hidden", "act", "schedule", "epochs")]
+        cells += [_md(_setting_text(k, r.get(k))) for _, k in varying]
+        for _, key, places, _ in METRIC_COLUMNS:
+            text = _fmt(r.get(key), places)
+            if key == "neg_elbo" and best is not None and r.get(key) == best:
+                text = f"**{text}**"
+            cells.append(text)
+        sheet = r.get("samples")
+        cells.append(f"[{SAMPLES_NAME}]({sheet.replace(os.sep, '/')})" if sheet else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Columns:")
+    lines.append("")
+    definitions = [
+        ("run", "the run directory (beside this file); its `config.json` holds every setting"),
+        ("latent", "latent size"),
+        ("hidden", "hidden layer sizes h1 × h2 (encoder 794 → h1 → h2, decoder the mirror)"),
+        ("act", "hidden activation"),
+        ("schedule", "β / learning-rate schedule (`cvae train --help`)"),
+        ("epochs", "training epochs"),
+    ]
+    definitions += [(h, {"digits": "digits trained and evaluated on", "batch": "minibatch size",
+                         "lr": "base learning rate", "seed": "training seed",
+                         "eval seed": "noise seed of the evaluation"}[h]) for h, _ in varying]
+    definitions += [(h, d) for h, _, _, d in METRIC_COLUMNS]
+    definitions.append(("samples", "the run's digit sheet: 10 samples per digit from the prior, "
+                                   "temperature 1, one row per digit (PGM, with a JSON sidecar)"))
+    lines += [f"- **{h}**: {d}" for h, d in definitions]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(table_dir, rows, title):
+    """sweep.jsonl and sweep.md in table_dir, each written atomically."""
+    from cvae.atomic import write_text_atomic
+
+    rows = sorted(rows, key=_sort_key)
+    jsonl = "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows)
+    md = render_markdown(rows, title)
+    paths = (os.path.join(table_dir, SWEEP_JSONL), os.path.join(table_dir, SWEEP_MD))
+    for path, text in zip(paths, (jsonl, md)):
+        try:
+            write_text_atomic(path, text)
+        except OSError as e:
+            raise CvaeError(f"cannot write {path}: {e.strerror or e}") from None
+    return paths
+
+
+# ---------------------------------------------------------------- cvae sweep --collect
+
+
+def collect(directory):
+    """(rows of the finished runs, [(run_dir, why unfinished)]) of the subdirectories of
+    directory that hold a run (config.json or a checkpoint)."""
+    from cvae.checkpoint import list_checkpoints
+    from cvae.train import CONFIG_NAME, read_metrics, recorded_config
+
+    try:
+        names = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+    except OSError as e:
+        raise CvaeError(f"cannot read --collect {directory}: {e.strerror or e}") from None
+    rows, unfinished = [], []
+    for name in names:
+        run_dir = os.path.join(directory, name)
+        has_config = os.path.isfile(os.path.join(run_dir, CONFIG_NAME))
+        try:
+            checkpoints = list_checkpoints(run_dir)
+        except CvaeError:
+            checkpoints = []
+        if not has_config and not checkpoints:
+            continue  # not a run directory
+        why = None
+        config = recorded_config(run_dir)
+        if not has_config or not config:
+            why = "no readable config.json"
+        else:
+            try:
+                state, plan = training_state(run_dir)
+            except CvaeError as e:
+                state, plan, why = None, None, str(e)
+            if why is None:
+                epochs = config.get("epochs")
+                if state == "none":  # results kept without checkpoints: go by the metrics
+                    done = read_metrics(run_dir)
+                    if not isinstance(epochs, int) or not done or done[-1]["epoch"] < epochs:
+                        why = "training not complete"
+                elif state == "partial":
+                    why = f"training not complete (epoch {plan.epoch} of {plan.epochs})"
+                else:
+                    epochs = plan.epochs
+                if why is None:
+                    why = eval_problem(run_dir, epochs if isinstance(epochs, int) else 0)
+        if why is None:
+            rows.append(read_row(directory, run_dir))
+        else:
+            unfinished.append((run_dir, why))
+    return rows, unfinished
+
+
+def cmd_collect(args):
+    directory = args.collect
+    if not os.path.exists(directory):
+        raise CvaeError(f"--collect {directory}: no such directory")
+    if not os.path.isdir(directory):
+        raise CvaeError(f"--collect {directory} is not a directory")
+    rows, unfinished = collect(directory)
+    if not rows:
+        extra = f" ({len(unfinished)} unfinished)" if unfinished else ""
+        raise CvaeError(f"--collect {directory}: no finished runs in it (a subdirectory with "
+                        f"config.json, a complete training and eval.json){extra}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CvaeError(f"cannot write the table into {directory}: not writable")
+    for run_dir, why in unfinished:
+        print(f"cvae: {run_dir}: unfinished ({why}): not in the table", file=sys.stderr, flush=True)
+    jsonl, md = write_table(directory, rows, f"cvae sweep: {os.path.basename(os.path.abspath(directory))}")
+    if args.json:
+        for row in sorted(rows, key=_sort_key):
+            print(json.dumps(row), flush=True)
+    elif not args.quiet:
+        print(f"{len(rows)} finished run(s) -> {md}, {jsonl}", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- cvae sweep
+
+
+def _install_signals():
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _summary(row):
+    parts = []
+    for label, key, places in (("−ELBO", "neg_elbo", 2), ("IWAE NLL", "iwae_nll", 2),
+                               ("SSIM", "ssim", 4), ("FID", "fid", 2)):
+        if row.get(key) is not None:
+            parts.append(f"{label} {_fmt(row[key], places)}")
+    return ", ".join(parts)
+
+
+def _check_out(out):
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise CvaeError(f"--out {out} exists and is not a directory")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise CvaeError(f"--out {out} is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise CvaeError(f"cannot create --out {out}: {parent} is not a writable directory")
+
+
+def _commands(args, runs):
+    """One shell line per run: train (or resume, when the run has a checkpoint) then eval."""
+    common = []  # options the resume and the evaluation take too
+    for name in ("threads", "data"):
+        if getattr(args, name) is not None:
+            common += [f"--{name}", str(getattr(args, name))]
+    ev = [f"--{name}={getattr(args, name)}" for name in EVAL_OPTIONS if getattr(args, name) is not None]
+    lines = []
+    for run in runs:
+        d = shlex.quote(run.run_dir)
+        train = " ".join(shlex.quote(o) for o in run.train_options(args))
+        both = "".join(" " + shlex.quote(o) for o in common)
+        evs = "".join(" " + shlex.quote(o) for o in ["--seed", str(run.plan.seed), *ev])
+        lines.append(f"if [ -e {d}/last.cvae ]; then cvae train --resume {d}{both} --quiet; "
+                     f"else cvae train --out {d} {train} --quiet; fi && "
+                     f"cvae eval --checkpoint {d}{evs}{both} --json")
+    return lines
+
+
+def cmd_sweep(args):
+    given = [name for name in GRID + SHARED + EVAL_OPTIONS if getattr(args, name) is not None]
+    if args.commands:
+        given.append("commands")
+    if args.collect is not None:
+        if args.out is not None:
+            raise CvaeError("--collect DIR writes its table into DIR: leave out --out")
+        if given:
+            raise CvaeError(f"--collect builds the table from finished runs and takes no "
+                            f"training options (got --{given[0]})")
+        return cmd_collect(args)
+    if args.out is None:
+        raise CvaeError("give --out DIR (where the runs go), or --collect DIR to tabulate "
+                        "finished runs (see 'cvae sweep --help')")
+    from cvae import cli
+    from cvae import train as T
+
+    runs = plan_runs(args)
+    if args.commands:
+        for line in _commands(args, runs):
+            print(line)
+        return 0
+    threads = args.threads
+    if threads is None:
+        from cvae.kernels import default_threads
+
+        threads = default_threads()
+    for run in runs:
+        run.train_args.threads = threads
+    seed = runs[0].plan.seed
+    ev_kwargs = eval_kwargs(args, seed)
+    ev_kwargs["threads"] = threads
+    wanted = eval_wanted(args, seed)
+
+    out = args.out
+    _check_out(out)
+    for run in runs:
+        inspect_run(run, wanted)
+    say = cli._say(args)
+    todo = [r for r in runs if r.state != "finished"]
+    data_dir = None
+    if todo:
+        data_dir, _ = cli.ensure_data(runs[0].train_args)
+        # Fail on missing or unreadable data now, before any run directory is made.
+        for digits in {r.plan.digits for r in todo}:
+            T.load_datasets(data_dir, digits)
+    ev_kwargs["data"] = data_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise CvaeError(f"cannot create --out {out}: {e.strerror or e}") from None
+
+    n = len(runs)
+    old = _install_signals()
+    current = None
+    try:
+        for i, run in enumerate(runs, 1):
+            current = run
+            tag = f"[{i}/{n}] {run.name}"
+            if run.state == "finished":
+                say(f"{tag}: skipped (finished)")
+                status = "skipped"
+            else:
+                start = time.perf_counter()
+                code, status = _do_run(run, args, tag, say, threads, data_dir, ev_kwargs)
+                if code:
+                    print(f"cvae: sweep stopped in run {run.name} ({i} of {n}); run the same "
+                          f"'cvae sweep' command again to continue (finished runs are skipped, "
+                          f"this one resumes)", file=sys.stderr, flush=True)
+                    return code
+                row = read_row(out, run.run_dir)
+                say(f"{tag}: {status} in {time.perf_counter() - start:.1f} s: {_summary(row)}")
+            if args.json:
+                print(json.dumps({**read_row(out, run.run_dir), "status": status}), flush=True)
+        current = None
+        rows = [read_row(out, r.run_dir) for r in runs]
+        jsonl, md = write_table(out, rows, f"cvae sweep: {os.path.basename(os.path.abspath(out))}")
+    except Interrupted as e:
+        name = signal.Signals(e.signum).name
+        where = f" in run {current.name}" if current is not None else ""
+        print(f"cvae: {name}: sweep stopped{where}; run the same 'cvae sweep' command again to "
+              f"continue (finished runs are skipped)", file=sys.stderr, flush=True)
+        return T.EXIT_SIGNAL.get(e.signum, 130)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    say(f"table of {n} run(s) -> {md}, {jsonl}")
+    return 0
+
+
+def _do_run(run, args, tag, say, threads, data_dir, ev_kwargs):
+    """Train / resume / finish one run; (exit code, status). A non-zero code: interrupted."""
+    from cvae import cli
+    from cvae import train as T
+    from cvae.evaluate import run_eval
+    from cvae.train import CONFIG_NAME, METRICS_NAME
+
+    reporter = T.Reporter() if (args.json or args.quiet) else T.RichReporter()
+    result = None
+    if run.state in ("new", "restart"):
+        if run.state == "restart":
+            # This run (same settings) was stopped before its first checkpoint: start it again.
+            for name in (CONFIG_NAME, METRICS_NAME):
+                try:
+                    os.unlink(os.path.join(run.run_dir, name))
+                except FileNotFoundError:
+                    pass
+        say(f"{tag}: training ({run.plan.epochs} epochs)")
+        trainer = cli.start_run(run.train_args, run.run_dir, reporter,
+                                config_extra={"sweep_argv": list(getattr(args, "argv", []) or [])})
+        status = "trained"
+    else:
+        trainer = T.resume_trainer(run.run_dir, threads, data_dir, reporter)
+        if run.state == "partial":
+            p = trainer.plan
+            say(f"{tag}: resuming at epoch {p.epoch + 1} of {p.epochs}")
+            status = "resumed"
+        else:
+            say(f"{tag}: trained; {run.eval_problem or 'no ' + SAMPLES_NAME}: evaluating")
+            status = "evaluated"
+    if run.state != "complete":
+        result = trainer.run()
+        if result.exit_code:
+            return result.exit_code, status
+        if result.status != "complete":
+            raise CvaeError(f"{run.run_dir}: training stopped early ({result.status})")
+    if result is not None or not os.path.isfile(os.path.join(run.run_dir, SAMPLES_NAME)):
+        T.write_images(trainer)
+    if result is not None or run.eval_problem is not None:
+        run_eval(run.run_dir, progress=not (args.json or args.quiet), **ev_kwargs)
+    return 0, status
+
+
+# ---------------------------------------------------------------- parser
+
+
+def register(subparsers):
+    from cvae import cli
+    from cvae.model import ACTIVATIONS, VARIANTS
+    from cvae.schedule import SCHEDULES
+
+    p = subparsers.add_parser(
+        "sweep", formatter_class=cli.Formatter,
+        help="train every combination of latent/hidden/act/schedule, evaluate each, one table",
+        description=(
+            "Train every combination of the grid options (each a comma-separated list), evaluate\n"
+            "each run (as 'cvae eval') and write one table: DIR/sweep.md (Markdown, best negative\n"
+            "ELBO in bold, each column defined) and DIR/sweep.jsonl (one JSON object per run).\n"
+            "Every run is DIR/<name>, e.g. DIR/latent128-h640x320-elu-progressive, a normal run\n"
+            "directory (config.json, metrics.jsonl, checkpoints, eval.json, samples.pgm, ...).\n\n"
+            "Running the same command again skips finished runs (complete, with an eval.json of\n"
+            "the final checkpoint) and resumes partial ones; Ctrl-C / SIGTERM stop the sweep at\n"
+            "once (exit 130 / 143) after the trainer saves a checkpoint.\n\n"
+            "For a sweep of independent jobs (Slurm array, GNU parallel): --commands prints one\n"
+            "shell line per run (cvae train ... && cvae eval ... --json); when they are done,\n"
+            "'cvae sweep --collect DIR' builds the table from every finished run under DIR."),
+        epilog="example: cvae sweep --latent 128,256 --act elu,relu --epochs 30 --out runs/latent")
+    grid = p.add_argument_group("grid (each a comma-separated list; every combination is one run)")
+    grid.add_argument("--latent", type=_list_type(_latent_item, "128,256"), metavar="L1,L2,...",
+                      default=None, help="latent sizes (default: the variant's)")
+    grid.add_argument("--hidden", type=_list_type(_hidden_item, "640x320,512x256"),
+                      metavar="H1xH2,...", default=None,
+                      help="hidden layer sizes, each pair written H1xH2, pairs separated by commas, "
+                           "e.g. 640x320,512x256 (default: the variant's)")
+    grid.add_argument("--act", type=_list_type(_choice_item(ACTIVATIONS, "an activation"), "elu,relu"),
+                      metavar="A1,A2", default=None,
+                      help=f"hidden activations, of {','.join(ACTIVATIONS)} (default: elu)")
+    grid.add_argument("--schedule", type=_list_type(_choice_item(tuple(SCHEDULES), "a schedule"),
+                                                    "progressive,constant"),
+                      metavar="S1,S2", default=None,
+                      help=f"β / learning-rate schedules, of {','.join(SCHEDULES)} (see 'cvae train "
+                           f"--help') (default: progressive)")
+    shared = p.add_argument_group("shared by every run (as in 'cvae train')")
+    shared.add_argument("--variant", choices=tuple(VARIANTS), default=None,
+                        help="base sizes and digits, overridden by the grid (default: full)")
+    shared.add_argument("--digits", type=cli.digits_type, default=None,
+                        help="digits to train on, e.g. 0-9 or 0,1 (default: the variant's)")
+    shared.add_argument("--epochs", type=cli.positive_int, default=None, help="epochs per run (default: 30)")
+    shared.add_argument("--batch", type=cli.positive_int, default=None, help="minibatch size (default: 64)")
+    shared.add_argument("--lr", type=cli.positive_float, default=None, help="base learning rate (default: 1e-3)")
+    shared.add_argument("--seed", type=cli.non_negative_int, default=None,
+                        help="training seed, also the evaluation's noise seed (default: 0)")
+    shared.add_argument("--threads", type=cli.positive_int, default=None,
+                        help="OpenMP threads (default: the CPUs available to this process)")
+    shared.add_argument("--data", metavar="DIR", default=None,
+                        help="MNIST directory (default: $CVAE_DATA, else the cache, fetched when empty)")
+    from cvae.evaluate import run_eval
+
+    params = inspect.signature(run_eval).parameters
+
+    def eval_default(name):
+        default = params[name].default if name in params else None
+        return f"(default: cvae eval's, {default})" if default not in (None, inspect.Parameter.empty) \
+            else "(default: cvae eval's)"
+
+    ev = p.add_argument_group("evaluation (as in 'cvae eval'; its defaults unless given)")
+    ev.add_argument("--k", type=cli.positive_int, default=None,
+                    help=f"importance samples per image of the IWAE bound {eval_default('k')}")
+    ev.add_argument("--samples", type=cli.positive_int, default=None,
+                    help=f"generated digits per digit for the conditional accuracy and FID "
+                         f"{eval_default('samples')}")
+    ev.add_argument("--temperature", type=cli.non_negative_float, default=None,
+                    help=f"temperature of those generated digits {eval_default('temperature')}")
+    ev.add_argument("--classifier", metavar="FILE", default=None,
+                    help="digit classifier for the conditional accuracy and FID (default: cvae "
+                         "eval's: the shipped one, for the MNIST test set)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR", default=None,
+                     help="sweep directory: one run directory per combination, and the table")
+    out.add_argument("--collect", metavar="DIR", default=None,
+                     help="only build DIR/sweep.md and DIR/sweep.jsonl from the finished runs under "
+                          "DIR (takes no training options)")
+    out.add_argument("--commands", action="store_true",
+                     help="print one shell line per run (train or resume, then eval) and train "
+                          "nothing: for Slurm arrays or GNU parallel")
+    quiet = out.add_mutually_exclusive_group()
+    quiet.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    quiet.add_argument("--json", action="store_true",
+                       help="one JSON object per run on stdout (its table row and 'status'); "
+                            "progress lines on stderr")
+    p.set_defaults(func=cmd_sweep)

@@ -1,0 +1,392 @@
+"""cvae sweep: every combination trained and evaluated, one table, restarts that skip finished
+runs and resume partial ones, signals, --collect over runs made by separate jobs, bad input.
+
+Tiny models (hidden 32x16, latent 4/8) on tiny synthetic IDX files, a couple of epochs."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_train import write_mnist_dir  # noqa: E402
+
+from cvae import cli  # noqa: E402
+from cvae import sweep as S  # noqa: E402
+from cvae import train as T  # noqa: E402
+from cvae.checkpoint import load_checkpoint  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = ["latent4-h32x16-elu-progressive", "latent8-h32x16-elu-progressive"]
+SHARED = ["--hidden", "32x16", "--epochs", "2", "--batch", "16", "--threads", "1", "--k", "3"]
+GRID = ["--latent", "4,8"]
+
+
+@pytest.fixture(autouse=True)
+def no_real_data(monkeypatch, tmp_path):
+    monkeypatch.delenv("CVAE_DATA", raising=False)
+    monkeypatch.setenv("CVAE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return write_mnist_dir(tmp_path / "mnist")
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def sweep(capsys, data_dir, out, *extra, grid=GRID):
+    return run_cli(capsys, "sweep", *grid, *SHARED, "--data", data_dir, "--out", out, *extra)
+
+
+def stamps(directory):
+    """(inode, mtime_ns, size) of every checkpoint and eval.json under directory."""
+    found = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            if name.endswith(".cvae") or name == "eval.json":
+                st = os.stat(os.path.join(root, name))
+                found[os.path.relpath(os.path.join(root, name), directory)] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return found
+
+
+def rows(directory):
+    return [json.loads(line) for line in (directory / "sweep.jsonl").read_text().splitlines()]
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("cvae: error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def assert_finished(run):
+    meta, _, _ = load_checkpoint(run / "last.cvae")
+    assert meta["epoch"] == meta["epochs"] == 2
+    for name in ("eval.json", "samples.pgm", "samples.json", "config.json", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["k"] == 3 and os.path.basename(ev["checkpoint"]) == "last.cvae"
+
+
+# ---------------------------------------------------------------- the sweep and its table
+
+
+def test_two_runs_then_a_rerun_skips_both(capsys, tmp_path, data_dir):
+    out = tmp_path / "sw"
+    code, stdout, err = sweep(capsys, data_dir, out, "--quiet")
+    assert code == 0, err
+    assert stdout == "" and err == ""
+    for name in NAMES:
+        assert_finished(out / name)
+    table = rows(out)
+    assert [r["name"] for r in table] == NAMES
+    for r, latent in zip(table, (4, 8)):
+        assert (r["latent"], r["hidden"], r["act"], r["schedule"], r["epochs"]) == (latent, [32, 16], "elu", "progressive", 2)
+        assert (r["batch"], r["lr"], r["seed"], r["digits"]) == (16, 0.001, 0, list(range(10)))
+        ev = json.loads((out / r["name"] / "eval.json").read_text())
+        for key in ("neg_elbo", "rec", "kl", "iwae_nll", "k", "ssim"):
+            assert r[key] == ev[key]
+        for key in ("cond_accuracy", "fid", "fid_test_floor", "temperature"):
+            assert key in r and r[key] == ev.get(key)
+        assert r["run_dir"] == r["name"] and r["samples"] == f"{r['name']}/samples.pgm"
+        assert r["eval_seed"] == 0
+    md = (out / "sweep.md").read_text()
+    body = [line for line in md.splitlines() if line.startswith("| `")]
+    assert len(body) == 2
+    best = min(table, key=lambda r: r["neg_elbo"])
+    for line, r in zip(body, table):
+        assert f"`{r['name']}`" in line and f"[samples.pgm]({r['name']}/samples.pgm)" in line
+        assert (f"**{r['neg_elbo']:.2f}**" in line) == (r is best)
+    assert "- **−ELBO**:" in md and "- **IWAE NLL**:" in md and "- **samples**:" in md
+    if table[0]["fid"] is None:
+        assert "—" in body[0]
+
+    before = stamps(out)
+    table_before = (out / "sweep.jsonl").read_text()
+    code, stdout, err = sweep(capsys, data_dir, out)
+    assert code == 0, err
+    assert stdout.count("skipped (finished)") == 2 and "training" not in stdout
+    assert stamps(out) == before
+    assert (out / "sweep.jsonl").read_text() == table_before
+
+
+def test_json_prints_one_object_per_run(capsys, tmp_path, data_dir):
+    out = tmp_path / "sw"
+    code, stdout, err = sweep(capsys, data_dir, out, "--json")
+    assert code == 0, err
+    objects = [json.loads(line) for line in stdout.splitlines()]
+    assert [(o["name"], o["status"]) for o in objects] == [(n, "trained") for n in NAMES]
+    assert "training" in err  # progress lines go to stderr
+    assert [{k: v for k, v in o.items() if k != "status"} for o in objects] == rows(out)
+    code, stdout, _ = sweep(capsys, data_dir, out, "--json")
+    assert [json.loads(line)["status"] for line in stdout.splitlines()] == ["skipped", "skipped"]
+
+
+def test_a_partial_run_is_resumed_exactly(capsys, tmp_path, data_dir):
+    out = tmp_path / "sw"
+    code, _, err = run_cli(capsys, "train", "--hidden", "32,16", "--latent", "4", "--epochs", "2",
+                           "--batch", "16", "--threads", "1", "--data", data_dir, "--out",
+                           out / NAMES[0], "--stop-after-epochs", "1", "--quiet")
+    assert code == 0, err
+    meta, _, _ = load_checkpoint(out / NAMES[0] / "last.cvae")
+    assert meta["epoch"] == 1 and not (out / NAMES[0] / "eval.json").exists()
+
+    code, stdout, err = sweep(capsys, data_dir, out)
+    assert code == 0, err
+    assert f"{NAMES[0]}: resuming at epoch 2 of 2" in stdout
+    assert f"{NAMES[1]}: training (2 epochs)" in stdout
+    for name in NAMES:
+        assert_finished(out / name)
+    assert len(T.read_metrics(out / NAMES[0])) == 2
+
+    straight = tmp_path / "straight"
+    code, _, err = sweep(capsys, data_dir, straight, "--quiet")
+    assert code == 0, err
+    for name in NAMES:
+        assert (out / name / "last.cvae").read_bytes() == (straight / name / "last.cvae").read_bytes()
+
+
+def test_a_stale_or_missing_evaluation_is_redone_without_training(capsys, tmp_path, data_dir):
+    out = tmp_path / "sw"
+    assert sweep(capsys, data_dir, out, "--quiet")[0] == 0
+    checkpoints = {k: v for k, v in stamps(out).items() if k.endswith(".cvae")}
+    (out / NAMES[1] / "eval.json").unlink()
+    code, stdout, err = run_cli(capsys, "sweep", *GRID, *SHARED[:-1], "4", "--data", data_dir,
+                                "--out", out)
+    assert code == 0, err
+    assert stdout.count("evaluating") == 2 and "training" not in stdout and "skipped" not in stdout
+    assert {k: v for k, v in stamps(out).items() if k.endswith(".cvae")} == checkpoints
+    assert [r["k"] for r in rows(out)] == [4, 4]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(capsys, tmp_path, data_dir):
+    out = tmp_path / "sw"
+    assert sweep(capsys, data_dir, out, "--quiet")[0] == 0
+    run = out / NAMES[0]
+    for path in run.iterdir():
+        if path.name not in ("config.json", "metrics.jsonl"):
+            path.unlink()
+    code, stdout, err = sweep(capsys, data_dir, out)
+    assert code == 0, err
+    assert f"{NAMES[0]}: training" in stdout and f"{NAMES[1]}: skipped (finished)" in stdout
+    assert_finished(run)
+
+
+@pytest.mark.parametrize("signum, expected", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_the_sweep_and_a_rerun_finishes_it(capsys, tmp_path, data_dir, monkeypatch,
+                                                          signum, expected):
+    out = tmp_path / "sw"
+    original = T.Trainer.run
+
+    def run_with_a_signal(self, *args, **kwargs):
+        def send(trainer, step):
+            if step == 3:
+                os.kill(os.getpid(), signum)
+
+        self.after_step = send
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(T.Trainer, "run", run_with_a_signal)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    code, _, err = sweep(capsys, data_dir, out, "--quiet")
+    assert code == expected, err
+    assert "sweep stopped" in err and "Traceback" not in err
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+    meta, _, _ = load_checkpoint(out / NAMES[0] / "last.cvae")
+    assert meta["epoch"] == 0 and meta["step"] in (3, 4)
+    assert not (out / NAMES[1]).exists() and not (out / "sweep.md").exists()
+
+    monkeypatch.setattr(T.Trainer, "run", original)
+    code, stdout, err = sweep(capsys, data_dir, out)
+    assert code == 0, err
+    assert f"{NAMES[0]}: resuming at epoch 1 of 2" in stdout
+    for name in NAMES:
+        assert_finished(out / name)
+    assert len(rows(out)) == 2
+
+
+def test_a_signal_during_evaluation_stops_at_once(capsys, tmp_path, data_dir, monkeypatch):
+    from cvae import evaluate
+
+    out = tmp_path / "sw"
+    original = evaluate.run_eval
+
+    @functools.wraps(original)
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal should have stopped the sweep")
+
+    monkeypatch.setattr(evaluate, "run_eval", killed)
+    code, _, err = sweep(capsys, data_dir, out, "--quiet")
+    assert code == 143, err
+    assert "SIGTERM" in err and "sweep stopped" in err and "Traceback" not in err
+    assert not (out / NAMES[0] / "eval.json").exists() and not (out / NAMES[1]).exists()
+    monkeypatch.setattr(evaluate, "run_eval", original)
+    code, stdout, err = sweep(capsys, data_dir, out)
+    assert code == 0, err
+    assert f"{NAMES[0]}: trained; no eval.json: evaluating" in stdout
+    for name in NAMES:
+        assert_finished(out / name)
+
+
+# ---------------------------------------------------------------- --collect
+
+
+def separate_jobs(capsys, data_dir, directory, name, latent, *extra):
+    run = directory / name
+    code, _, err = run_cli(capsys, "train", "--hidden", "32,16", "--latent", latent, "--epochs", "2",
+                           "--batch", "16", "--threads", "1", "--data", data_dir, "--out", run,
+                           "--quiet", *extra)
+    assert code == 0, err
+    if "--stop-after-epochs" in extra:
+        return
+    code, stdout, err = run_cli(capsys, "eval", "--checkpoint", run, "--data", data_dir, "--k", "3",
+                                "--threads", "1", "--json")
+    assert code == 0, err
+    json.loads(stdout)
+
+
+def test_collect_of_separate_jobs_gives_the_sweeps_table(capsys, tmp_path, data_dir):
+    swept = tmp_path / "a" / "sweep"
+    assert sweep(capsys, data_dir, swept, "--quiet")[0] == 0
+
+    jobs = tmp_path / "b" / "sweep"
+    for name, latent in zip(NAMES, ("4", "8")):
+        separate_jobs(capsys, data_dir, jobs, name, latent)
+    separate_jobs(capsys, data_dir, jobs, "unfinished", "8", "--stop-after-epochs", "1")
+    (jobs / "notes").mkdir()  # not a run: ignored
+    code, stdout, err = run_cli(capsys, "sweep", "--collect", jobs)
+    assert code == 0, err
+    assert err.strip().splitlines() == [
+        f"cvae: {jobs / 'unfinished'}: unfinished (training not complete (epoch 1 of 2)): not in the table"]
+    assert "2 finished run(s)" in stdout
+    assert (jobs / "sweep.jsonl").read_text() == (swept / "sweep.jsonl").read_text()
+    assert (jobs / "sweep.md").read_text() == (swept / "sweep.md").read_text()
+
+    # --collect on the sweep's own directory rebuilds the same table
+    before = (swept / "sweep.md").read_text()
+    (swept / "sweep.md").unlink()
+    code, stdout, err = run_cli(capsys, "sweep", "--collect", swept, "--json")
+    assert code == 0 and err == ""
+    assert [json.loads(line) for line in stdout.splitlines()] == rows(swept)
+    assert (swept / "sweep.md").read_text() == before
+
+
+def test_commands_are_jobs_that_collect_tabulates(capsys, tmp_path, data_dir):
+    out = tmp_path / "jobs"
+    code, stdout, err = run_cli(capsys, "sweep", "--latent", "4", *SHARED, "--data", data_dir,
+                                "--out", out, "--commands")
+    assert code == 0, err
+    (line,) = stdout.splitlines()
+    assert "cvae train --out" in line and "cvae eval --checkpoint" in line and "--k=3" in line
+    assert not out.exists()
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "cvae").write_text(f"#!/bin/sh\nexec {sys.executable} -m cvae \"$@\"\n")
+    (shim / "cvae").chmod(0o755)
+    env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for _ in range(2):  # the second time the line resumes (here: finds the run complete)
+        proc = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout.splitlines()[-1])["k"] == 3
+    code, _, err = run_cli(capsys, "sweep", "--collect", out)
+    assert code == 0, err
+    assert [r["name"] for r in rows(out)] == [NAMES[0]]
+    code, stdout, err = run_cli(capsys, "sweep", "--latent", "4", *SHARED, "--data", data_dir, "--out", out)
+    assert code == 0, err
+    assert "skipped (finished)" in stdout
+
+
+# ---------------------------------------------------------------- the table itself
+
+
+def test_markdown_marks_missing_metrics_and_the_best_elbo():
+    base = {"latent": 4, "hidden": [32, 16], "act": "elu", "schedule": "progressive", "epochs": 2,
+            "digits": [0, 1], "batch": 16, "lr": 0.001, "seed": 0, "k": 3, "rec": 1.0, "kl": 2.0,
+            "iwae_nll": 2.5, "ssim": 0.5, "eval_seed": 0}
+    rows_ = [{**base, "name": "a", "neg_elbo": 3.0, "fid": None, "samples": "a/samples.pgm"},
+             {**base, "name": "b", "latent": 8, "neg_elbo": 2.0, "fid": 12.345, "samples": None,
+              "seed": 1}]
+    md = S.render_markdown(rows_, "t")
+    a, b = [line for line in md.splitlines() if line.startswith("| `")]
+    assert "**2.00**" in b and "**" not in a
+    assert "12.35" in b and a.count("—") >= 4  # fid, cond. acc., FID floor, T
+    assert b.rstrip().endswith("| — |")  # no samples sheet
+    header = next(line for line in md.splitlines() if line.startswith("| run |"))
+    assert "| seed |" in header and "| batch |" not in header  # only the varying settings
+    assert "Common to every run: digits 0-1, batch 16, lr 0.001, eval seed 0." in md
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--latent", ""], "empty item"),
+    (["--latent", "4,,8"], "empty item"),
+    (["--latent", "4,"], "empty item"),
+    (["--latent", "4,4"], "twice"),
+    (["--latent", "0"], "positive integer"),
+    (["--latent", "four"], "positive integer"),
+    (["--hidden", "32,16"], "H1xH2"),
+    (["--hidden", "32x16,32X16"], "twice"),
+    (["--hidden", "32x0"], "H1xH2"),
+    (["--act", "tanh"], "activation"),
+    (["--act", "elu,elu"], "twice"),
+    (["--schedule", "cosine"], "schedule"),
+    (["--epochs", "0"], "--epochs"),
+    (["--json", "--quiet"], "not allowed"),
+])
+def test_bad_lists_are_one_line_errors(capsys, tmp_path, argv, fragment):
+    out = tmp_path / "sw"
+    code, _, err = run_cli(capsys, "sweep", *argv, "--out", out)
+    assert_one_line_error(code, err, fragment)
+    assert not out.exists()
+
+
+def test_bad_directories_and_mixed_options(capsys, tmp_path, data_dir):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["sweep", "--latent", "4"], "--out"),
+        (["sweep", "--latent", "4", "--out", a_file], "not a directory"),
+        (["sweep", "--latent", "4", "--out", a_file / "sub"], "cannot create --out"),
+        (["sweep", "--collect", tmp_path / "missing"], "no such directory"),
+        (["sweep", "--collect", a_file], "not a directory"),
+        (["sweep", "--collect", empty], "no finished runs"),
+        (["sweep", "--collect", empty, "--latent", "4,8"], "--latent"),
+        (["sweep", "--collect", empty, "--epochs", "3"], "--epochs"),
+        (["sweep", "--collect", empty, "--out", tmp_path / "x"], "--out"),
+        (["sweep", "--latent", "4", "--data", tmp_path / "nowhere", "--out", tmp_path / "x"], "nowhere"),
+    ]
+    for argv, fragment in cases:
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, fragment)
+    assert sorted(os.listdir(tmp_path)) == ["empty", "file", "mnist"]
+    assert os.listdir(empty) == []
+
+
+def test_a_run_directory_with_other_settings_is_refused_before_anything_runs(capsys, tmp_path, data_dir):
+    out = tmp_path / "sw"
+    code, _, err = run_cli(capsys, "train", "--hidden", "32,16", "--latent", "8", "--epochs", "1",
+                           "--batch", "16", "--threads", "1", "--data", data_dir, "--out",
+                           out / NAMES[1], "--quiet", "--no-images")
+    assert code == 0, err
+    before = stamps(out)
+    code, _, err = sweep(capsys, data_dir, out)
+    assert_one_line_error(code, err, NAMES[1], "epochs 1 (this sweep: 2)")
+    assert sorted(os.listdir(out)) == [NAMES[1]] and stamps(out) == before
