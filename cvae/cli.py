@@ -439,9 +439,9 @@ def build_parser():
                    help="MNIST directory (default: $CVAE_DATA, else the cache)")
     q.set_defaults(func=cmd_data_verify)
 
-    from cvae import bench, classifier, evaluate, sample, sweep
+    from cvae import bench, classifier, evaluate, report, sample, sweep
 
-    for module in (sample, evaluate, classifier, sweep, bench):
+    for module in (sample, evaluate, classifier, sweep, report, bench):
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)

@@ -1,4 +1,5 @@
-"""Binary PGM (P5) output, contact sheets of 28x28 digits with a JSON sidecar, and a strict reader.
+"""Binary PGM (P5) output, contact sheets of 28x28 digits with a JSON sidecar, a strict reader,
+and a minimal greyscale PNG encoder (for the HTML report).
 
 Pixels are white digit on black: probability 1 is 255. Every file goes through cvae.atomic.
 """
@@ -7,6 +8,8 @@ import json
 import math
 import os
 import re
+import struct
+import zlib
 
 import numpy as np
 
@@ -50,6 +53,31 @@ def write_pgm(path, pixels):
             f.write(data)
     except OSError as e:
         raise CvaeError(f"cannot write {os.fspath(path)}: {e.strerror or e}") from None
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind, data):
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+def png_bytes(pixels, level=9):
+    """The complete PNG file of a 2-D greyscale image (float probabilities or uint8, as
+    pgm_bytes): 8-bit greyscale (colour type 0), no interlace, every row with filter 0 (none),
+    one zlib IDAT chunk. The same pixels always give the same bytes (no time or text chunks).
+    """
+    image = to_uint8(pixels)
+    if image.ndim != 2 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"a PNG needs a non-empty 2-D image, got shape {image.shape}")
+    height, width = image.shape
+    rows = np.zeros((height, width + 1), dtype=np.uint8)  # a filter-type byte (0) per row
+    rows[:, 1:] = image
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (PNG_SIGNATURE + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
+            + _png_chunk(b"IEND", b""))
 
 
 _PGM_HEADER = re.compile(rb"P5(?:\s|#[^\n\r]*[\n\r])+")

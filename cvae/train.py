@@ -581,8 +581,11 @@ def recorded_data_dir(run_dir):
 
 
 def write_images(trainer):
-    """The run's reconstructions, digit sheet and interpolations."""
-    from cvae import sample
+    """The run's reconstructions, digit sheet and interpolations, then its pictures:
+    curves.png (the per-epoch metrics) and latent.png (the test set's latent means by PCA)."""
+    from cvae import plots, sample
 
     sample.write_run_images(trainer.model, trainer.test_set, trainer.run_dir,
                             trainer.plan.seed, trainer.plan.digits)
+    plots.write_curves(trainer.run_dir, trainer.records)
+    plots.write_latent_pca(trainer.model, trainer.test_set, trainer.run_dir)

@@ -1,0 +1,272 @@
+"""A run's pictures: curves.png (its per-epoch metrics) and latent.png (the test set's latent
+means, projected to 2-D by PCA).
+
+matplotlib is imported inside the functions, never at module level, so `cvae --help` and every
+command that draws nothing never load it. Only the Agg canvas is used (no pyplot, no GUI
+backend, no global figure state). Figures are rendered into memory under matplotlib's default
+style (whatever a matplotlibrc says) and written atomically; PNG metadata carries no software
+version or time stamp, so the same inputs give the same bytes with the same matplotlib.
+"""
+
+import io
+import os
+
+import numpy as np
+
+from cvae.errors import CvaeError
+
+CURVES_NAME = "curves.png"
+LATENT_NAME = "latent.png"
+DPI = 100
+#: PNG metadata: none of matplotlib's "Software" key (its version), so no run-specific bytes.
+PNG_METADATA = {"Software": None}
+#: latent.png: points are drawn in one shuffled order (this seed), so no digit hides the others.
+SCATTER_SEED = 0
+
+_TRAIN_STYLE = {"color": "tab:blue", "marker": "o", "markersize": 3, "linewidth": 1.5}
+_TEST_STYLE = {"color": "tab:orange", "marker": "s", "markersize": 3, "linewidth": 1.5}
+_PHASE_COLOURS = ("#e8f0fb", "#fbf1e4", "#e9f6e9", "#f3e9f6", "#f6f6e0")
+
+
+# ---------------------------------------------------------------- matplotlib plumbing
+
+
+def _matplotlib():
+    """The matplotlib module, with what _render needs imported (a clear error without it)."""
+    try:
+        import matplotlib
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+        import matplotlib.style  # noqa: F401
+    except ImportError as e:
+        raise CvaeError(f"drawing the run's pictures needs matplotlib ({e}): pip install "
+                        f"matplotlib") from None
+    return matplotlib
+
+
+def _render(matplotlib, draw, figsize):
+    """PNG bytes of draw(figure) for a Figure on its own Agg canvas (no pyplot, so no backend
+    switching or global figures), under matplotlib's default style (a user's matplotlibrc
+    changes nothing)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context():
+        matplotlib.style.use("default")
+        figure = Figure(figsize=figsize, dpi=DPI)
+        FigureCanvasAgg(figure)
+        draw(figure)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=DPI, metadata=PNG_METADATA)
+    return buffer.getvalue()
+
+
+def _write_png(path, data):
+    from cvae.atomic import write_bytes_atomic
+
+    try:
+        write_bytes_atomic(path, data)
+    except OSError as e:
+        raise CvaeError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
+# ---------------------------------------------------------------- curves
+
+
+def _series(records, key):
+    """(epochs, values) of the records that have a number under key (NaN and inf kept: they
+    show as gaps, never as a crash)."""
+    pairs = [(r["epoch"], float(r[key])) for r in records
+             if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    if not pairs:
+        return np.array([]), np.array([])
+    epochs, values = zip(*pairs)
+    return np.asarray(epochs), np.asarray(values)
+
+
+def _phase_spans(records):
+    """[(phase, first epoch, last epoch)] of consecutive epochs with the same phase."""
+    spans = []
+    for r in records:
+        phase = r.get("phase")
+        if spans and spans[-1][0] == phase:
+            spans[-1][2] = r["epoch"]
+        else:
+            spans.append([phase, r["epoch"], r["epoch"]])
+    return [tuple(s) for s in spans if s[0] is not None]
+
+
+def curves_png(records, title=None):
+    """PNG bytes of the per-epoch curves of metrics.jsonl records (see cvae.train): test
+    negative ELBO at β = 1, reconstruction and KL (train: mean over the epoch's batches;
+    test: after the epoch), β and the learning rate, with the schedule's phases shaded."""
+    records = sorted((r for r in records if isinstance(r.get("epoch"), int)),
+                     key=lambda r: r["epoch"])
+    if not records:
+        raise CvaeError("no per-epoch metrics to draw (metrics.jsonl is missing or empty)")
+    matplotlib = _matplotlib()
+    from matplotlib.ticker import MaxNLocator
+
+    spans = _phase_spans(records)
+    phases = list(dict.fromkeys(s[0] for s in spans))
+    last = records[-1]["epoch"]
+    first = records[0]["epoch"]
+
+    def decorate(ax, ylabel, title_text):
+        for phase, start, stop in spans:
+            colour = _PHASE_COLOURS[phases.index(phase) % len(_PHASE_COLOURS)]
+            ax.axvspan(start - 0.5, stop + 0.5, color=colour, zorder=0, linewidth=0)
+        ax.set_xlim(first - 0.5, last + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title_text, fontsize=11)
+        ax.grid(True, alpha=0.3)
+
+    def pair(ax, key, ylabel, title_text):
+        for name, style in (("train", _TRAIN_STYLE), ("test", _TEST_STYLE)):
+            epochs, values = _series(records, f"{name}_{key}")
+            if len(epochs):
+                label = ("train (mean over the epoch)" if name == "train" else
+                         "test (after the epoch)")
+                ax.plot(epochs, values, label=label, **style)
+        decorate(ax, ylabel, title_text)
+        if ax.lines:
+            ax.legend(fontsize=8)
+
+    def single(ax, key, ylabel, title_text, colour, log=False):
+        epochs, values = _series(records, key)
+        if len(epochs):
+            ax.plot(epochs, values, color=colour, marker="o", markersize=3, linewidth=1.5)
+            if log and np.all(values[np.isfinite(values)] > 0):
+                ax.set_yscale("log")
+        decorate(ax, ylabel, title_text)
+
+    def draw(figure):
+        axes = figure.subplots(2, 3)
+        single(axes[0, 0], "test_neg_elbo", "nats per image",
+               "test negative ELBO at β = 1", "tab:red")
+        epochs, values = _series(records, "test_neg_elbo")
+        finite = np.isfinite(values)
+        if finite.any():
+            best = int(np.argmin(np.where(finite, values, np.inf)))
+            axes[0, 0].annotate(f"best {values[best]:.2f} (epoch {epochs[best]})",
+                                xy=(epochs[best], values[best]), xytext=(0.98, 0.95),
+                                textcoords="axes fraction", ha="right", va="top", fontsize=8,
+                                arrowprops={"arrowstyle": "->", "color": "0.4"})
+        pair(axes[0, 1], "rec", "nats per image", "reconstruction −log p(x|z)")
+        pair(axes[0, 2], "kl", "nats per image", "KL(q(z|x,y) ‖ N(0, I))")
+        single(axes[1, 0], "beta", "β", "β (weight of the KL term in training)", "tab:purple")
+        single(axes[1, 1], "lr", "learning rate", "learning rate (Adam)", "tab:green", log=True)
+        info = axes[1, 2]
+        info.axis("off")
+        lines = [f"epochs {first}–{last}"]
+        for key, label in (("test_neg_elbo", "test −ELBO"), ("test_rec", "test rec"),
+                           ("test_kl", "test KL"), ("train_loss", "train loss")):
+            value = records[-1].get(key)
+            if isinstance(value, (int, float)):
+                lines.append(f"last {label}: {value:.2f}")
+        info.text(0.02, 0.98, "\n".join(lines), va="top", ha="left", fontsize=10,
+                  transform=info.transAxes)
+        if spans:
+            from matplotlib.patches import Patch
+
+            handles = [Patch(facecolor=_PHASE_COLOURS[i % len(_PHASE_COLOURS)],
+                             edgecolor="0.7", label=str(phase)) for i, phase in enumerate(phases)]
+            info.legend(handles=handles, title="schedule phase (shading)", loc="lower left",
+                        fontsize=9, title_fontsize=9, frameon=False)
+        figure.suptitle(title or "training curves (nats per image; test figures at β = 1)",
+                        fontsize=13)
+        figure.tight_layout()
+
+    return _render(matplotlib, draw, (13, 7.5))
+
+
+def write_curves(run_dir, records=None):
+    """Draw RUN/curves.png from the run's metrics.jsonl (or the given records), atomically;
+    returns its path. A CvaeError when there are no per-epoch metrics."""
+    from cvae.train import read_metrics
+
+    run_dir = os.fspath(run_dir)
+    if records is None:
+        records = read_metrics(run_dir)
+    data = curves_png(records, title=f"{os.path.basename(os.path.abspath(run_dir))}: training "
+                                     f"curves (nats per image; test figures at β = 1)")
+    return _write_png(os.path.join(run_dir, CURVES_NAME), data)
+
+
+# ---------------------------------------------------------------- latent PCA
+
+
+def pca_2d(points):
+    """(projection (n, 2), explained variance ratio (2,)) of points (n, d): the centred points
+    onto their first two principal axes (numpy SVD). Each axis's sign is fixed (its largest
+    loading is positive), so the picture does not flip between runs of the same model. With
+    d = 1 or n < 2 the missing components are zero."""
+    x = np.asarray(points, dtype=np.float64)
+    n, d = x.shape
+    projection = np.zeros((n, 2))
+    ratio = np.zeros(2)
+    if n < 2:
+        return projection, ratio
+    centred = x - x.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    k = min(2, len(s))
+    axes = vt[:k]
+    signs = np.sign(axes[np.arange(k), np.argmax(np.abs(axes), axis=1)])
+    axes = axes * np.where(signs == 0, 1.0, signs)[:, None]
+    projection[:, :k] = centred @ axes.T
+    total = float(np.sum(s * s))
+    if total > 0:
+        ratio[:k] = (s[:k] ** 2) / total
+    return projection, ratio
+
+
+def latent_png(mu, labels, title=None):
+    """PNG bytes of the 2-D PCA of latent means mu (n, latent), one colour per digit label."""
+    mu = np.asarray(mu)
+    labels = np.asarray(labels, dtype=np.int64)
+    if mu.ndim != 2 or len(mu) != len(labels) or len(mu) == 0:
+        raise ValueError(f"need latent means (n, latent) and n labels, got {mu.shape} and "
+                         f"{labels.shape}")
+    projection, ratio = pca_2d(mu)
+    matplotlib = _matplotlib()
+    from matplotlib.lines import Line2D
+
+    digits = sorted(set(labels.tolist()))
+    colours = matplotlib.colormaps["tab10"]
+    order = np.random.default_rng(SCATTER_SEED).permutation(len(labels))
+    size = 4 if len(labels) > 2000 else 12
+
+    def draw(figure):
+        ax = figure.subplots()
+        table = np.array([colours(d) for d in range(10)])  # RGBA per digit
+        ax.scatter(projection[order, 0], projection[order, 1], s=size, linewidths=0,
+                   c=table[labels[order] % 10], alpha=0.6)
+        handles = [Line2D([], [], linestyle="", marker="o", markersize=7,
+                          color=colours(d % 10), label=str(d)) for d in digits]
+        ax.legend(handles=handles, title="digit", loc="center left", bbox_to_anchor=(1.01, 0.5),
+                  frameon=False)
+        ax.set_xlabel(f"PC 1 ({100 * ratio[0]:.1f}% of the variance of μ)")
+        ax.set_ylabel(f"PC 2 ({100 * ratio[1]:.1f}% of the variance of μ)")
+        ax.set_title(title or f"latent means μ(x, y) of {len(labels):,} test images, "
+                              f"PCA to 2-D (latent size {mu.shape[1]})", fontsize=11)
+        ax.grid(True, alpha=0.3)
+        figure.tight_layout()
+
+    return _render(matplotlib, draw, (8, 6.5))
+
+
+def write_latent_pca(model, test_dataset, run_dir):
+    """Encode the test set to its latent means (cvae.sample.encode_mu: batched kernel calls),
+    draw their 2-D PCA coloured by digit as RUN/latent.png, atomically; returns its path."""
+    from cvae.sample import encode_mu
+
+    run_dir = os.fspath(run_dir)
+    labels = np.asarray(test_dataset.labels)
+    if len(labels) == 0:
+        raise CvaeError(f"{getattr(test_dataset, 'name', 'the test set')} has no images to encode")
+    mu = encode_mu(model, test_dataset.images, labels)
+    data = latent_png(mu, labels)
+    return _write_png(os.path.join(run_dir, LATENT_NAME), data)

@@ -1,0 +1,644 @@
+"""`cvae report RUN_DIR`: one self-contained HTML page about a training run.
+
+RUN_DIR/report.html (or --out) holds, in this order: a summary, the test-set metrics of
+eval.json (every key it has; `cvae eval --checkpoint RUN_DIR` writes it), the last epoch's
+training metrics (and every epoch's, folded), the training curves (curves.png), the latent
+picture (latent.png), every digit sheet of the run directory (*.pgm, with its sidecar's
+"what" as the caption) and the configuration (config.json).
+
+Every picture is embedded as a `data:image/png;base64,...` URI and the style sheet is inline:
+the page loads nothing else (no scripts, no network, no other file), so it can be copied or
+mailed alone. Sheets are converted from PGM with cvae.images.png_bytes.
+
+Missing pictures are drawn when possible: curves.png from metrics.jsonl, latent.png from the
+newest checkpoint and the MNIST test files (--data, else $CVAE_DATA, else the cache); both
+are then also saved in the run directory (atomically) when it is writable. Where a picture
+cannot be drawn, the page says why. The page has no time stamp: the same run directory gives
+the same bytes.
+"""
+
+import argparse
+import base64
+import html
+import json
+import math
+import os
+import shlex
+
+from cvae.errors import CvaeError
+
+REPORT_NAME = "report.html"
+EVAL_NAME = "eval.json"
+
+# Sheets the trainer writes at the end of a run, shown first in this order; others follow
+# alphabetically.
+RUN_SHEETS = ("samples", "reconstructions", "interpolations", "interpolations-classes")
+
+#: Known eval.json keys: (label, description). Unknown keys are shown under their own name.
+EVAL_KEYS = {
+    "neg_elbo": ("negative ELBO", "nats per image at β = 1: rec + KL, one ε per image"),
+    "rec": ("reconstruction", "−log p(x|z): BCE over the 784 continuous pixels, nats per image"),
+    "kl": ("KL", "analytic KL(q(z|x,y) ‖ N(0, I)), nats per image"),
+    "iwae_nll": ("IWAE NLL", "importance-weighted bound on −log p(x|y), nats per image"),
+    "k": ("k", "importance samples per image of the IWAE bound"),
+    "ssim": ("SSIM", "of the reconstructions at z = μ against the originals"),
+    "ssim_per_digit": ("SSIM per digit", "the same, averaged over each digit's images"),
+    "cond_accuracy": ("conditional accuracy",
+                      "share of generated digits a classifier recognises as their label"),
+    "cond_accuracy_per_digit": ("conditional accuracy per digit", "the same, for each label"),
+    "fid": ("FID", "Fréchet distance between generated and real test digits (lower is better)"),
+    "fid_test_floor": ("FID floor", "the same distance between two sets of real digits: the "
+                                    "best a model can reach"),
+    "temperature": ("temperature", "standard deviation of z for the generated digits"),
+    "samples": ("samples", "generated digits per digit"),
+    "n_images": ("test images", "images of the trained digits in the test file"),
+    "digits": ("digits", "the checkpoint's trained digits"),
+    "seed": ("seed", "noise seed of the evaluation"),
+    "checkpoint": ("checkpoint", "the evaluated checkpoint"),
+    "threads": ("threads", ""),
+    "seconds": ("seconds", "time the evaluation took"),
+}
+
+#: metrics.jsonl keys (see cvae.train): (label, description).
+EPOCH_KEYS = {
+    "epoch": ("epoch", ""),
+    "step": ("step", "optimizer steps so far"),
+    "phase": ("phase", "of the β / learning-rate schedule"),
+    "beta": ("β", "weight of the KL term in the training loss"),
+    "lr": ("learning rate", "Adam"),
+    "train_loss": ("train loss", "rec + β·KL, mean over the epoch's batches, nats per image"),
+    "train_rec": ("train reconstruction", "mean over the epoch's batches, nats per image"),
+    "train_kl": ("train KL", "mean over the epoch's batches, nats per image"),
+    "test_neg_elbo": ("test negative ELBO", "at β = 1 after the epoch, nats per image"),
+    "test_rec": ("test reconstruction", "after the epoch, nats per image"),
+    "test_kl": ("test KL", "after the epoch, nats per image"),
+    "img_per_s": ("images per second", "training throughput of the epoch"),
+    "seconds": ("seconds", "the epoch's wall time, test ELBO included"),
+}
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
+       margin: 1.5em auto; max-width: 76em; padding: 0 1em; color: #1b1b1b; line-height: 1.4; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { font-size: 1.25em; border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.8em; }
+h3 { font-size: 1.05em; margin-bottom: 0.3em; }
+nav a { margin-right: 1em; }
+code, .path { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 0.92em; }
+.path { color: #555; word-break: break-all; }
+table { border-collapse: collapse; margin: 0.4em 0; }
+th, td { border: 1px solid #d6d6d6; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; font-weight: 600; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.desc { color: #555; font-size: 0.9em; }
+table.mini th, table.mini td { padding: 0.1em 0.45em; font-size: 0.9em; }
+.note { background: #fff7e0; border-left: 4px solid #e0b000; padding: 0.4em 0.8em; }
+figure { margin: 1em 0 1.6em 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
+img.sheet { image-rendering: pixelated; image-rendering: crisp-edges; background: #000; }
+figcaption { color: #333; font-size: 0.92em; margin-top: 0.3em; max-width: 60em; }
+details summary { cursor: pointer; color: #225; margin: 0.5em 0; }
+footer { margin-top: 2.5em; color: #666; font-size: 0.85em; }
+"""
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _e(text):
+    return html.escape(str(text), quote=True)
+
+
+def format_number(value):
+    """A number for a table: ints whole (thousands separated from 10,000), floats with 2
+    decimals from 10 up, else 4 significant digits; non-finite as written by Python."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10000 else str(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    if abs(value) >= 10:
+        return f"{value:,.2f}"
+    return f"{value:.4g}"
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_scalar(value):
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def format_value(value):
+    """HTML for one value of a JSON document: None as an em dash, numbers by format_number,
+    dicts keyed by digits as a one-row table with the digits as headers, other dicts as a
+    key/value table, lists of scalars comma-separated."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool) or _is_number(value):
+        return _e(format_number(value))
+    if isinstance(value, str):
+        return _e(value)
+    if isinstance(value, dict):
+        if not value:
+            return "—"
+        keys = list(value)
+        if all(str(k).isdigit() for k in keys) and all(_is_scalar(v) for v in value.values()):
+            keys.sort(key=lambda k: int(k))
+            head = "".join(f"<th>{_e(k)}</th>" for k in keys)
+            cells = "".join(f'<td class="num">{format_value(value[k])}</td>' for k in keys)
+            return f'<table class="mini"><tr>{head}</tr><tr>{cells}</tr></table>'
+        rows = "".join(f"<tr><th>{_e(k)}</th><td{_num_class(v)}>{format_value(v)}</td></tr>"
+                       for k, v in value.items())
+        return f'<table class="mini">{rows}</table>'
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "—"
+        if all(_is_scalar(v) for v in value):
+            return ", ".join(format_value(v) for v in value)
+        return "<br>".join(format_value(v) for v in value)
+    return _e(value)
+
+
+def _num_class(value):
+    return ' class="num"' if _is_number(value) else ""
+
+
+def key_value_table(document, known, order_known_first=True):
+    """Rows (label, value, description) for every key of a JSON object; keys in `known` first
+    in its order, then the others in the document's order."""
+    keys = list(document)
+    if order_known_first:
+        keys = [k for k in known if k in document] + [k for k in keys if k not in known]
+    rows = []
+    for key in keys:
+        label, description = known.get(key, (key, ""))
+        value = document[key]
+        rows.append(f"<tr><th title=\"{_e(key)}\">{_e(label)}</th>"
+                    f"<td{_num_class(value)}>{format_value(value)}</td>"
+                    f"<td class=\"desc\">{_e(description)}</td></tr>")
+    return ("<table><tr><th>metric</th><th>value</th><th>what it is</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _note(text):
+    return f'<p class="note">{text}</p>'
+
+
+def data_uri(png):
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def png_size(png):
+    """(width, height) from a PNG's IHDR chunk, or None if it is not a PNG."""
+    from cvae.images import PNG_SIGNATURE
+
+    if len(png) < 24 or not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def _figure(png, alt, caption, css_class="", scale=1):
+    width, height = png_size(png)
+    cls = f' class="{css_class}"' if css_class else ""
+    return (f'<figure><img{cls} src="{data_uri(png)}" alt="{_e(alt)}" width="{width * scale}" '
+            f'height="{height * scale}"><figcaption>{caption}</figcaption></figure>')
+
+
+# ---------------------------------------------------------------- reading the run
+
+
+def _read_json(path):
+    """(document, problem): (None, None) when the file does not exist."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f), None
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"cannot read {os.path.basename(path)}: {e.strerror or e}"
+    except ValueError as e:
+        return None, f"{os.path.basename(path)} is not valid JSON ({e})"
+
+
+def _read_png(path):
+    """The bytes of a PNG file, or (None, problem)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return None, f"cannot read {os.path.basename(path)}: {e.strerror or e}"
+    if png_size(data) is None:
+        return None, f"{os.path.basename(path)} is not a PNG image"
+    return data, None
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def check_run_dir(run_dir):
+    """A CvaeError unless run_dir is a readable directory holding config.json or a checkpoint.
+    Returns the checkpoint the latent picture would be drawn from (None without one)."""
+    from cvae.checkpoint import latest_checkpoint, list_checkpoints
+    from cvae.train import CONFIG_NAME
+
+    if not os.path.exists(run_dir):
+        raise CvaeError(f"run directory {run_dir} does not exist")
+    if not os.path.isdir(run_dir):
+        raise CvaeError(f"{run_dir} is not a directory: give a run directory (cvae train --out)")
+    checkpoints = list_checkpoints(run_dir)  # CvaeError when unreadable
+    if not checkpoints and not os.path.isfile(os.path.join(run_dir, CONFIG_NAME)):
+        raise CvaeError(f"{run_dir} is not a run directory: it holds neither {CONFIG_NAME} nor "
+                        f"a checkpoint (*.cvae)")
+    return latest_checkpoint(run_dir) or (checkpoints[-1] if checkpoints else None)
+
+
+def report_path(out, run_dir):
+    """--out, else RUN_DIR/report.html; a CvaeError now if it cannot be written."""
+    path = os.fspath(out) if out else os.path.join(run_dir, REPORT_NAME)
+    if os.path.isdir(path):
+        raise CvaeError(f"cannot write {path}: it is a directory")
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CvaeError(f"cannot write {path}: {directory} is not a directory")
+    if not os.path.isdir(directory):
+        raise CvaeError(f"cannot write {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CvaeError(f"cannot write {path}: directory {directory} is not writable")
+    return path
+
+
+def _writable(directory):
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
+def _test_data(data):
+    """(data directory or None, its source): None when the test files are not there. With
+    --data given, missing test files are an error (the user asked for that directory)."""
+    from cvae.data import has_mnist_files
+    from cvae.fetch import resolve_data_dir
+
+    data_dir, source = resolve_data_dir(data)
+    if has_mnist_files(data_dir, splits=("test",)):
+        return data_dir, source
+    if source == "--data":
+        raise CvaeError(f"--data {data_dir}: no MNIST test files there (t10k-images-idx3-ubyte "
+                        f"and t10k-labels-idx1-ubyte, raw or .gz)")
+    return None, source
+
+
+# ---------------------------------------------------------------- the sections
+
+
+class Report:
+    """Collects the page's sections; `images` counts the <img> elements."""
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        self.sections = []
+        self.images = 0
+        self.notes = []
+        self.saved = []
+
+    def note(self, text):
+        self.notes.append(text)
+        return _note(_e(text))
+
+    def figure(self, png, alt, caption, **kwargs):
+        self.images += 1
+        return _figure(png, alt, caption, **kwargs)
+
+    def add(self, anchor, title, body):
+        self.sections.append((anchor, title, body))
+
+    def save_picture(self, name, png):
+        """Also keep a picture drawn for the page in the run directory, when it is writable."""
+        from cvae.atomic import write_bytes_atomic
+
+        path = os.path.join(self.run_dir, name)
+        if not _writable(self.run_dir):
+            return "drawn for this page (the run directory is not writable, so it was not saved)"
+        try:
+            write_bytes_atomic(path, png)
+        except OSError as e:
+            return f"drawn for this page (not saved: {e.strerror or e})"
+        self.saved.append(path)
+        return f"drawn for this page and saved as {name}"
+
+
+def _summary(config, records, evaluation, checkpoint):
+    rows = []
+    if isinstance(config, dict):
+        arch = config.get("arch") if isinstance(config.get("arch"), dict) else {}
+        if arch:
+            rows.append(("architecture", _e(f"{arch.get('h1')}-{arch.get('h2')}-"
+                                            f"{arch.get('latent')} {arch.get('act', '')}".strip())))
+        if _is_number(config.get("n_params")):
+            rows.append(("parameters", f"{config['n_params']:,}"))
+        if config.get("digits") is not None:
+            rows.append(("digits", format_value(config["digits"])))
+    planned = config.get("epochs") if isinstance(config, dict) else None
+    if records:
+        done = records[-1]["epoch"]
+        status = (f"{done} of {planned} epochs" if _is_number(planned) else f"{done} epochs")
+        if _is_number(planned):
+            status += " (complete)" if done >= planned else " (stopped or still training)"
+        rows.append(("trained", _e(status)))
+        best = min((r for r in records if _is_number(r.get("test_neg_elbo"))),
+                   key=lambda r: r["test_neg_elbo"], default=None)
+        if best is not None:
+            rows.append(("best test negative ELBO (β = 1)",
+                         f"<b>{format_number(best['test_neg_elbo'])}</b> nats per image "
+                         f"(epoch {best['epoch']})"))
+    elif _is_number(planned):
+        rows.append(("trained", f"no epoch finished yet (of {planned})"))
+    if isinstance(evaluation, dict):
+        for key in ("neg_elbo", "iwae_nll", "ssim", "cond_accuracy", "fid"):
+            if key in evaluation:
+                label = EVAL_KEYS[key][0]
+                rows.append((f"{label} (eval.json)", f"<b>{format_value(evaluation[key])}</b>"))
+    if checkpoint:
+        rows.append(("newest checkpoint", f"<code>{_e(os.path.basename(checkpoint))}</code>"))
+    return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
+
+
+def _metrics_section(report, evaluation, problem, run_dir):
+    if problem:
+        return report.note(f"{problem}; run 'cvae eval --checkpoint {run_dir}' to rewrite it")
+    if evaluation is None:
+        return report.note(f"No eval.json: this run has not been evaluated. Run "
+                           f"'cvae eval --checkpoint {run_dir}' (it writes {EVAL_NAME} into the "
+                           f"run directory), then make the report again.")
+    if not isinstance(evaluation, dict):
+        return report.note("eval.json does not hold a JSON object")
+    return key_value_table(evaluation, EVAL_KEYS)
+
+
+def _training_section(report, records):
+    if not records:
+        return report.note("No per-epoch metrics (metrics.jsonl is missing or empty): no epoch "
+                           "has finished yet.")
+    last = records[-1]
+    body = f"<h3>last epoch ({_e(last['epoch'])})</h3>" + key_value_table(last, EPOCH_KEYS)
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    head = "".join(f"<th title=\"{_e(EPOCH_KEYS.get(k, (k, ''))[1])}\">{_e(EPOCH_KEYS.get(k, (k,))[0])}"
+                   f"</th>" for k in columns)
+    rows = "".join("<tr>" + "".join(f"<td{_num_class(r.get(k))}>{format_value(r.get(k))}</td>"
+                                    for k in columns) + "</tr>" for r in records)
+    body += (f"<details><summary>every epoch ({len(records)})</summary>"
+             f"<table class=\"mini\"><tr>{head}</tr>{rows}</table></details>")
+    return body
+
+
+def _curves_section(report, records):
+    from cvae import plots
+    from cvae.train import METRICS_NAME
+
+    run_dir = report.run_dir
+    path = os.path.join(run_dir, plots.CURVES_NAME)
+    caption = ("Per epoch: the test set's negative ELBO at β = 1, reconstruction and KL (train: "
+               "mean over the epoch's batches at that epoch's β; test: after the epoch, at "
+               "β = 1), β and the learning rate; shading marks the schedule's phases.")
+    png, problem = (None, None)
+    existing = os.path.exists(path)
+    if existing:
+        png, problem = _read_png(path)
+        stale = (_mtime(os.path.join(run_dir, METRICS_NAME)) or 0) > (_mtime(path) or 0)
+        if png is not None and not (stale and records):
+            return report.figure(png, "training curves", _e(caption + " (curves.png)"))
+    if records:
+        png = plots.curves_png(records, title=f"{os.path.basename(os.path.abspath(run_dir))}: "
+                                              f"training curves (nats per image; test figures "
+                                              f"at β = 1)")
+        why = ("curves.png was older than metrics.jsonl" if existing and problem is None
+               else problem or "the run has no curves.png")
+        saved = report.save_picture(plots.CURVES_NAME, png)
+        return report.figure(png, "training curves", _e(f"{caption} ({why}: {saved}.)"))
+    return report.note((problem + "; " if problem else "")
+                       + "No training curves: metrics.jsonl is missing or has no finished "
+                         "epoch.")
+
+
+def _latent_section(report, checkpoint, data, threads):
+    from cvae import plots
+
+    run_dir = report.run_dir
+    path = os.path.join(run_dir, plots.LATENT_NAME)
+    caption = ("The test set's latent means μ(x, y) (the encoder's output for each test image "
+               "of the trained digits), projected onto their first two principal components, "
+               "one colour per digit. In a conditional VAE the decoder is told the digit, so z "
+               "need not separate the digits: overlapping classes mean z encodes style "
+               "(slant, thickness) shared across digits.")
+    old, problem = (None, None)
+    if os.path.exists(path):
+        old, problem = _read_png(path)
+        stale = checkpoint is not None and (_mtime(checkpoint) or 0) > (_mtime(path) or 0)
+        if old is not None and not stale:
+            return report.figure(old, "latent means, PCA", _e(caption + " (latent.png)"))
+    why = ("latent.png is older than the newest checkpoint" if old is not None
+           else problem or "the run has no latent.png")
+    if checkpoint is None:
+        reason = "there is no checkpoint to encode the test set with"
+    else:
+        data_dir, source = data
+        if data_dir is None:
+            reason = (f"the MNIST test files are not in the {source} directory: give "
+                      f"'cvae report {run_dir} --data DIR' to draw it")
+        else:
+            try:
+                png = _draw_latent(checkpoint, data_dir, threads)
+            except CvaeError as e:
+                reason = f"drawing it failed: {e}"
+            else:
+                saved = report.save_picture(plots.LATENT_NAME, png)
+                return report.figure(png, "latent means, PCA",
+                                     _e(f"{caption} ({why}: {saved}, from "
+                                        f"{os.path.basename(checkpoint)} and the test files in "
+                                        f"{data_dir}.)"))
+    if old is not None:
+        return report.figure(old, "latent means, PCA",
+                             _e(f"{caption} (latent.png, which may be out of date: {why}, and "
+                                f"{reason}.)"))
+    return report.note(f"No latent picture: {why}, and {reason}.")
+
+
+def _draw_latent(checkpoint, data_dir, threads):
+    from cvae import plots
+    from cvae.evaluate import restrict_to_digits
+    from cvae.sample import checkpoint_digits, encode_mu, load_test, open_model
+
+    model, meta = open_model(checkpoint, argparse.Namespace(threads=threads))
+    digits = checkpoint_digits(meta, checkpoint)
+    dataset = restrict_to_digits(load_test(argparse.Namespace(data=data_dir), digits), digits)
+    mu = encode_mu(model, dataset.images, dataset.labels)
+    return plots.latent_png(mu, dataset.labels)
+
+
+def _sheet_order(name):
+    stem = os.path.splitext(name)[0]
+    return (RUN_SHEETS.index(stem), "") if stem in RUN_SHEETS else (len(RUN_SHEETS), name)
+
+
+def _sheets_section(report):
+    from cvae.images import png_bytes, read_pgm, sidecar_path
+
+    run_dir = report.run_dir
+    try:
+        names = sorted((n for n in os.listdir(run_dir)
+                        if n.lower().endswith(".pgm") and not n.startswith(".")
+                        and os.path.isfile(os.path.join(run_dir, n))), key=_sheet_order)
+    except OSError as e:
+        return report.note(f"cannot list {run_dir}: {e.strerror or e}")
+    if not names:
+        return report.note("No digit sheets (*.pgm) in the run directory: the trainer writes "
+                           "them at the end of a complete run (unless --no-images); "
+                           "'cvae generate / reconstruct / interpolate --checkpoint RUN_DIR' "
+                           "write more.")
+    parts = []
+    for name in names:  # per sheet
+        path = os.path.join(run_dir, name)
+        try:
+            pixels = read_pgm(path)
+        except CvaeError as e:
+            parts.append(report.note(f"{name}: {e}"))
+            continue
+        sidecar, problem = _read_json(sidecar_path(path))
+        extra = sidecar.get("extra") if isinstance(sidecar, dict) else None
+        extra = extra if isinstance(extra, dict) else {}
+        details = [f"<code>{_e(name)}</code>, {pixels.shape[1]}×{pixels.shape[0]} pixels"]
+        for key in ("seed", "temperature", "steps", "pairs", "per_digit", "sheet"):
+            if key in extra and extra[key] is not None:
+                value = extra[key]
+                if key == "sheet" and "sheets" in extra:
+                    value = f"{value} of {extra['sheets']}"
+                details.append(f"{_e(key.replace('_', ' '))} {format_value(value)}")
+        if isinstance(extra.get("checkpoint"), str):
+            details.append(f"checkpoint <code>{_e(os.path.basename(extra['checkpoint']))}</code>")
+        what = extra.get("what")
+        caption = (_e(what[0].upper() + what[1:]) + ". " if isinstance(what, str) and what
+                   else (f"({_e(problem)}) " if problem else "(no sidecar) "))
+        parts.append(report.figure(png_bytes(pixels), name, caption + "; ".join(details) + ".",
+                                   css_class="sheet", scale=2))
+    return "".join(parts)
+
+
+def _config_section(report, config, problem):
+    if problem:
+        return report.note(problem)
+    if config is None:
+        return report.note("No config.json in the run directory.")
+    if not isinstance(config, dict):
+        return report.note("config.json does not hold a JSON object")
+    body = ""
+    argv = config.get("argv")
+    if isinstance(argv, list) and all(isinstance(a, str) for a in argv):
+        body += f"<p>Command: <code>{_e('cvae ' + shlex.join(argv))}</code></p>"
+    rows = "".join(f"<tr><th>{_e(k)}</th><td{_num_class(v)}>{format_value(v)}</td></tr>"
+                   for k, v in config.items())
+    return body + f"<table>{rows}</table>"
+
+
+# ---------------------------------------------------------------- the page
+
+
+def build_report(run_dir, data=None, threads=None, checkpoint=None):
+    """(HTML text of the page, Report) for a run directory already checked by check_run_dir.
+    data: (test data directory or None, its source), as _test_data gives."""
+    import cvae
+    from cvae.train import CONFIG_NAME, read_metrics
+
+    report = Report(run_dir)
+    config, config_problem = _read_json(os.path.join(run_dir, CONFIG_NAME))
+    evaluation, eval_problem = _read_json(os.path.join(run_dir, EVAL_NAME))
+    records = read_metrics(run_dir)
+
+    report.add("summary", "Summary", _summary(config, records, evaluation, checkpoint))
+    report.add("metrics", "Test-set metrics (eval.json)",
+               _metrics_section(report, evaluation, eval_problem, run_dir))
+    report.add("training", "Training metrics (metrics.jsonl)", _training_section(report, records))
+    report.add("curves", "Training curves", _curves_section(report, records))
+    report.add("latent", "Latent space", _latent_section(report, checkpoint, data or (None, "cache"),
+                                                         threads))
+    report.add("sheets", "Digit sheets", _sheets_section(report))
+    report.add("config", "Configuration (config.json)",
+               _config_section(report, config, config_problem))
+
+    name = os.path.basename(os.path.abspath(run_dir))
+    nav = " ".join(f'<a href="#{anchor}">{_e(title)}</a>' for anchor, title, _ in report.sections)
+    sections = "\n".join(f'<section id="{anchor}"><h2>{_e(title)}</h2>\n{body}\n</section>'
+                         for anchor, title, body in report.sections)
+    page = (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<title>cvae run report: {_e(name)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+        f"<h1>cvae run report: {_e(name)}</h1>\n"
+        f"<p class=\"path\">{_e(os.path.abspath(run_dir))}</p>\n<nav>{nav}</nav>\n"
+        f"{sections}\n"
+        f"<footer>Written by <code>cvae report</code> (cvae {_e(cvae.__version__)}) from the "
+        f"files of the run directory. This page is self-contained: its {report.images} "
+        f"picture(s) are embedded, it loads nothing else, so it can be copied or mailed "
+        f"alone.</footer>\n</body>\n</html>\n")
+    return page, report
+
+
+def write_report(run_dir, out=None, data=None, threads=None):
+    """Check the inputs, build the page and write it atomically; returns (path, Report)."""
+    from cvae.atomic import write_bytes_atomic
+
+    run_dir = os.fspath(run_dir)
+    checkpoint = check_run_dir(run_dir)
+    path = report_path(out, run_dir)
+    if threads is not None and threads <= 0:
+        raise CvaeError(f"--threads must be a positive integer, got {threads}")
+    test_data = _test_data(data)
+    page, report = build_report(run_dir, data=test_data, threads=threads, checkpoint=checkpoint)
+    try:
+        write_bytes_atomic(path, page.encode("ascii", "xmlcharrefreplace"))
+    except OSError as e:
+        raise CvaeError(f"cannot write {path}: {e.strerror or e}") from None
+    return path, report
+
+
+def cmd_report(args):
+    path, report = write_report(args.run_dir, out=args.out, data=args.data, threads=args.threads)
+    for text in report.notes:
+        print(f"note: {text}")
+    print(f"report ({report.images} picture(s)) -> {path}\n"
+          f"open it in any browser, e.g.: xdg-open {shlex.quote(path)}")
+    return 0
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="one self-contained HTML page of a run: metrics, curves, latent space, digit sheets",
+        description="Write RUN_DIR/report.html: a summary, the test-set metrics of eval.json (from\n"
+                    "'cvae eval --checkpoint RUN_DIR'), the last epoch's training metrics, the\n"
+                    "training curves (curves.png), the latent means' PCA (latent.png), every digit\n"
+                    "sheet (*.pgm, captioned from its sidecar) and the configuration (config.json).\n"
+                    "A missing curves.png is drawn from metrics.jsonl; a missing latent.png from the\n"
+                    "newest checkpoint and the MNIST test files (--data, else $CVAE_DATA, else the\n"
+                    "cache), and both are saved in the run directory too.\n\n"
+                    "Open the report in any web browser, e.g.\n"
+                    "    xdg-open RUN_DIR/report.html      (or: firefox RUN_DIR/report.html)\n"
+                    "It is one self-contained file (pictures embedded as data: URIs, no scripts,\n"
+                    "nothing loaded from elsewhere), so it can be copied or mailed on its own.")
+    p.add_argument("run_dir", metavar="RUN_DIR",
+                   help="a run directory (cvae train --out): holds config.json or a checkpoint")
+    p.add_argument("--out", metavar="PATH", default=None,
+                   help="where to write the page (default: RUN_DIR/report.html)")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="MNIST directory with the test files, to draw a missing latent.png "
+                        "(default: $CVAE_DATA, else the cache; without them the report says "
+                        "latent.png is missing)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="OpenMP threads for encoding the test set (default: the CPUs available "
+                        "to this process)")
+    p.set_defaults(func=cmd_report)
