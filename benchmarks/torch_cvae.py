@@ -1,7 +1,7 @@
 """PyTorch peer of cvae, for benchmarks and quality reference (benchmark-only dependency).
 
     python benchmarks/torch_cvae.py bench --variant full --batch 64 --threads 1,2 --steps 200 --warmup 30 [--json]
-    python benchmarks/torch_cvae.py train --variant full --epochs 10 --batch 64 --beta 1 --threads 2 --seed 0 [--json]
+    python benchmarks/torch_cvae.py train --variant full --epochs 10 --batch 64 --beta 1 --threads 2 --seed 0 [--json] [--save-cvae DIR]
 
 Importable: bench_torch(variant, batch, threads, steps, warmup) -> img/s; train_torch(...) -> per-epoch test -ELBO.
 """
@@ -132,8 +132,27 @@ def test_neg_elbo(model, x, y, seed=0, chunk=1000):
     return total / len(x)
 
 
-def train_torch(variant, epochs, batch, beta, threads, seed=0, act="elu", lr=1e-3, log=print):
+def save_as_cvae(model, path, digits, act):
+    """The model's weights as a cvae checkpoint (the same layers, in cvae's section names), so
+    `cvae eval` can measure the reference with the same code and classifier as cvae's runs."""
+    from cvae.checkpoint import save_checkpoint
+
+    linears = [m for m in list(model.enc) + list(model.dec) if isinstance(m, nn.Linear)]
+    names = ("enc1", "enc2", "enc3", "dec1", "dec2", "dec3")
+    sections = {}
+    for name, layer in zip(names, linears):
+        sections[f"param.{name}.W"] = layer.weight.detach().numpy()
+        sections[f"param.{name}.b"] = layer.bias.detach().numpy()
+    h1, h2 = linears[0].out_features, linears[1].out_features
+    meta = {"arch": {"h1": h1, "h2": h2, "latent": model.latent, "act": act},
+            "digits": list(digits), "adam_t": 0, "source": "benchmarks/torch_cvae.py"}
+    save_checkpoint(path, "cvae", meta, sections)
+
+
+def train_torch(variant, epochs, batch, beta, threads, seed=0, act="elu", lr=1e-3, log=print,
+                save_dir=None):
     """Constant-beta training; after each epoch the test -ELBO (beta=1). The last batch of an epoch may be short.
+    With save_dir, every epoch's weights go to save_dir/epoch-NNNN.cvae (see save_as_cvae).
     Returns (list of per-epoch test -ELBO, total seconds)."""
     set_threads(threads)
     torch.manual_seed(seed)
@@ -148,6 +167,9 @@ def train_torch(variant, epochs, batch, beta, threads, seed=0, act="elu", lr=1e-
             total += train_step(model, opt, x[idx], y[idx], beta).item() * len(idx)
         history.append(test_neg_elbo(model, xt, yt, seed))
         log(epoch, total / len(x), history[-1], time.perf_counter() - t0)
+        if save_dir is not None:
+            os.makedirs(save_dir, exist_ok=True)
+            save_as_cvae(model, os.path.join(save_dir, f"epoch-{epoch:04d}.cvae"), digits, act)
     return history, time.perf_counter() - t0
 
 
@@ -169,6 +191,8 @@ def main(argv=None):
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--beta", type=float, default=1.0)
     t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--save-cvae", metavar="DIR", default=None,
+                   help="write every epoch's weights as DIR/epoch-NNNN.cvae for `cvae eval`")
     a = p.parse_args(argv)
 
     info = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
@@ -190,7 +214,8 @@ def main(argv=None):
                    "test_neg_elbo": round(test_nelbo, 4), "seconds": round(secs, 2)}
             print(json.dumps(rec) if a.json else f"epoch {epoch}: train loss (beta={a.beta:g}) {train_loss:.3f}, "
                   f"test -ELBO {test_nelbo:.3f} nats/image, {secs:.1f} s", flush=True)
-        hist, secs = train_torch(a.variant, a.epochs, a.batch, a.beta, a.threads, a.seed, a.act, a.lr, log)
+        hist, secs = train_torch(a.variant, a.epochs, a.batch, a.beta, a.threads, a.seed, a.act, a.lr, log,
+                                 save_dir=a.save_cvae)
         final = {"impl": "torch", "variant": a.variant, "epochs": a.epochs, "batch": a.batch, "beta": a.beta,
                  "threads": a.threads, "seed": a.seed, "final_test_neg_elbo": round(hist[-1], 4),
                  "total_seconds": round(secs, 2)}
