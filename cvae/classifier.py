@@ -191,13 +191,15 @@ def classifier_for(test_set, path=None, threads=1):
     if path is not None:
         model, meta = load_classifier(path, threads)
         return model, meta, path
-    if os.path.isfile(SHIPPED):
-        model, meta = load_classifier(SHIPPED, threads)
-        if meta.get("test_digest") == dataset_digest(test_set):
-            return model, meta, SHIPPED
+    how = "train one with 'cvae classifier train --data DIR --out FILE' and pass --classifier FILE"
+    if not os.path.isfile(SHIPPED):
+        return None, None, (f"conditional accuracy and FID need a classifier, and the shipped "
+                            f"one ({SHIPPED}) is missing from this install: reinstall cvae, or {how}")
+    model, meta = load_classifier(SHIPPED, threads)
+    if meta.get("test_digest") == dataset_digest(test_set):
+        return model, meta, SHIPPED
     return None, None, ("conditional accuracy and FID need a classifier for this data (the "
-                        "shipped one is for the MNIST test set): train one with 'cvae "
-                        "classifier train --data DIR --out FILE' and pass --classifier FILE")
+                        f"shipped one is for the MNIST test set): {how}")
 
 
 # ---------------------------------------------------------------- commands

@@ -21,12 +21,14 @@ test file:
   default_rng(seed)), decoded to the decoder mean as bytes (what the sheets show), then
   classified by the project's classifier (cvae.classifier) over all ten classes; the share
   classified as the digit they were generated as.
-* fid, fid_test_floor: the Fréchet distance |mu_g - mu_t|² + tr(C_g + C_t - 2 (C_g C_t)^½)
-  between Gaussians fitted to the classifier's last hidden layer (256 features) of the
-  generated digits and of the test images; the trace of the square root is exact, from the
-  eigenvalues of the symmetric C_g^½ C_t C_g^½ (numpy eigh). The floor is the same distance
-  between two random halves of the test images (seeded): what two samples of real digits
-  score. Without a classifier for the data both are None, and classifier_note says why.
+* fid, fid_test_floor: the Fréchet distance |mu_1 - mu_2|² + tr(C_1 + C_2 - 2 (C_1 C_2)^½)
+  between Gaussians fitted to the classifier's last hidden layer (256 features) of two image
+  sets; the trace of the square root is exact, from the eigenvalues of the symmetric
+  C_1^½ C_2 C_1^½ (numpy eigh). The test images are split into seeded random halves A and B;
+  fid compares one generated digit per image of B (B's labels, z ~ N(0, T² I)) with A, and
+  fid_test_floor compares B itself with A: same sizes, same digit mix, so the floor is what
+  real digits score and the gap is the generator's. Without a classifier for the data both
+  are None, and classifier_note says why.
 
 Every loop here is per batch (or per importance sample of a batch), never per image.
 """
@@ -268,38 +270,57 @@ def _moments(classifier, images):
     moments = FeatureMoments(classifier.arch.h2)
     for start in range(0, len(images), GENERATE_CHUNK):
         moments.add(classifier.predict(images[start:start + GENERATE_CHUNK])[1])
-    return moments.mean_cov()
+    return moments
 
 
-def judge_samples(model, classifier, digits, samples, temperature, seed, test_images,
-                  advance=None):
-    """(cond_accuracy, {digit: accuracy}, fid, fid_test_floor) of `samples` generated digits
-    per digit; see the module docstring."""
+def _generated(model, classifier, labels, temperature, rng, per_chunk):
+    """Decode one prior draw z ~ N(0, T² I) per label, chunk by chunk, and hand each chunk's
+    labels, classifier logits and features to per_chunk."""
     from cvae.sample import decode_images
 
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.asarray(digits, dtype=np.uint8), samples)
-    correct = np.zeros(len(labels), dtype=bool)
-    generated = FeatureMoments(classifier.arch.h2)
     for start in range(0, len(labels), GENERATE_CHUNK):
         chunk = labels[start:start + GENERATE_CHUNK]
         z = rng.standard_normal((len(chunk), model.arch.latent), dtype=np.float32)
         z *= np.float32(temperature)
-        logits, features = classifier.predict(decode_images(model, z, chunk))
+        per_chunk(start, chunk, *classifier.predict(decode_images(model, z, chunk)))
+
+
+def test_halves(n, seed):
+    """Two disjoint random halves (sorted row indices) of n test images, seeded."""
+    order = np.random.default_rng([seed, 2]).permutation(n)
+    half = n // 2
+    return np.sort(order[:half]), np.sort(order[half:2 * half])
+
+
+def judge_samples(model, classifier, digits, samples, temperature, seed, test_set,
+                  advance=None):
+    """(cond_accuracy, {digit: accuracy}, fid, fid_test_floor); see the module docstring.
+
+    The test set is split into random halves A and B. The FID compares one generated digit
+    per image of B, with B's label, against A; the floor compares B itself against A: the
+    same sizes and the same digit mix, so the two figures differ only by the generator."""
+    labels = np.repeat(np.asarray(digits, dtype=np.uint8), samples)
+    correct = np.zeros(len(labels), dtype=bool)
+
+    def count(start, chunk, logits, _):
         correct[start:start + len(chunk)] = logits.argmax(axis=1) == chunk
-        generated.add(features)
         if advance is not None:
             advance(len(chunk))
+
+    _generated(model, classifier, labels, temperature, np.random.default_rng(seed), count)
     per_digit = per_digit_means(correct.astype(np.float64), labels, digits)
 
-    test_mean, test_cov = _moments(classifier, test_images)
-    fid = frechet_distance(*generated.mean_cov(), test_mean, test_cov)
-    order = np.random.default_rng(seed).permutation(len(test_images))
-    half = len(order) // 2
-    floor = frechet_distance(*_moments(classifier, np.take(test_images, np.sort(order[:half]), axis=0)),
-                             *_moments(classifier, np.take(test_images, np.sort(order[half:]), axis=0)))
+    half_a, half_b = test_halves(len(test_set.labels), seed)
+    generated = FeatureMoments(classifier.arch.h2)
+    _generated(model, classifier, np.ascontiguousarray(np.take(test_set.labels, half_b)),
+               temperature, np.random.default_rng([seed, 1]),
+               lambda start, chunk, logits, features: generated.add(features))
+    real_a = _moments(classifier, np.take(test_set.images, half_a, axis=0)).mean_cov()
+    real_b = _moments(classifier, np.take(test_set.images, half_b, axis=0)).mean_cov()
+    fid = frechet_distance(*generated.mean_cov(), *real_a)
+    floor = frechet_distance(*real_b, *real_a)
     if advance is not None:
-        advance(len(test_images))
+        advance(len(test_set.labels) + len(half_b))
     return float(correct.mean()), per_digit, fid, floor
 
 
@@ -319,7 +340,7 @@ def evaluate_model(model, dataset, digits, seed, k, classifier=None, samples=DEF
     judged = (None, None, None, None)
     if classifier is not None:
         judged = judge_samples(model, classifier, digits, samples, temperature, seed,
-                               dataset.images, advance=advance)
+                               dataset, advance=advance)
     accuracy, accuracy_per_digit, fid, floor = judged
     return {"neg_elbo": neg_elbo, "rec": rec, "kl": kl, "iwae_nll": nll, "k": k,
             "ssim": float(per_image_ssim.mean()),
@@ -392,11 +413,14 @@ def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES, temper
     test_set = load_test(argparse.Namespace(data=data), digits)
     judge, judge_meta, judge_source = classifier_for(test_set, classifier, model.threads)
     dataset = restrict_to_digits(test_set, digits)
+    if judge is not None and len(dataset) < 4:
+        raise CvaeError(f"the FID needs at least 4 test images of digits "
+                        f"{','.join(map(str, digits))}; the data has {len(dataset)}")
 
     start = time.perf_counter()
     options = dict(classifier=judge, samples=samples, temperature=temperature)
     if progress:
-        judged = samples * len(digits) + len(dataset) if judge is not None else 0
+        judged = samples * len(digits) + len(dataset) + len(dataset) // 2 if judge is not None else 0
         bar, advance = _progress_bar(len(dataset) * (k + 2) + judged)
         with bar:
             metrics = evaluate_model(model, dataset, digits, seed, k, advance=advance, **options)

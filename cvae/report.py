@@ -26,9 +26,9 @@ import os
 import shlex
 
 from cvae.errors import CvaeError
+from cvae.evaluate import EVAL_JSON
 
 REPORT_NAME = "report.html"
-EVAL_NAME = "eval.json"
 
 # Sheets the trainer writes at the end of a run, shown first in this order; others follow
 # alphabetically.
@@ -47,8 +47,8 @@ EVAL_KEYS = {
                       "share of generated digits a classifier recognises as their label"),
     "cond_accuracy_per_digit": ("conditional accuracy per digit", "the same, for each label"),
     "fid": ("FID", "Fréchet distance between generated and real test digits (lower is better)"),
-    "fid_test_floor": ("FID floor", "the same distance between two sets of real digits: the "
-                                    "best a model can reach"),
+    "fid_test_floor": ("FID floor", "the same distance from the other half of the test digits "
+                                    "(same size, same digit mix): what real digits score"),
     "temperature": ("temperature", "standard deviation of z for the generated digits"),
     "samples": ("samples", "generated digits per digit"),
     "n_images": ("test images", "images of the trained digits in the test file"),
@@ -360,10 +360,14 @@ def _summary(config, records, evaluation, checkpoint):
     elif _is_number(planned):
         rows.append(("trained", f"no epoch finished yet (of {planned})"))
     if isinstance(evaluation, dict):
+        t = evaluation.get("temperature")
+        tempered = f", T = {format_value(t)}" if t is not None else ""
         for key in ("neg_elbo", "iwae_nll", "ssim", "cond_accuracy", "fid"):
             if key in evaluation:
                 label = EVAL_KEYS[key][0]
-                rows.append((f"{label} (eval.json)", f"<b>{format_value(evaluation[key])}</b>"))
+                at = tempered if key in ("cond_accuracy", "fid") else ""
+                rows.append((f"{label} (eval.json{at})",
+                             f"<b>{format_value(evaluation[key])}</b>"))
     if checkpoint:
         rows.append(("newest checkpoint", f"<code>{_e(os.path.basename(checkpoint))}</code>"))
     return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
@@ -374,7 +378,7 @@ def _metrics_section(report, evaluation, problem, run_dir):
         return report.note(f"{problem}; run 'cvae eval --checkpoint {run_dir}' to rewrite it")
     if evaluation is None:
         return report.note(f"No eval.json: this run has not been evaluated. Run "
-                           f"'cvae eval --checkpoint {run_dir}' (it writes {EVAL_NAME} into the "
+                           f"'cvae eval --checkpoint {run_dir}' (it writes {EVAL_JSON} into the "
                            f"run directory), then make the report again.")
     if not isinstance(evaluation, dict):
         return report.note("eval.json does not hold a JSON object")
@@ -414,9 +418,12 @@ def _curves_section(report, records):
         if png is not None and not (stale and records):
             return report.figure(png, "training curves", _e(caption + " (curves.png)"))
     if records:
-        png = plots.curves_png(records, title=f"{os.path.basename(os.path.abspath(run_dir))}: "
-                                              f"training curves (nats per image; test figures "
-                                              f"at β = 1)")
+        try:
+            png = plots.curves_png(records, title=f"{os.path.basename(os.path.abspath(run_dir))}"
+                                                  f": training curves (nats per image; test "
+                                                  f"figures at β = 1)")
+        except CvaeError as e:  # no matplotlib here: the page goes on without the curves
+            return report.note(f"No training curves: {e}")
         why = ("curves.png was older than metrics.jsonl" if existing and problem is None
                else problem or "the run has no curves.png")
         saved = report.save_picture(plots.CURVES_NAME, png)
@@ -556,7 +563,7 @@ def build_report(run_dir, data=None, threads=None, checkpoint=None):
 
     report = Report(run_dir)
     config, config_problem = _read_json(os.path.join(run_dir, CONFIG_NAME))
-    evaluation, eval_problem = _read_json(os.path.join(run_dir, EVAL_NAME))
+    evaluation, eval_problem = _read_json(os.path.join(run_dir, EVAL_JSON))
     records = read_metrics(run_dir)
 
     report.add("summary", "Summary", _summary(config, records, evaluation, checkpoint))

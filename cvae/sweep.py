@@ -38,11 +38,17 @@ import threading
 import time
 
 from cvae.errors import CvaeError
+from cvae.evaluate import EVAL_JSON
 
 SWEEP_MD = "sweep.md"
 SWEEP_JSONL = "sweep.jsonl"
 SAMPLES_NAME = "samples.pgm"
-EVAL_NAME = "eval.json"
+#: What train.write_images leaves in a run directory: all of them, or the run gets them again.
+RUN_PICTURES = (SAMPLES_NAME, "reconstructions.pgm", "interpolations.pgm",
+                "interpolations-classes.pgm", "curves.png", "latent.png")
+#: eval_wanted's classifier when --classifier is not given: the one eval picks by itself
+#: (the shipped one, or none for data it was not made for), not a file the user chose.
+DEFAULT_CLASSIFIER = "default"
 #: eval.json older than its checkpoint by more than this is stale (the slack lets a run
 #: directory copied without preserved times, files in any order, still count as finished).
 STALE_SECONDS = 2.0
@@ -203,9 +209,8 @@ def eval_wanted(args, seed):
     wanted = {"seed": seed}
     for name in EVAL_OPTIONS:
         value = getattr(args, name)
-        if name == "classifier":
-            if value is not None:  # eval.json names the classifier it used by absolute path
-                wanted[name] = os.path.abspath(value)
+        if name == "classifier":  # eval.json names the classifier it used by absolute path
+            wanted[name] = os.path.abspath(value) if value is not None else DEFAULT_CLASSIFIER
             continue
         if value is None and name in params and params[name].default is not inspect.Parameter.empty:
             value = params[name].default
@@ -259,7 +264,7 @@ def eval_problem(run_dir, epochs, wanted=None):
     with those settings); otherwise why it does not."""
     from cvae.checkpoint import LAST_NAME, epoch_checkpoint_path
 
-    path = os.path.join(run_dir, EVAL_NAME)
+    path = os.path.join(run_dir, EVAL_JSON)
     data, why = _read_json(path)
     if data is None:
         return why
@@ -274,10 +279,15 @@ def eval_problem(run_dir, epochs, wanted=None):
     except OSError:
         pass  # a run directory kept without its checkpoints: nothing to compare
     for key, value in (wanted or {}).items():
-        if key in data and data[key] != value:
-            return f"eval.json has {key} {data[key]} (this sweep: {value})"
-        if key in ("k", "seed", "classifier") and key not in data:
+        if key not in data:
             return f"eval.json does not record {key}"
+        if key == "classifier" and value == DEFAULT_CLASSIFIER:
+            from cvae.classifier import SHIPPED
+
+            if data[key] not in (None, SHIPPED):
+                return f"eval.json was judged by {data[key]} (this sweep: the default classifier)"
+        elif data[key] != value:
+            return f"eval.json has {key} {data[key]} (this sweep: {value})"
     return None
 
 
@@ -325,8 +335,11 @@ def inspect_run(run, wanted_eval):
         run.state = "partial"
         return
     run.eval_problem = eval_problem(run_dir, plan.epochs, wanted_eval)
-    has_sheet = os.path.isfile(os.path.join(run_dir, SAMPLES_NAME))
-    run.state = "finished" if run.eval_problem is None and has_sheet else "complete"
+    run.state = "finished" if run.eval_problem is None and has_pictures(run_dir) else "complete"
+
+
+def has_pictures(run_dir):
+    return all(os.path.isfile(os.path.join(run_dir, name)) for name in RUN_PICTURES)
 
 
 # ---------------------------------------------------------------- the table
@@ -343,7 +356,7 @@ def read_row(table_dir, run_dir):
     from cvae.train import recorded_config
 
     config = recorded_config(run_dir)
-    ev, _ = _read_json(os.path.join(run_dir, EVAL_NAME))
+    ev, _ = _read_json(os.path.join(run_dir, EVAL_JSON))
     ev = ev or {}
     arch = config.get("arch") if isinstance(config.get("arch"), dict) else {}
     schedule = config.get("schedule") if isinstance(config.get("schedule"), dict) else {}
@@ -421,9 +434,10 @@ METRIC_COLUMNS = (
                         "higher is better"),
     ("cond. acc.", "cond_accuracy", 4, "conditional accuracy: the share of generated digits a "
                                        "classifier reads as the digit they were generated for"),
-    ("FID", "fid", 2, "Fréchet distance between features of generated and test digits; lower "
-                      "is better"),
-    ("FID floor", "fid_test_floor", 2, "the FID the test digits themselves reach: a floor for FID"),
+    ("FID", "fid", 2, "Fréchet distance in the classifier's feature space between generated "
+                      "digits and half of the test digits; lower is better"),
+    ("FID floor", "fid_test_floor", 2, "the same distance from the other half of the test digits "
+                                       "(same size, same digit mix): what real digits score"),
     ("T", "temperature", 2, "temperature of the generated digits (z ~ N(0, T² I))"),
 )
 #: Settings that get a column only when the rows differ in them (else one line above the table).
@@ -593,8 +607,10 @@ def _install_signals():
 
 def _summary(row):
     parts = []
+    t = f" (T = {row['temperature']:g})" if row.get("temperature") is not None else ""
     for label, key, places in (("−ELBO", "neg_elbo", 2), ("IWAE NLL", "iwae_nll", 2),
-                               ("SSIM", "ssim", 4), ("FID", "fid", 2)):
+                               ("SSIM", "ssim", 4), ("cond. acc." + t, "cond_accuracy", 4),
+                               ("FID" + t, "fid", 2)):
         if row.get(key) is not None:
             parts.append(f"{label} {_fmt(row[key], places)}")
     return ", ".join(parts)
@@ -759,7 +775,7 @@ def _do_run(run, args, tag, say, threads, data_dir, ev_kwargs):
             return result.exit_code, status
         if result.status != "complete":
             raise CvaeError(f"{run.run_dir}: training stopped early ({result.status})")
-    if result is not None or not os.path.isfile(os.path.join(run.run_dir, SAMPLES_NAME)):
+    if result is not None or not has_pictures(run.run_dir):
         T.write_images(trainer)
     if result is not None or run.eval_problem is not None:
         run_eval(run.run_dir, progress=not (args.json or args.quiet), **ev_kwargs)

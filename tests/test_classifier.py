@@ -150,6 +150,25 @@ def test_fused_adam_matches_reference_adam():
         assert not problems, "\n".join(problems)
 
 
+def test_arrays_that_do_not_fit_are_refused_before_the_kernels_write():
+    """Bounds checks are off inside the kernels: every entry point checks its arrays."""
+    model = make_classifier(TINY, max_batch=16)
+    pixels = R.digit_like_pixels(20, seed=1)
+    with pytest.raises(ValueError, match="does not fit"):
+        model.net.step(pixels, np.zeros(20, dtype=np.uint8), 0.0, 0)
+    with pytest.raises(ValueError, match="pixels must be"):
+        model.net.step(np.zeros((4, 783), dtype=np.uint8), np.zeros(4, dtype=np.uint8), 0.0, 0)
+    with pytest.raises(ValueError, match="labels"):
+        model.net.step(pixels[:4], np.zeros(3, dtype=np.uint8), 0.0, 0)
+    logits = np.zeros((4, 10), dtype=np.float32)
+    features = np.zeros((4, TINY.h2), dtype=np.float32)
+    with pytest.raises(ValueError, match="logits_out"):
+        model.net.forward(pixels[:5], logits, np.zeros((5, TINY.h2), dtype=np.float32))
+    with pytest.raises(ValueError, match="features_out"):
+        model.net.forward(pixels[:4], logits, np.zeros((4, TINY.h2 - 1), dtype=np.float32))
+    model.net.forward(pixels[:4], logits, features)  # the right sizes pass
+
+
 def test_labels_outside_the_classes_are_refused():
     model = make_classifier(TINY, max_batch=8)
     with pytest.raises(ValueError, match="label 10"):

@@ -381,14 +381,46 @@ class AlwaysOne:
 
 
 def test_conditional_accuracy_counts_per_digit(world):
-    result = E.judge_samples(world["model"], AlwaysOne(), (0, 1, 2), 50, 1.0, 0, world["images"])
+    test = Dataset(world["images"], world["labels"])
+    result = E.judge_samples(world["model"], AlwaysOne(), (0, 1, 2), 50, 1.0, 0, test)
     accuracy, per_digit, fid, floor = result
     assert per_digit == {0: 0.0, 1: 1.0, 2: 0.0}
     assert accuracy == pytest.approx(1 / 3)
     assert np.isfinite(fid) and fid >= 0 and np.isfinite(floor) and floor >= 0
-    # The floor compares two seeded random halves of the test images; the same seed repeats.
-    assert E.judge_samples(world["model"], AlwaysOne(), (0, 1, 2), 50, 1.0, 0,
-                           world["images"]) == result
+    assert E.judge_samples(world["model"], AlwaysOne(), (0, 1, 2), 50, 1.0, 0, test) == result
+
+
+def test_fid_and_its_floor_compare_equal_sized_sets_with_the_same_digits():
+    """Half B's labels drive the generated set and half B is the floor's set: a generator
+    that returns half B's own images scores exactly the floor."""
+    images, labels = synthetic_digits(np.arange(40) % 10, np.random.default_rng(3))
+    test = Dataset(images, labels)
+    half_a, half_b = E.test_halves(40, seed=5)
+    assert len(half_a) == len(half_b) == 20 and not set(half_a) & set(half_b)
+    assert np.array_equal(E.test_halves(40, seed=5)[1], half_b)
+
+    class Replay:
+        """A 'model' whose decoder returns half B's images in order (labels checked)."""
+        class arch:
+            latent = 3
+        max_batch = 64
+
+        def __init__(self):
+            self.calls = []
+
+        def decode(self, z, chunk_labels):
+            self.calls.append(np.array(chunk_labels))
+            n = sum(len(c) for c in self.calls)
+            if n <= 30:  # the accuracy pass: 3 digits x 10 samples
+                return np.zeros((len(z), 784), dtype=np.float32)
+            rows = half_b[n - 30 - len(z):n - 30]
+            assert np.array_equal(chunk_labels, labels[rows])
+            return images[rows].astype(np.float32) / 255.0
+
+    judge = AlwaysOne()
+    judge.arch.h2 = 6
+    _, _, fid, floor = E.judge_samples(Replay(), judge, (0, 1, 2), 10, 1.0, 5, test)
+    assert fid == pytest.approx(floor, abs=1e-9)
 
 
 def trained_judge(world, tmp_path):

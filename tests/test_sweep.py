@@ -390,3 +390,30 @@ def test_a_run_directory_with_other_settings_is_refused_before_anything_runs(cap
     code, _, err = sweep(capsys, data_dir, out)
     assert_one_line_error(code, err, NAMES[1], "epochs 1 (this sweep: 2)")
     assert sorted(os.listdir(out)) == [NAMES[1]] and stamps(out) == before
+
+
+def test_a_classifier_judges_every_run_and_another_one_means_a_new_evaluation(capsys, tmp_path,
+                                                                              data_dir):
+    """With --classifier the table gets accuracy and FID; a rerun with the default classifier
+    (none for this data) re-evaluates instead of skipping, and trains nothing."""
+    from cvae import classifier as C
+    from cvae.data import Dataset
+
+    judge = C.train_classifier(Dataset.load(data_dir, "train"), epochs=1, batch=32, seed=0,
+                               arch=C.ClassifierArch(h1=32, h2=16))
+    C.save_classifier(tmp_path / "judge.cvae", judge, {"test_accuracy": 0.5})
+    out = tmp_path / "sw"
+    grid = ["--latent", "4"]
+    code, _, err = sweep(capsys, data_dir, out, "--quiet", "--samples", "20", "--classifier",
+                         tmp_path / "judge.cvae", grid=grid)
+    assert code == 0, err
+    (row,) = rows(out)
+    assert 0 <= row["cond_accuracy"] <= 1 and row["fid"] >= 0 and row["fid_test_floor"] >= 0
+    assert row["temperature"] == 1.0
+    checkpoints = {k: v for k, v in stamps(out).items() if k.endswith(".cvae")}
+    code, stdout, err = sweep(capsys, data_dir, out, "--samples", "20", grid=grid)
+    assert code == 0, err
+    assert "skipped" not in stdout and "evaluated" in stdout, stdout
+    assert {k: v for k, v in stamps(out).items() if k.endswith(".cvae")} == checkpoints
+    (row,) = rows(out)
+    assert row["cond_accuracy"] is None and row["fid"] is None
