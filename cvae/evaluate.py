@@ -487,9 +487,9 @@ def _print_table(r, out, threads):
         for d, v in r["cond_accuracy_per_digit"].items():
             table.add_row(f"  accuracy digit {d}", f"{100 * v:.1f}%", "")
         table.add_row(f"FID ({t})", f"[bold]{r['fid']:.2f}[/bold]",
-                      "generated vs test digits, classifier's 256 features")
+                      "generated digits vs test half A, classifier's 256 features")
         table.add_row("  FID test-halves floor", f"{r['fid_test_floor']:.2f}",
-                      "two random halves of the test digits")
+                      "test half B vs half A: what real digits score")
     console.print(table)
     console.print(f"{r['seconds']:.1f} s on {threads} threads -> {out}")
 
@@ -506,8 +506,8 @@ def register(subparsers):
                     "originals,\n  Gaussian window 11×11 σ = 1.5, mean over valid windows, then "
                     "over images (of each digit);\n  cond_accuracy: --samples digits per digit from the prior at "
                     "--temperature, judged by\n  the project's classifier; fid: Fréchet distance "
-                    "to the test digits in its feature space,\n  beside the distance between two "
-                    "halves of the test set (the floor).\nThe results are also written to eval.json "
+                    "to half the test digits in its\n  feature space, beside the other half's "
+                    "distance to it (the floor).\nThe results are also written to eval.json "
                     "beside the checkpoint. See the README's 'Quality metrics'.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a .cvae checkpoint, or a run directory (its last.cvae, else its latest "
