@@ -139,7 +139,7 @@ assert "site-packages" in site, f"cvae imported from {site}, not the venv"
 for name in ("cvae._kernels_base", "cvae._kernels_v3", "cvae._kernels_v4"):
     path = importlib.util.find_spec(name).origin
     assert path.startswith(site), path
-import rich, threadpoolctl, numpy  # noqa: F401  (dependencies present)
+import rich, threadpoolctl, numpy, matplotlib, PIL  # noqa: F401  (dependencies present)
 print(f"build.sh: frozen from {site} (cvae {cvae.__version__}, numpy {numpy.__version__})", file=sys.stderr)
 EOF
 
@@ -157,7 +157,8 @@ BIN="$BUILD/dist/cvae"
 CONTENTS="$("$VENV/bin/pyi-archive_viewer" --list --recursive "$BIN")"
 missing=0
 for want in cvae/_kernels_base cvae/_kernels_v3 cvae/_kernels_v4 libgomp.so threadpoolctl \
-        rich.console _multiarray_umath openblas; do
+        rich.console _multiarray_umath openblas matplotlib.backends.backend_agg ft2font \
+        mpl-data/fonts/ttf/DejaVuSans.ttf PIL._imaging cvae.plots cvae.report; do
     if ! grep -q -- "$want" <<<"$CONTENTS"; then
         say "the archive lacks $want"
         missing=1

@@ -4,8 +4,8 @@ Builds dist/cvae with packaging/build.sh (a no-op when dist/cvae.stamp matches t
 builds or reuses a `debootstrap --variant=minbase bookworm` root with packaging/make_chroot.sh
 (cached in ~/.cache/cvae-ci/bookworm-minbase; the mirror comes from this machine's apt
 sources), and runs the binary in it with chroot: --help, --version, a short training run on
-a tiny IDX set, generate / reconstruct / interpolate, and --threads 1 vs 2 giving
-byte-identical checkpoints.
+a tiny IDX set, generate / reconstruct / interpolate, the run's pictures and `cvae report`
+(matplotlib inside), and --threads 1 vs 2 giving byte-identical checkpoints.
 
 Needs root (debootstrap, chroot, mount), x86-64 Linux, gcc and network access to the package
 index and the Debian mirror. Marked `binary`: deselect with `pytest -m "not binary"`.
@@ -216,7 +216,8 @@ def test_help(root):
         start = time.monotonic()
         result = in_root(root, "cvae", "--help")
         times.append(time.monotonic() - start)
-    for command in ("train", "info", "data", "generate", "reconstruct", "interpolate", "bench"):
+    for command in ("train", "info", "data", "generate", "reconstruct", "interpolate", "bench",
+                    "report"):
         assert command in result.stdout
     print(f"\ncvae --help in the root: {sorted(times)[1]:.2f} s (median of 3, incl. unshare/chroot)")
     result = in_root(root, "cvae", "train", "--help")
@@ -282,6 +283,63 @@ def test_train_generate_reconstruct_interpolate(root):
             "--pairs", "2", "--steps", "4", "--out", "interp.pgm")
     read_pgm(host_path(root, f"{IN_ROOT}/interp.pgm"))
     read_pgm(host_path(root, f"{IN_ROOT}/interp-classes.pgm"))
+    no_unpacked_leftovers(root)
+
+
+def test_pictures_and_report(root):
+    """matplotlib (Agg only) is inside: training draws curves.png and latent.png, and
+    `cvae report` writes a self-contained page, drawing a missing latent.png from --data.
+    No font or config warnings on stderr (the trimmed mpl-data is enough)."""
+    import io
+
+    from PIL import Image
+    from test_report import RUN_SHEETS, assert_self_contained, images_of, parse
+
+    _train(root, "run-report", 2)
+    run = host_path(root, f"{IN_ROOT}/run-report")
+    sizes = {}
+    for name in ("curves.png", "latent.png"):
+        image = Image.open(io.BytesIO((run / name).read_bytes()))
+        image.load()
+        sizes[name] = image.size
+    assert sizes == {"curves.png": (1300, 750), "latent.png": (800, 650)}
+    (run / "latent.png").unlink()
+    result = in_root(root, "cvae", "report", "run-report", "--data", f"{IN_ROOT}/data",
+                     "--threads", "2")
+    assert "report (6 picture(s)) -> run-report/report.html" in result.stdout, result.stdout
+    assert result.stderr == "", result.stderr
+    assert (run / "latent.png").is_file()
+    page = parse(run / "report.html")
+    assert_self_contained(page)
+    assert [alt for alt, *_ in images_of(page)] == ["training curves", "latent means, PCA",
+                                                    *RUN_SHEETS]
+    bad = in_root(root, "cvae", "report", "no-such-run", check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert bad.stderr.startswith("cvae: error: ") and "does not exist" in bad.stderr
+    no_unpacked_leftovers(root)
+
+
+def test_eval_and_the_shipped_classifier(root):
+    """The classifier ships inside the binary: `cvae classifier eval` reads it, and `cvae eval`
+    judges samples with it when given (the tiny test set here is not MNIST's, so by default
+    eval says it has no classifier for it)."""
+    _train(root, "run-eval", 2, ("--no-images",))
+    result = in_root(root, "cvae", "classifier", "eval", "--data", f"{IN_ROOT}/data", "--json")
+    accuracy = json.loads(result.stdout)["test_accuracy"]
+    if os.environ.get("CVAE_DATA"):  # 64 real test digits 0 and 1
+        assert accuracy >= 0.95, accuracy
+    result = in_root(root, "cvae", "eval", "--checkpoint", "run-eval", "--data", f"{IN_ROOT}/data",
+                     "--k", "3", "--samples", "20", "--json")
+    plain = json.loads(result.stdout)
+    assert plain["cond_accuracy"] is None and "cvae classifier train" in plain["classifier_note"]
+    from cvae.classifier import SHIPPED
+
+    shutil.copy(SHIPPED, host_path(root, f"{IN_ROOT}/judge.cvae"))
+    result = in_root(root, "cvae", "eval", "--checkpoint", "run-eval", "--data", f"{IN_ROOT}/data",
+                     "--k", "3", "--samples", "20", "--classifier", "judge.cvae", "--json")
+    judged = json.loads(result.stdout)
+    assert 0 <= judged["cond_accuracy"] <= 1 and judged["fid"] >= 0
+    assert judged["neg_elbo"] == plain["neg_elbo"]
     no_unpacked_leftovers(root)
 
 
