@@ -267,12 +267,21 @@ class Dataset:
         absent = [d for d in wanted if counts[d] == 0]
         if absent:
             raise CvaeError(f"{name} has no images of digit {', '.join(map(str, absent))}")
-        if len(wanted) == NUM_DIGITS or all(counts[d] == 0 for d in range(NUM_DIGITS) if d not in wanted):
-            return cls(images, labels, name)
-        mask = np.zeros(NUM_DIGITS, dtype=bool)
-        mask[list(wanted)] = True
-        rows = np.flatnonzero(mask[labels])
-        return cls(np.take(images, rows, axis=0), np.take(labels, rows), name)
+        return cls(images, labels, name).restrict(wanted)
+
+    def rows_of(self, digits):
+        """Indices, in file order, of the images whose label is one of digits."""
+        keep = np.zeros(NUM_DIGITS, dtype=bool)
+        keep[list(digits)] = True
+        return np.flatnonzero(keep[np.asarray(self.labels)])
+
+    def restrict(self, digits):
+        """The images of these digits, in file order (image indices, hence noise keys, match
+        a Dataset.load(..., digits)); this dataset itself when nothing is left out."""
+        rows = self.rows_of(digits)
+        if len(rows) == len(self.labels):
+            return self
+        return Dataset(np.take(self.images, rows, axis=0), np.take(self.labels, rows), self.name)
 
     def __len__(self):
         return len(self.labels)

@@ -350,21 +350,6 @@ def evaluate_model(model, dataset, digits, seed, k, classifier=None, samples=DEF
             "fid": fid, "fid_test_floor": floor}
 
 
-def restrict_to_digits(dataset, digits):
-    """The dataset's rows whose label is in digits, in file order (what Dataset.load(..., digits)
-    gives, so image indices, hence noise keys, match the trainer's test set)."""
-    from cvae.data import Dataset
-
-    keep = np.zeros(NUM_DIGITS, dtype=bool)
-    keep[list(digits)] = True
-    mask = keep[np.asarray(dataset.labels)]
-    if mask.all():
-        return dataset
-    rows = np.flatnonzero(mask)
-    return Dataset(np.take(dataset.images, rows, axis=0), np.take(dataset.labels, rows),
-                   dataset.name)
-
-
 def eval_json_path(checkpoint):
     """eval.json beside the checkpoint; an error now if it cannot be written there."""
     directory = os.path.dirname(os.path.abspath(checkpoint))
@@ -412,7 +397,7 @@ def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES, temper
     digits = checkpoint_digits(meta, path)
     test_set = load_test(argparse.Namespace(data=data), digits)
     judge, judge_meta, judge_source = classifier_for(test_set, classifier, model.threads)
-    dataset = restrict_to_digits(test_set, digits)
+    dataset = test_set.restrict(digits)
     if judge is not None and len(dataset) < 4:
         raise CvaeError(f"the FID needs at least 4 test images of digits "
                         f"{','.join(map(str, digits))}; the data has {len(dataset)}")

@@ -478,12 +478,11 @@ def _latent_section(report, checkpoint, data, threads):
 
 def _draw_latent(checkpoint, data_dir, threads):
     from cvae import plots
-    from cvae.evaluate import restrict_to_digits
     from cvae.sample import checkpoint_digits, encode_mu, load_test, open_model
 
     model, meta = open_model(checkpoint, argparse.Namespace(threads=threads))
     digits = checkpoint_digits(meta, checkpoint)
-    dataset = restrict_to_digits(load_test(argparse.Namespace(data=data_dir), digits), digits)
+    dataset = load_test(argparse.Namespace(data=data_dir), digits).restrict(digits)
     mu = encode_mu(model, dataset.images, dataset.labels)
     return plots.latent_png(mu, dataset.labels)
 

@@ -81,18 +81,11 @@ def decode_images(model, z, labels):
 # ---------------------------------------------------------------- test digit selection
 
 
-def _eligible(dataset, digits):
-    """Indices of the dataset's images whose label is one of digits."""
-    mask = np.zeros(N_CLASSES, dtype=bool)
-    mask[list(digits)] = True
-    return np.flatnonzero(mask[np.asarray(dataset.labels)])
-
-
 def pick_balanced(dataset, digits, n, rng):
     """Up to n dataset indices spread evenly over digits (round-robin over shuffled per-digit
     lists), ordered by label then index."""
     labels = np.asarray(dataset.labels)
-    candidates = rng.permutation(_eligible(dataset, digits))
+    candidates = rng.permutation(dataset.rows_of(digits))
     if len(candidates) == 0:
         raise CvaeError(f"{dataset.name} has no images of digits {_digits_text(digits)}")
     # Rank of each candidate among the shuffled candidates of its digit: taking ranks 0, 1, ...
