@@ -38,6 +38,23 @@ def atomic_open(path, mode="wb"):
             os.close(dir_fd)
 
 
+def check_writable(path):
+    """path, if a file can be written there (atomically: its directory takes a temp file);
+    otherwise a one-line CvaeError saying why, before any work is done."""
+    from cvae.errors import CvaeError
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CvaeError(f"cannot write {path}: it is a directory")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise CvaeError(f"cannot write {path}: {directory} {what}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CvaeError(f"cannot write {path}: directory {directory} is not writable")
+    return path
+
+
 def write_bytes_atomic(path, data):
     with atomic_open(path, "wb") as f:
         f.write(data)

@@ -209,11 +209,9 @@ def cmd_train(args):
     from cvae.cli import ensure_data
     from cvae.data import Dataset
 
-    out = os.path.abspath(args.out)
-    if os.path.isdir(out):
-        raise CvaeError(f"--out {args.out} is a directory; give a file name such as classifier.cvae")
-    if not os.access(os.path.dirname(out), os.W_OK | os.X_OK):
-        raise CvaeError(f"cannot write {args.out}: its directory is not writable")
+    from cvae.atomic import check_writable
+
+    out = os.path.abspath(check_writable(args.out))
     data_dir, _ = ensure_data(args)
     train_set = Dataset.load(data_dir, "train")
     test_set = Dataset.load(data_dir, "test")

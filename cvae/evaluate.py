@@ -352,13 +352,9 @@ def evaluate_model(model, dataset, digits, seed, k, classifier=None, samples=DEF
 
 def eval_json_path(checkpoint):
     """eval.json beside the checkpoint; an error now if it cannot be written there."""
-    directory = os.path.dirname(os.path.abspath(checkpoint))
-    path = os.path.join(directory, EVAL_JSON)
-    if os.path.isdir(path):
-        raise CvaeError(f"cannot write {path}: it is a directory")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise CvaeError(f"cannot write {path}: directory {directory} is not writable")
-    return path
+    from cvae.atomic import check_writable
+
+    return check_writable(os.path.join(os.path.dirname(os.path.abspath(checkpoint)), EVAL_JSON))
 
 
 def _progress_bar(total):

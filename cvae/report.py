@@ -262,17 +262,9 @@ def check_run_dir(run_dir):
 
 def report_path(out, run_dir):
     """--out, else RUN_DIR/report.html; a CvaeError now if it cannot be written."""
-    path = os.fspath(out) if out else os.path.join(run_dir, REPORT_NAME)
-    if os.path.isdir(path):
-        raise CvaeError(f"cannot write {path}: it is a directory")
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise CvaeError(f"cannot write {path}: {directory} is not a directory")
-    if not os.path.isdir(directory):
-        raise CvaeError(f"cannot write {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise CvaeError(f"cannot write {path}: directory {directory} is not writable")
-    return path
+    from cvae.atomic import check_writable
+
+    return check_writable(os.fspath(out) if out else os.path.join(run_dir, REPORT_NAME))
 
 
 def _writable(directory):

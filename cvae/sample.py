@@ -326,13 +326,10 @@ def check_digits(wanted, trained, source):
 def output_path(out, run_dir, default_name):
     """--out, else RUN/default_name; must end in .pgm and its directory must be writable."""
     path = os.fspath(out) if out else os.path.join(run_dir, default_name)
+    from cvae.atomic import check_writable
+
     sidecar_path(path)  # rejects names not ending in .pgm
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise CvaeError(f"cannot write {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise CvaeError(f"cannot write {path}: directory {directory} is not writable")
-    return path
+    return check_writable(path)
 
 
 def _positive(value, option):
