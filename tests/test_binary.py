@@ -343,6 +343,23 @@ def test_eval_and_the_shipped_classifier(root):
     no_unpacked_leftovers(root)
 
 
+def test_sweep(root):
+    """cvae sweep trains, evaluates and tabulates in-process in the binary too, and a rerun
+    skips the finished runs."""
+    argv = ("cvae", "sweep", "--variant", "mini", "--latent", "4,8", "--hidden", "32x16",
+            "--epochs", "1", "--k", "2", "--samples", "10", "--data", f"{IN_ROOT}/data",
+            "--out", "sweep", "--threads", "2", "--quiet")
+    in_root(root, *argv)
+    rows = [json.loads(line) for line in
+            host_path(root, f"{IN_ROOT}/sweep/sweep.jsonl").read_text().splitlines()]
+    assert [r["latent"] for r in rows] == [4, 8]
+    assert all(r["neg_elbo"] > 0 for r in rows)
+    assert "latent8-h32x16-elu-progressive" in host_path(root, f"{IN_ROOT}/sweep/sweep.md").read_text()
+    again = in_root(root, *argv[:-1])
+    assert again.stdout.count("skipped (finished)") == 2, again.stdout
+    no_unpacked_leftovers(root)
+
+
 def pixels_file(root, name):
     return host_path(root, f"{IN_ROOT}/{name}").read_bytes()
 
