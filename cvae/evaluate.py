@@ -54,6 +54,7 @@ IWAE_STEP = 2 ** 61
 EVAL_BATCH = 64
 DEFAULT_K = 100
 DEFAULT_SAMPLES = 1000  # generated digits per digit for the conditional accuracy and FID
+DEFAULT_TEMPERATURE = 1.0  # the model's own prior
 EVAL_JSON = "eval.json"
 
 SSIM_WINDOW = 11
@@ -370,7 +371,8 @@ def _progress_bar(total):
     return progress, lambda n: progress.update(task, advance=n)
 
 
-def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES, temperature=1.0,
+def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
+             temperature=DEFAULT_TEMPERATURE,
              seed=0, threads=None, classifier=None, progress=False):
     """Evaluate a checkpoint (a .cvae file or a run directory) on its digits' test images;
     write eval.json beside it (atomically) and return the result dict. This is `cvae eval`
@@ -500,7 +502,7 @@ def register(subparsers):
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
                    help=f"generated digits per digit for the conditional accuracy and FID "
                         f"(default: {DEFAULT_SAMPLES})")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T",
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
                    help="prior samples z ~ N(0, T² I); 1 is the model's own prior (default: 1)")
     p.add_argument("--classifier", metavar="FILE", default=None,
                    help="classifier that judges the samples (default: the shipped one, on the "

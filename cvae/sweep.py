@@ -25,7 +25,6 @@ jobs (Slurm array tasks, GNU parallel; `--commands` prints those job lines).
 """
 
 import argparse
-import inspect
 import itertools
 import json
 import math
@@ -38,7 +37,7 @@ import threading
 import time
 
 from cvae.errors import CvaeError
-from cvae.evaluate import EVAL_JSON
+from cvae.evaluate import DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_TEMPERATURE, EVAL_JSON
 
 SWEEP_MD = "sweep.md"
 SWEEP_JSONL = "sweep.jsonl"
@@ -58,6 +57,8 @@ GRID = ("latent", "hidden", "act", "schedule")
 #: Options shared by every run of a sweep (also training options --collect refuses).
 SHARED = ("variant", "digits", "epochs", "batch", "lr", "seed", "threads", "data")
 EVAL_OPTIONS = ("k", "samples", "temperature", "classifier")
+#: cvae eval's defaults of the options a sweep passes on.
+EVAL_DEFAULTS = {"k": DEFAULT_K, "samples": DEFAULT_SAMPLES, "temperature": DEFAULT_TEMPERATURE}
 #: Metrics copied from eval.json into the table (None when absent).
 METRICS = ("neg_elbo", "rec", "kl", "iwae_nll", "k", "ssim", "cond_accuracy", "fid",
            "fid_test_floor", "temperature")
@@ -186,37 +187,23 @@ def plan_runs(args):
     return runs
 
 
-def eval_kwargs(args, seed):
-    """Keyword arguments for evaluate.run_eval: eval's own defaults unless given."""
-    from cvae.evaluate import run_eval
+def eval_settings(args):
+    """k, samples and temperature: as given, else cvae eval's defaults."""
+    return {name: default if getattr(args, name) is None else getattr(args, name)
+            for name, default in EVAL_DEFAULTS.items()}
 
-    accepted = inspect.signature(run_eval).parameters
-    kwargs = {"data": None, "seed": seed, "threads": args.threads}
-    for name in EVAL_OPTIONS:
-        value = getattr(args, name)
-        if value is not None:
-            if name not in accepted:
-                raise CvaeError(f"--{name}: this cvae's evaluation has no such setting")
-            kwargs[name] = value
-    return kwargs
+
+def eval_kwargs(args, seed):
+    """Keyword arguments for evaluate.run_eval."""
+    return {"data": None, "seed": seed, "threads": args.threads, "classifier": args.classifier,
+            **eval_settings(args)}
 
 
 def eval_wanted(args, seed):
     """{eval.json key: value} an existing evaluation must have to be reused."""
-    from cvae.evaluate import run_eval
-
-    params = inspect.signature(run_eval).parameters
-    wanted = {"seed": seed}
-    for name in EVAL_OPTIONS:
-        value = getattr(args, name)
-        if name == "classifier":  # eval.json names the classifier it used by absolute path
-            wanted[name] = os.path.abspath(value) if value is not None else DEFAULT_CLASSIFIER
-            continue
-        if value is None and name in params and params[name].default is not inspect.Parameter.empty:
-            value = params[name].default
-        if value is not None:
-            wanted[name] = value
-    return wanted
+    # eval.json names the classifier it used by absolute path
+    classifier = os.path.abspath(args.classifier) if args.classifier is not None else DEFAULT_CLASSIFIER
+    return {"seed": seed, **eval_settings(args), "classifier": classifier}
 
 
 # ---------------------------------------------------------------- the state of a run directory
@@ -835,14 +822,8 @@ def register(subparsers):
                         help="OpenMP threads (default: the CPUs available to this process)")
     shared.add_argument("--data", metavar="DIR", default=None,
                         help="MNIST directory (default: $CVAE_DATA, else the cache, fetched when empty)")
-    from cvae.evaluate import run_eval
-
-    params = inspect.signature(run_eval).parameters
-
     def eval_default(name):
-        default = params[name].default if name in params else None
-        return f"(default: cvae eval's, {default})" if default not in (None, inspect.Parameter.empty) \
-            else "(default: cvae eval's)"
+        return f"(default: cvae eval's, {EVAL_DEFAULTS[name]:g})"
 
     ev = p.add_argument_group("evaluation (as in 'cvae eval'; its defaults unless given)")
     ev.add_argument("--k", type=cli.positive_int, default=None,
