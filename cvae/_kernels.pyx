@@ -15,8 +15,9 @@ The module is compiled once per ISA level (see setup.py); ``cvae.kernels`` picks
 """
 
 from cython.parallel cimport prange, threadid
-from libc.math cimport expf, fabsf, logf
+from libc.math cimport cosf, expf, fabsf, logf, sinf
 from libc.stdint cimport uint8_t, uint64_t
+from libc.string cimport memcpy
 
 cdef extern from "cvae_simd.h" nogil:
     const int VW "CVAE_VW"
@@ -43,6 +44,7 @@ cdef extern from "cvae_simd.h" nogil:
                                 int n, float scale)
     void sigmoid_row "cvae_sigmoid_row"(const float *logit, float *p, int n)
     float normal "cvae_normal"(uint64_t seed, uint64_t step, uint64_t sample, uint64_t index)
+    float uniform "cvae_uniform"(uint64_t seed, uint64_t step, uint64_t sample, uint64_t index)
     int c_cpu_level "cvae_cpu_level"()
 
 isa = ISA.decode()
@@ -187,10 +189,11 @@ cdef void linear_adam(const Linear *L, const Adam *adam, int nthreads) noexcept 
 
 # ---------------------------------------------------------------- input and label rows
 
-cdef void onehot_rows(float *Rt, const uint8_t *labels, int batch, int bp) noexcept nogil:
-    """Ten rows Rt[c][b] = (label_b == c); zero in the padding columns."""
+cdef void onehot_rows(float *Rt, const uint8_t *labels, int n_cls, int batch,
+                      int bp) noexcept nogil:
+    """n_cls rows Rt[c][b] = (label_b == c); zero in the padding columns."""
     cdef int c, k
-    for c in range(10):
+    for c in range(n_cls):
         for k in range(bp):
             Rt[c * bp + k] = 1.0 if (k < batch and labels[k] == c) else 0.0
 
@@ -211,7 +214,7 @@ cdef void pixels_forward(const uint8_t *pixels, const uint8_t *labels, float *Xt
                          int batch, int bp, int nthreads) noexcept nogil:
     """Xt = [pixels / 255 ; onehot(labels)]: the CVAE encoder's input."""
     pixel_rows(pixels, Xt, n_pix, batch, bp, nthreads)
-    onehot_rows(Xt + n_pix * bp, labels, batch, bp)
+    onehot_rows(Xt + n_pix * bp, labels, 10, batch, bp)
 
 
 # ---------------------------------------------------------------- reparameterisation and KL
@@ -312,6 +315,84 @@ cdef void softmax_xent_forward_backward(const float *logits_t, const uint8_t *la
         for c in range(n_cls):
             dlogits_t[c * bp + k] = (dlogits_t[c * bp + k] / s
                                      - (1.0 if c == labels[k] else 0.0)) * scale
+
+
+# ---------------------------------------------------------------- flow matching (the latent prior)
+
+cdef void time_rows(float *Rt, const float *t, int n_freq, int batch, int bp) noexcept nogil:
+    """2·n_freq rows sin(2^i t), cos(2^i t): how the velocity network sees the time."""
+    cdef int i, k
+    cdef float w = 1.0
+    for i in range(n_freq):
+        for k in range(bp):
+            Rt[2 * i * bp + k] = sinf(w * t[k]) if k < batch else 0.0
+            Rt[(2 * i + 1) * bp + k] = cosf(w * t[k]) if k < batch else 0.0
+        w = w * 2.0
+
+
+cdef void flow_pairs(const float *mu, const float *logvar, const uint8_t *labels, float *Xt,
+                     float *target_t, float *t, int latent, int n_freq, int null_label,
+                     float drop_prob, uint64_t seed, uint64_t step, int batch, int bp,
+                     int nthreads) noexcept nogil:
+    """The conditional flow-matching pairs of a batch of codes (mu, logvar batch-major).
+
+    Sample k: z1 = mu + exp(logvar / 2)·eps, z0 ~ N(0, I), t ~ U[0, 1); Xt = [z_t ; time rows ;
+    onehot(label, or null_label with probability drop_prob)] with z_t = (1 - t)·z0 + t·z1, and
+    target = z1 - z0. Draws are keyed by (seed, step, k, index): z0 by index l, eps by
+    latent + l, t by 2·latent, the label drop by 2·latent + 1."""
+    cdef int k, l, c, cond
+    cdef float z0, z1
+    cdef float *label_rows = Xt + (latent + 2 * n_freq) * bp
+    for k in range(bp):
+        t[k] = uniform(seed, step, k, 2 * latent) if k < batch else 0.0
+    for l in prange(latent, num_threads=nthreads, schedule='static'):
+        for k in range(bp):
+            if k < batch:
+                z0 = normal(seed, step, k, l)
+                z1 = (mu[k * latent + l]
+                      + expf(0.5 * logvar[k * latent + l]) * normal(seed, step, k, latent + l))
+                Xt[l * bp + k] = (1.0 - t[k]) * z0 + t[k] * z1
+                target_t[l * bp + k] = z1 - z0
+            else:
+                Xt[l * bp + k] = 0.0
+                target_t[l * bp + k] = 0.0
+    time_rows(Xt + latent * bp, t, n_freq, batch, bp)
+    for k in range(bp):
+        cond = -1
+        if k < batch:
+            cond = null_label if uniform(seed, step, k, 2 * latent + 1) < drop_prob else labels[k]
+        for c in range(null_label + 1):
+            label_rows[c * bp + k] = 1.0 if c == cond else 0.0
+
+
+cdef void mse_forward_backward(const float *v_t, const float *target_t, float *dv_t,
+                               float *loss, int latent, int batch, int bp, float scale,
+                               int nthreads) noexcept nogil:
+    """loss[b] = mean over the latent of (v - target)²; dv = 2·(v - target) / latent · scale.
+    Strips of 16 columns: each sample's sum runs in latent order inside one task."""
+    cdef int strip, j0, l, k
+    cdef float d
+    for strip in prange(bp // 16, num_threads=nthreads, schedule='static'):
+        j0 = strip * 16
+        for k in range(j0, j0 + 16):
+            loss[k] = 0.0
+        for l in range(latent):
+            for k in range(j0, j0 + 16):
+                d = v_t[l * bp + k] - target_t[l * bp + k] if k < batch else 0.0
+                loss[k] = loss[k] + d * d
+                dv_t[l * bp + k] = 2.0 * d / latent * scale
+        for k in range(j0, j0 + 16):
+            loss[k] = loss[k] / latent
+
+
+cdef void rows_axpby(float *y, float a, const float *x, float b, int rows, int bp,
+                     int nthreads) noexcept nogil:
+    """y = a·y + b·x over rows of bp floats: residual sums, ODE steps, guidance."""
+    cdef int r, k
+    for r in prange(rows, num_threads=nthreads, schedule='static'):
+        for k in range(bp):
+            y[r * bp + k] = a * y[r * bp + k] + b * x[r * bp + k]
+
 
 
 # ---------------------------------------------------------------- slab plumbing
@@ -435,7 +516,7 @@ cdef class Net:
 
     cdef void _decode(self, const uint8_t *labels, int batch, int bp) noexcept nogil:
         """Decoder from the z rows already in d0_t."""
-        onehot_rows(self.d0_t + self.latent * bp, labels, batch, bp)
+        onehot_rows(self.d0_t + self.latent * bp, labels, 10, batch, bp)
         linear_forward(&self.dec1, self.d0_t, self.g1_t, bp, self.act, self.nthreads)
         linear_forward(&self.dec2, self.g1_t, self.g2_t, bp, self.act, self.nthreads)
         linear_forward(&self.dec3, self.g2_t, self.logits_t, bp, ACT_NONE, self.nthreads)
@@ -701,3 +782,327 @@ cdef class Classifier:
                 logits_out[k, c] = self.logits_t[c * bp + k]
             for c in range(self.fc2.n_out):
                 features_out[k, c] = self.h2_t[c * bp + k]
+
+
+# ---------------------------------------------------------------- the flow-matching prior
+
+cdef enum:
+    MAX_BLOCKS = 8
+
+ODE_METHODS = {"euler": 0, "midpoint": 1, "heun": 2}
+
+
+cdef class FlowNet:
+    """The velocity network v(z_t, t, y) of the latent prior (cvae.prior carves its slab).
+
+    in: x = [z_t ; time rows ; onehot(y)] -> h_0 = W_in x; block k: h_k = h_{k-1} +
+    W_kb act(W_ka [h_{k-1} ; time rows ; onehot(y)]); out: v = W_out h_K. The conditioning
+    rows sit below h_k in each residual buffer s_k, so every block sees t and y directly.
+    Label n_classes is the null label of classifier-free guidance."""
+    cdef Linear inp, out
+    cdef Linear block_a[MAX_BLOCKS]
+    cdef Linear block_b[MAX_BLOCKS]
+    cdef float *s[MAX_BLOCKS + 1]
+    cdef float *ds[MAX_BLOCKS + 1]
+    cdef float *a[MAX_BLOCKS]
+    cdef float *da[MAX_BLOCKS]
+    cdef float *x_t
+    cdef float *v_t
+    cdef float *dv_t
+    cdef float *target_t
+    cdef float *z_t
+    cdef float *z_mid_t
+    cdef float *v_first_t
+    cdef float *v_uncond_t
+    cdef float *t
+    cdef float *loss
+    cdef float *xb
+    cdef float *scratch
+    cdef int latent, n_freq, n_classes, n_cond, hidden, n_blocks, act, nthreads, max_bp
+    cdef object slab
+
+    def __init__(self, float[::1] slab not None, dict layout, tuple layers, int latent,
+                 int n_freq, int n_classes, int max_bp, str act, int nthreads):
+        """``layers``: (name, n_in, n_out) of in, res1a, res1b, ..., out (PriorArch.layers)."""
+        cdef float *base = &slab[0]
+        cdef int k
+        self.slab = slab
+        self.latent = latent
+        self.n_freq = n_freq
+        self.n_classes = n_classes
+        self.n_cond = 2 * n_freq + n_classes + 1
+        self.max_bp = max_bp
+        self.act = ACTIVATIONS[act]
+        self.nthreads = nthreads
+        self.n_blocks = (len(layers) - 2) // 2
+        if not 1 <= self.n_blocks <= MAX_BLOCKS or len(layers) != 2 * self.n_blocks + 2:
+            raise ValueError(f"a velocity network has 1 to {MAX_BLOCKS} residual blocks")
+        dims = {name: (n_in, n_out) for name, n_in, n_out in layers}
+        self.inp = linear_in_slab(base, layout, dims, "in")
+        self.out = linear_in_slab(base, layout, dims, "out")
+        self.hidden = self.inp.n_out
+        ok = (self.inp.n_in == latent + self.n_cond and self.out.n_in == self.hidden
+              and self.out.n_out == latent)
+        for k in range(self.n_blocks):
+            self.block_a[k] = linear_in_slab(base, layout, dims, f"res{k + 1}a")
+            self.block_b[k] = linear_in_slab(base, layout, dims, f"res{k + 1}b")
+            ok = ok and (self.block_a[k].n_in == self.hidden + self.n_cond
+                         and self.block_a[k].n_out == self.hidden
+                         and self.block_b[k].n_in == self.hidden
+                         and self.block_b[k].n_out == self.hidden)
+            self.a[k] = at(base, layout, f"act.a{k + 1}")
+            self.da[k] = at(base, layout, f"actgrad.a{k + 1}")
+        if not ok:
+            raise ValueError("layers do not form a velocity network of this latent size")
+        for k in range(self.n_blocks + 1):
+            self.s[k] = at(base, layout, f"act.s{k}")
+            self.ds[k] = at(base, layout, f"actgrad.s{k}")
+        self.x_t = at(base, layout, "act.x")
+        self.v_t = at(base, layout, "act.v")
+        self.dv_t = at(base, layout, "actgrad.v")
+        self.target_t = at(base, layout, "act.target")
+        self.z_t = at(base, layout, "act.z")
+        self.z_mid_t = at(base, layout, "act.z_mid")
+        self.v_first_t = at(base, layout, "act.v_first")
+        self.v_uncond_t = at(base, layout, "act.v_uncond")
+        self.t = at(base, layout, "per_sample.t")
+        self.loss = at(base, layout, "per_sample.loss")
+        self.xb = at(base, layout, "scratch.batch_major")
+        self.scratch = at(base, layout, "scratch.tiles")
+
+    cdef void _forward(self, int bp) noexcept nogil:
+        """v from the input rows already in x_t."""
+        cdef int k, nt = self.nthreads, H = self.hidden
+        for k in range(self.n_blocks + 1):
+            memcpy(self.s[k] + H * bp, self.x_t + self.latent * bp,
+                   self.n_cond * bp * sizeof(float))
+        linear_forward(&self.inp, self.x_t, self.s[0], bp, ACT_NONE, nt)
+        for k in range(self.n_blocks):
+            linear_forward(&self.block_a[k], self.s[k], self.a[k], bp, self.act, nt)
+            linear_forward(&self.block_b[k], self.a[k], self.s[k + 1], bp, ACT_NONE, nt)
+            rows_axpby(self.s[k + 1], 1.0, self.s[k], 1.0, H, bp, nt)
+        linear_forward(&self.out, self.s[self.n_blocks], self.v_t, bp, ACT_NONE, nt)
+
+    cdef void _backward(self, int batch, int bp, const Adam *adam) noexcept nogil:
+        cdef int k, nt = self.nthreads, K = self.n_blocks
+        # Each layer's dX reads W before the (optionally fused) update of that W.
+        linear_backward_input(&self.out, self.dv_t, self.ds[K], self.s[K], ACT_NONE, bp,
+                              self.xb, nt)
+        linear_backward_params(&self.out, self.dv_t, self.s[K], self.xb, batch, bp, adam,
+                               self.scratch, nt)
+        for k in range(K - 1, -1, -1):
+            linear_backward_input(&self.block_b[k], self.ds[k + 1], self.da[k], self.a[k],
+                                  self.act, bp, self.xb, nt)
+            linear_backward_params(&self.block_b[k], self.ds[k + 1], self.a[k], self.xb, batch,
+                                   bp, adam, self.scratch, nt)
+            linear_backward_input(&self.block_a[k], self.da[k], self.ds[k], self.s[k], ACT_NONE,
+                                  bp, self.xb, nt)
+            linear_backward_params(&self.block_a[k], self.da[k], self.s[k], self.xb, batch, bp,
+                                   adam, self.scratch, nt)
+            # The residual path: dL/dh_k reaches h_{k-1} unchanged.
+            rows_axpby(self.ds[k], 1.0, self.ds[k + 1], 1.0, self.hidden, bp, nt)
+        linear_backward_params(&self.inp, self.ds[0], self.x_t, self.xb, batch, bp, adam,
+                               self.scratch, nt)
+
+    cdef int _check(self, Py_ssize_t batch, str name, Py_ssize_t rows, Py_ssize_t cols,
+                    int width) except -1:
+        if batch < 1 or ceil_div(batch, 16) * 16 > self.max_bp:
+            raise ValueError(f"batch of {batch} does not fit this model's slab")
+        if rows != batch or cols != width:
+            raise ValueError(f"{name} must be ({batch}, {width}), got ({rows}, {cols})")
+        return 0
+
+    cdef int _check_labels(self, const uint8_t[::1] labels, Py_ssize_t batch,
+                           int highest) except -1:
+        cdef Py_ssize_t k
+        if labels.shape[0] != batch:
+            raise ValueError("labels must be (batch,)")
+        for k in range(batch):
+            if labels[k] > highest:
+                raise ValueError(f"label {labels[k]} is above {highest}")
+        return 0
+
+    cdef void _input_rows(self, const float *z, const float *t, const uint8_t *labels,
+                          int batch, int bp) noexcept nogil:
+        """x_t = [z (batch-major) ; time rows of t ; onehot(labels)]."""
+        cdef int l, k
+        for l in range(self.latent):
+            for k in range(bp):
+                self.x_t[l * bp + k] = z[k * self.latent + l] if k < batch else 0.0
+        time_rows(self.x_t + self.latent * bp, t, self.n_freq, batch, bp)
+        onehot_rows(self.x_t + (self.latent + 2 * self.n_freq) * bp, labels, self.n_classes + 1,
+                    batch, bp)
+
+    cdef double _train(self, int batch, int bp, float lr, long adam_t):
+        """Loss, backward and (adam_t > 0) the fused Adam step on the rows already in x_t and
+        target_t; returns the loss summed over the batch."""
+        cdef Adam adam
+        cdef const Adam *adam_p = NULL
+        cdef double total = 0.0
+        cdef int k
+        if adam_t > 0:
+            adam = adam_step(lr, adam_t)
+            adam_p = &adam
+        with nogil:
+            self._forward(bp)
+            mse_forward_backward(self.v_t, self.target_t, self.dv_t, self.loss, self.latent,
+                                 batch, bp, 1.0 / batch, self.nthreads)
+            self._backward(batch, bp, adam_p)
+        for k in range(batch):
+            total += self.loss[k]
+        return total
+
+    def step(self, const float[:, ::1] mu not None, const float[:, ::1] logvar not None,
+             const uint8_t[::1] labels not None, uint64_t seed, uint64_t step, float drop_prob,
+             float lr=0.0, long adam_t=0):
+        """One training step on a batch of codes (see flow_pairs); returns the loss summed
+        over the batch. With adam_t > 0 Adam is fused into the backward pass, else the
+        gradients are stored."""
+        cdef int batch = mu.shape[0]
+        cdef int bp = ceil_div(batch, 16) * 16
+        self._check(batch, "mu", mu.shape[0], mu.shape[1], self.latent)
+        self._check(batch, "logvar", logvar.shape[0], logvar.shape[1], self.latent)
+        self._check_labels(labels, batch, self.n_classes - 1)
+        with nogil:
+            flow_pairs(&mu[0, 0], &logvar[0, 0], &labels[0], self.x_t, self.target_t, self.t,
+                       self.latent, self.n_freq, self.n_classes, drop_prob, seed, step, batch, bp,
+                       self.nthreads)
+        return self._train(batch, bp, lr, adam_t)
+
+    def step_given(self, const float[:, ::1] z not None, const float[::1] t not None,
+                   const uint8_t[::1] labels not None, const float[:, ::1] target not None,
+                   float lr=0.0, long adam_t=0):
+        """step() on given pairs: z_t, t, labels (n_classes: the null label) and target."""
+        cdef int batch = z.shape[0]
+        cdef int bp = ceil_div(batch, 16) * 16
+        cdef int l, k
+        self._check(batch, "z", z.shape[0], z.shape[1], self.latent)
+        self._check(batch, "target", target.shape[0], target.shape[1], self.latent)
+        self._check(batch, "t", t.shape[0], 1, 1)
+        self._check_labels(labels, batch, self.n_classes)
+        with nogil:
+            self._input_rows(&z[0, 0], &t[0], &labels[0], batch, bp)
+            for l in range(self.latent):
+                for k in range(bp):
+                    self.target_t[l * bp + k] = target[k, l] if k < batch else 0.0
+        return self._train(batch, bp, lr, adam_t)
+
+    def pairs(self, const float[:, ::1] mu not None, const float[:, ::1] logvar not None,
+              const uint8_t[::1] labels not None, uint64_t seed, uint64_t step, float drop_prob,
+              float[:, ::1] z_out not None, float[::1] t_out not None,
+              uint8_t[::1] labels_out not None, float[:, ::1] target_out not None):
+        """The z_t, t, labels (after the drop) and target that step() would train on."""
+        cdef int batch = mu.shape[0]
+        cdef int bp = ceil_div(batch, 16) * 16
+        cdef int k, l, c
+        cdef float *label_rows
+        self._check(batch, "mu", mu.shape[0], mu.shape[1], self.latent)
+        self._check(batch, "logvar", logvar.shape[0], logvar.shape[1], self.latent)
+        self._check_labels(labels, batch, self.n_classes - 1)
+        check_out("z_out", z_out.shape[0], z_out.shape[1], batch, self.latent)
+        check_out("target_out", target_out.shape[0], target_out.shape[1], batch, self.latent)
+        check_out("t_out", t_out.shape[0], 1, batch, 1)
+        check_out("labels_out", labels_out.shape[0], 1, batch, 1)
+        flow_pairs(&mu[0, 0], &logvar[0, 0], &labels[0], self.x_t, self.target_t, self.t,
+                   self.latent, self.n_freq, self.n_classes, drop_prob, seed, step, batch, bp,
+                   self.nthreads)
+        label_rows = self.x_t + (self.latent + 2 * self.n_freq) * bp
+        for k in range(batch):
+            t_out[k] = self.t[k]
+            for l in range(self.latent):
+                z_out[k, l] = self.x_t[l * bp + k]
+                target_out[k, l] = self.target_t[l * bp + k]
+            for c in range(self.n_classes + 1):
+                if label_rows[c * bp + k] == 1.0:
+                    labels_out[k] = c
+
+    def velocity(self, const float[:, ::1] z not None, const float[::1] t not None,
+                 const uint8_t[::1] labels not None, float[:, ::1] v_out not None):
+        """v(z, t, label) as (batch, latent); label n_classes is the null label."""
+        cdef int batch = z.shape[0]
+        cdef int bp = ceil_div(batch, 16) * 16
+        cdef int k, l
+        self._check(batch, "z", z.shape[0], z.shape[1], self.latent)
+        self._check(batch, "t", t.shape[0], 1, 1)
+        self._check_labels(labels, batch, self.n_classes)
+        check_out("v_out", v_out.shape[0], v_out.shape[1], batch, self.latent)
+        with nogil:
+            self._input_rows(&z[0, 0], &t[0], &labels[0], batch, bp)
+            self._forward(bp)
+        for k in range(batch):
+            for l in range(self.latent):
+                v_out[k, l] = self.v_t[l * bp + k]
+
+    cdef void _velocity_at(self, const float *z_t, float t, const uint8_t *labels,
+                           float guidance, int batch, int bp) noexcept nogil:
+        """v_t = v(z_t, t, y) for feature-major z_t; with guidance w,
+        (1 + w)·v(z_t, t, y) - w·v(z_t, t, null)."""
+        cdef int k, c
+        cdef float *label_rows = self.x_t + (self.latent + 2 * self.n_freq) * bp
+        for k in range(bp):
+            self.t[k] = t
+        memcpy(self.x_t, z_t, self.latent * bp * sizeof(float))
+        time_rows(self.x_t + self.latent * bp, self.t, self.n_freq, batch, bp)
+        if guidance != 0.0:
+            for c in range(self.n_classes + 1):
+                for k in range(bp):
+                    label_rows[c * bp + k] = 1.0 if c == self.n_classes and k < batch else 0.0
+            self._forward(bp)
+            memcpy(self.v_uncond_t, self.v_t, self.latent * bp * sizeof(float))
+        onehot_rows(label_rows, labels, self.n_classes + 1, batch, bp)
+        self._forward(bp)
+        if guidance != 0.0:
+            rows_axpby(self.v_t, 1.0 + guidance, self.v_uncond_t, -guidance, self.latent, bp,
+                       self.nthreads)
+
+    def integrate(self, float[:, ::1] z not None, const uint8_t[::1] labels not None,
+                  int steps, str method, float guidance):
+        """Solve dz/dt = v(z, t, y) from t = 0 to 1 in `steps` equal steps of `method`
+        (euler, midpoint or heun), in place: z (batch, latent) goes in as the draws z0 and
+        comes out as z1."""
+        cdef int batch = z.shape[0]
+        cdef int bp = ceil_div(batch, 16) * 16
+        cdef int k, l, i, m = ODE_METHODS[method]
+        cdef int L = self.latent, nt = self.nthreads
+        cdef float h, t0
+        cdef size_t rows_bytes = L * bp * sizeof(float)
+        self._check(batch, "z", z.shape[0], z.shape[1], L)
+        self._check_labels(labels, batch, self.n_classes - 1)
+        if steps < 1:
+            raise ValueError("steps must be positive")
+        h = 1.0 / steps
+        for l in range(L):
+            for k in range(bp):
+                self.z_t[l * bp + k] = z[k, l] if k < batch else 0.0
+        with nogil:
+            for i in range(steps):
+                t0 = i * h
+                self._velocity_at(self.z_t, t0, &labels[0], guidance, batch, bp)
+                if m == 0:
+                    rows_axpby(self.z_t, 1.0, self.v_t, h, L, bp, nt)
+                elif m == 1:
+                    memcpy(self.z_mid_t, self.z_t, rows_bytes)
+                    rows_axpby(self.z_mid_t, 1.0, self.v_t, 0.5 * h, L, bp, nt)
+                    self._velocity_at(self.z_mid_t, t0 + 0.5 * h, &labels[0], guidance, batch, bp)
+                    rows_axpby(self.z_t, 1.0, self.v_t, h, L, bp, nt)
+                else:
+                    memcpy(self.v_first_t, self.v_t, rows_bytes)
+                    memcpy(self.z_mid_t, self.z_t, rows_bytes)
+                    rows_axpby(self.z_mid_t, 1.0, self.v_first_t, h, L, bp, nt)
+                    self._velocity_at(self.z_mid_t, t0 + h, &labels[0], guidance, batch, bp)
+                    rows_axpby(self.z_t, 1.0, self.v_first_t, 0.5 * h, L, bp, nt)
+                    rows_axpby(self.z_t, 1.0, self.v_t, 0.5 * h, L, bp, nt)
+        for k in range(batch):
+            for l in range(L):
+                z[k, l] = self.z_t[l * bp + k]
+
+    def adam_update(self, float lr, long adam_t):
+        """Adam step number adam_t from the stored gradients (the unfused path)."""
+        cdef Adam adam = adam_step(lr, adam_t)
+        cdef int k
+        with nogil:
+            linear_adam(&self.inp, &adam, self.nthreads)
+            for k in range(self.n_blocks):
+                linear_adam(&self.block_a[k], &adam, self.nthreads)
+                linear_adam(&self.block_b[k], &adam, self.nthreads)
+            linear_adam(&self.out, &adam, self.nthreads)

@@ -241,6 +241,12 @@ static inline float cvae_normal(uint64_t seed, uint64_t step, uint64_t sample, u
     return sqrtf(-2.0f * logf(u1)) * cosf(6.283185307179586f * u2);
 }
 
+/* Uniform in [0, 1) keyed like cvae_normal. */
+static inline float cvae_uniform(uint64_t seed, uint64_t step, uint64_t sample, uint64_t index) {
+    uint64_t h = cvae_mix64(cvae_mix64(cvae_mix64(seed) ^ step) ^ ((sample << 32) | index));
+    return (float)(h >> 40) * (1.0f / 16777216.0f);
+}
+
 static inline int cvae_cpu_level(void) {
 #if defined(__x86_64__)
     __builtin_cpu_init();

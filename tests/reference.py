@@ -218,6 +218,49 @@ def mismatch(name, got, ref, rtol=1e-4, atol_scale=1e-5):
             f"(max|ref| = {scale:.3g}); least squares got ~ {fit:.5g} * ref")
 
 
+# --------------------------------------------------------------------------- kernels vs their own loss
+
+def kernel_fd_mismatches(model, loss_of, names, noise, seed=1):
+    """Central differences of a kernel model's float32 loss against its stored gradients:
+    for each parameter tensor, its 3 largest-gradient entries (steps of ±1e-2) and a random
+    direction (±0.05); loss_of() runs one forward/backward and returns the loss; noise is the
+    loss's rounding noise. Parameters are restored. Returns the failures as lines."""
+    g = {k: np.array(v, dtype=np.float64) for k, v in model.grads.items()}
+    base = {k: np.array(v) for k, v in model.params.items()}
+    rng = np.random.default_rng(seed)
+    bad = []
+
+    def loss_at(k, value):
+        model.params[k][...] = value
+        stored = np.array(model.params[k], dtype=np.float64)
+        loss = loss_of()
+        model.params[k][...] = base[k]
+        return loss, stored
+
+    for k in names:
+        p0 = base[k].astype(np.float64)
+        for flat in np.argsort(-np.abs(g[k]).ravel())[:3]:
+            idx = np.unravel_index(flat, p0.shape)
+            hi, lo = p0.copy(), p0.copy()
+            hi[idx] += 1e-2
+            lo[idx] -= 1e-2
+            (lp, hi32), (lm, lo32) = loss_at(k, hi), loss_at(k, lo)
+            delta = hi32[idx] - lo32[idx]
+            fd = (lp - lm) / delta
+            tol = 2e-2 * abs(g[k][idx]) + noise / delta
+            if not abs(fd - g[k][idx]) <= tol:
+                bad.append(f"{k}{tuple(int(i) for i in idx)}: kernel {g[k][idx]:.6g}, "
+                           f"fd {fd:.6g} (tol {tol:.2g})")
+        u = rng.choice([-1.0, 1.0], size=p0.shape)
+        u /= np.linalg.norm(u)
+        (lp, hi32), (lm, lo32) = loss_at(k, p0 + 0.05 * u), loss_at(k, p0 - 0.05 * u)
+        predicted = float((g[k] * (hi32 - lo32)).sum())
+        tol = 2e-2 * np.linalg.norm(g[k]) * np.linalg.norm(hi32 - lo32) + noise
+        if not abs((lp - lm) - predicted) <= tol:
+            bad.append(f"{k} random direction: predicted {predicted:.6g}, measured {lp - lm:.6g}")
+    return bad
+
+
 # --------------------------------------------------------------------------- the digit classifier
 
 CLASSIFIER_LAYERS = ("fc1", "fc2", "fc3")
@@ -259,6 +302,80 @@ def classifier_init_params(h1, h2, seed=0):
     params = {}
     for layer, (fan_out, fan_in) in {"fc1": (h1, X_DIM), "fc2": (h2, h1),
                                      "fc3": (N_CLASSES, h2)}.items():
+        params[f"{layer}.W"] = rng.normal(0, 1 / np.sqrt(fan_in), (fan_out, fan_in))
+        params[f"{layer}.b"] = rng.normal(0, 0.1, fan_out)
+    return params
+
+
+# --------------------------------------------------------------------------- the flow prior
+
+def flow_param_names(blocks):
+    layers = ["in"] + [f"res{k}{ab}" for k in range(1, blocks + 1) for ab in "ab"] + ["out"]
+    return tuple(f"{layer}.{kind}" for layer in layers for kind in ("W", "b"))
+
+
+def flow_condition(t, labels, n_freq, n_classes=N_CLASSES):
+    """[sin(2^i t), cos(2^i t) for i < n_freq ; onehot(label) over n_classes + 1 (null last)]."""
+    t = np.asarray(t, dtype=np.float64)
+    wt = t[:, None] * 2.0 ** np.arange(n_freq)[None, :]
+    time = np.empty((len(t), 2 * n_freq))
+    time[:, 0::2], time[:, 1::2] = np.sin(wt), np.cos(wt)
+    y = np.zeros((len(t), n_classes + 1))
+    y[np.arange(len(t)), np.asarray(labels).astype(np.int64)] = 1
+    return np.concatenate([time, y], axis=1)
+
+
+def flow_forward_backward(params, z, t, labels, target, act, n_freq, n_classes=N_CLASSES):
+    """The velocity network's loss and gradients, float64:
+
+        c = [time features of t ; onehot(label)]
+        h_0 = [z ; c] @ W_in.T + b_in
+        h_k = h_{k-1} + act([h_{k-1} ; c] @ W_ka.T + b_ka) @ W_kb.T + b_kb
+        v = h_K @ W_out.T + b_out
+        loss = mean over the batch of mean over the latent of (v - target)²
+
+    Returns (loss, grads, v)."""
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    blocks = sum(1 for k in p if k.endswith("a.W"))
+    z = np.asarray(z, dtype=np.float64)
+    b, L = z.shape
+    c = flow_condition(t, labels, n_freq, n_classes)
+    x = np.concatenate([z, c], axis=1)
+    h = x @ p["in.W"].T + p["in.b"]
+    inputs, pres, outs = [], [], []
+    for k in range(1, blocks + 1):
+        s = np.concatenate([h, c], axis=1)
+        pre = s @ p[f"res{k}a.W"].T + p[f"res{k}a.b"]
+        a = act_forward(pre, act)
+        inputs.append(s)
+        pres.append(pre)
+        outs.append(a)
+        h = h + a @ p[f"res{k}b.W"].T + p[f"res{k}b.b"]
+    v = h @ p["out.W"].T + p["out.b"]
+    d = v - np.asarray(target, dtype=np.float64)
+    loss = float(np.mean(d * d))
+
+    dv = 2 * d / (b * L)
+    grads = {"out.W": dv.T @ h, "out.b": dv.sum(axis=0)}
+    dh = dv @ p["out.W"]
+    for k in range(blocks, 0, -1):
+        s, pre, a = inputs[k - 1], pres[k - 1], outs[k - 1]
+        grads[f"res{k}b.W"], grads[f"res{k}b.b"] = dh.T @ a, dh.sum(axis=0)
+        dpre = act_backward(dh @ p[f"res{k}b.W"], pre, act)
+        grads[f"res{k}a.W"], grads[f"res{k}a.b"] = dpre.T @ s, dpre.sum(axis=0)
+        dh = dh + (dpre @ p[f"res{k}a.W"])[:, :h.shape[1]]
+    grads["in.W"], grads["in.b"] = dh.T @ x, dh.sum(axis=0)
+    return loss, grads, v
+
+
+def flow_init_params(latent, hidden, blocks, n_freq, seed=0, n_classes=N_CLASSES):
+    rng = np.random.default_rng(seed)
+    c = 2 * n_freq + n_classes + 1
+    shapes = {"in": (hidden, latent + c), "out": (latent, hidden)}
+    for k in range(1, blocks + 1):
+        shapes[f"res{k}a"], shapes[f"res{k}b"] = (hidden, hidden + c), (hidden, hidden)
+    params = {}
+    for layer, (fan_out, fan_in) in shapes.items():
         params[f"{layer}.W"] = rng.normal(0, 1 / np.sqrt(fan_in), (fan_out, fan_in))
         params[f"{layer}.b"] = rng.normal(0, 0.1, fan_out)
     return params

@@ -96,39 +96,9 @@ def test_kernel_grads_match_kernel_finite_differences():
     pixels = R.digit_like_pixels(7, seed=4)
     labels = R.random_labels(7, seed=4)
     model.forward_backward(pixels, labels)
-    g = {k: np.array(v, dtype=np.float64) for k, v in model.grads.items()}
-    base = {k: np.array(v) for k, v in model.params.items()}
     noise = 16 * float(np.spacing(np.float32(3.0)))
-    rng = np.random.default_rng(1)
-    bad = []
-
-    def loss_at(k, value):
-        model.params[k][...] = value
-        stored = np.array(model.params[k], dtype=np.float64)
-        loss = model.forward_backward(pixels, labels)
-        model.params[k][...] = base[k]
-        return loss, stored
-
-    for k in R.CLASSIFIER_PARAMS:
-        p0 = base[k].astype(np.float64)
-        for flat in np.argsort(-np.abs(g[k]).ravel())[:3]:
-            idx = np.unravel_index(flat, p0.shape)
-            hi, lo = p0.copy(), p0.copy()
-            hi[idx] += 1e-2
-            lo[idx] -= 1e-2
-            (lp, hi32), (lm, lo32) = loss_at(k, hi), loss_at(k, lo)
-            delta = hi32[idx] - lo32[idx]
-            fd = (lp - lm) / delta
-            tol = 2e-2 * abs(g[k][idx]) + noise / delta
-            if not abs(fd - g[k][idx]) <= tol:
-                bad.append(f"{k}{tuple(int(i) for i in idx)}: kernel {g[k][idx]:.6g}, fd {fd:.6g}")
-        u = rng.choice([-1.0, 1.0], size=p0.shape)
-        u /= np.linalg.norm(u)
-        (lp, hi32), (lm, lo32) = loss_at(k, p0 + 0.05 * u), loss_at(k, p0 - 0.05 * u)
-        predicted = float((g[k] * (hi32 - lo32)).sum())
-        tol = 2e-2 * np.linalg.norm(g[k]) * np.linalg.norm(hi32 - lo32) + noise
-        if not abs((lp - lm) - predicted) <= tol:
-            bad.append(f"{k} random direction: predicted {predicted:.6g}, measured {lp - lm:.6g}")
+    bad = R.kernel_fd_mismatches(model, lambda: model.forward_backward(pixels, labels),
+                                 R.CLASSIFIER_PARAMS, noise)
     assert not bad, "\n".join(bad)
 
 
