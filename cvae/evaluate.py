@@ -228,6 +228,8 @@ def per_digit_means(values, labels, digits):
 #: Generated digits per kernel call of decoder and classifier: moments are summed per chunk,
 #: so any --samples needs memory for one chunk only.
 GENERATE_CHUNK = 4096
+#: Generated digits per digit whose features enter the diversity (the first ones drawn).
+DIVERSITY_SAMPLES = 2000
 
 
 class FeatureMoments:
@@ -274,16 +276,38 @@ def _moments(classifier, images):
     return moments
 
 
-def _generated(model, classifier, labels, temperature, rng, per_chunk):
-    """Decode one prior draw z ~ N(0, T² I) per label, chunk by chunk, and hand each chunk's
-    labels, classifier logits and features to per_chunk."""
+def _generated(model, classifier, labels, temperature, rng, per_chunk, prior):
+    """Decode one draw of the prior (at temperature T) per label, chunk by chunk, and hand
+    each chunk's labels, classifier logits and features to per_chunk."""
     from cvae.sample import decode_images
 
     for start in range(0, len(labels), GENERATE_CHUNK):
         chunk = labels[start:start + GENERATE_CHUNK]
-        z = rng.standard_normal((len(chunk), model.arch.latent), dtype=np.float32)
-        z *= np.float32(temperature)
+        z = prior.draw(chunk, rng, temperature)
         per_chunk(start, chunk, *classifier.predict(decode_images(model, z, chunk)))
+
+
+def mean_pairwise_distance(features):
+    """Mean Euclidean distance over all unordered pairs of distinct rows (float64), from
+    |a - b|² = |a|² + |b|² - 2 a·b in blocks of rows."""
+    f = np.asarray(features, dtype=np.float64)
+    n = len(f)
+    if n < 2:
+        return float("nan")
+    norms = (f * f).sum(axis=1)
+    total = 0.0
+    for start in range(0, n, 1024):
+        block = f[start:start + 1024]
+        d2 = norms[start:start + 1024, None] + norms[None, :] - 2 * block @ f.T
+        total += float(np.sqrt(np.clip(d2, 0, None)).sum())
+    # The diagonal adds zeros (up to rounding); every pair is counted twice.
+    return total / (n * (n - 1))
+
+
+def diversity_by_digit(features, labels, digits):
+    """{digit: mean_pairwise_distance of the features of that digit's images}."""
+    labels = np.asarray(labels)
+    return {int(d): mean_pairwise_distance(features[labels == d]) for d in digits}
 
 
 def test_halves(n, seed):
@@ -293,62 +317,97 @@ def test_halves(n, seed):
     return np.sort(order[:half]), np.sort(order[half:2 * half])
 
 
-def judge_samples(model, classifier, digits, samples, temperature, seed, test_set,
+def judge_samples(model, classifier, digits, samples, temperature, seed, test_set, prior=None,
                   advance=None):
-    """(cond_accuracy, {digit: accuracy}, fid, fid_test_floor); see the module docstring.
+    """{cond_accuracy, cond_accuracy_per_digit, fid, fid_test_floor, diversity,
+    diversity_per_digit} of the prior's samples (default: N(0, I)); see the module docstring.
 
     The test set is split into random halves A and B. The FID compares one generated digit
     per image of B, with B's label, against A; the floor compares B itself against A: the
     same sizes and the same digit mix, so the two figures differ only by the generator."""
+    if prior is None:
+        from cvae.prior import GaussianPrior
+
+        prior = GaussianPrior(model.arch.latent)
     labels = np.repeat(np.asarray(digits, dtype=np.uint8), samples)
     correct = np.zeros(len(labels), dtype=bool)
+    kept = min(samples, DIVERSITY_SAMPLES)
+    features = np.empty((kept * len(digits), classifier.arch.h2), dtype=np.float32)
 
-    def count(start, chunk, logits, _):
+    def count(start, chunk, logits, chunk_features):
         correct[start:start + len(chunk)] = logits.argmax(axis=1) == chunk
+        number = (start + np.arange(len(chunk))) % samples  # the sample's number in its digit
+        rows = (start + np.arange(len(chunk))) // samples * kept + number
+        features[rows[number < kept]] = chunk_features[number < kept]
         if advance is not None:
             advance(len(chunk))
 
-    _generated(model, classifier, labels, temperature, np.random.default_rng(seed), count)
+    _generated(model, classifier, labels, temperature, np.random.default_rng(seed), count, prior)
     per_digit = per_digit_means(correct.astype(np.float64), labels, digits)
+    diversity = diversity_by_digit(features, np.repeat(np.asarray(digits), kept), digits)
 
     half_a, half_b = test_halves(len(test_set.labels), seed)
     generated = FeatureMoments(classifier.arch.h2)
     _generated(model, classifier, np.ascontiguousarray(np.take(test_set.labels, half_b)),
                temperature, np.random.default_rng([seed, 1]),
-               lambda start, chunk, logits, features: generated.add(features))
+               lambda start, chunk, logits, features: generated.add(features), prior)
     real_a = _moments(classifier, np.take(test_set.images, half_a, axis=0)).mean_cov()
     real_b = _moments(classifier, np.take(test_set.images, half_b, axis=0)).mean_cov()
-    fid = frechet_distance(*generated.mean_cov(), *real_a)
-    floor = frechet_distance(*real_b, *real_a)
     if advance is not None:
         advance(len(test_set.labels) + len(half_b))
-    return float(correct.mean()), per_digit, fid, floor
+    return {"cond_accuracy": float(correct.mean()), "cond_accuracy_per_digit": per_digit,
+            "fid": frechet_distance(*generated.mean_cov(), *real_a),
+            "fid_test_floor": frechet_distance(*real_b, *real_a),
+            "diversity": float(np.mean(list(diversity.values()))),
+            "diversity_per_digit": diversity}
+
+
+def test_diversity(classifier, test_set, digits):
+    """(diversity, per digit) of the real test images: the figure samples should match."""
+    _, features = classifier.predict(test_set.images)
+    per_digit = diversity_by_digit(features, test_set.labels, digits)
+    return float(np.mean(list(per_digit.values()))), per_digit
 
 
 # ---------------------------------------------------------------- everything
 
 
+SAMPLE_METRICS = ("cond_accuracy", "cond_accuracy_per_digit", "fid", "fid_test_floor",
+                  "diversity", "diversity_per_digit")
+
+
 def evaluate_model(model, dataset, digits, seed, k, classifier=None, samples=DEFAULT_SAMPLES,
-                   temperature=1.0, advance=None):
+                   temperature=1.0, priors=None, advance=None):
     """The metrics dict of a model over a dataset holding only the given digits: neg_elbo,
-    rec, kl, iwae_nll, k, ssim, ssim_per_digit, n_images, and with a classifier
-    cond_accuracy, cond_accuracy_per_digit, fid, fid_test_floor (else those are None)."""
+    rec, kl, iwae_nll, k, ssim, ssim_per_digit, n_images; with a classifier the test set's
+    diversity and, per prior sampler in `priors` (default: N(0, I)), its SAMPLE_METRICS
+    under by_prior[name], the first prior's also at the top level (else those are None)."""
+    from cvae.prior import GaussianPrior
+
     if k <= 0:
         raise CvaeError(f"--k must be a positive integer, got {k}")
+    priors = priors or [GaussianPrior(model.arch.latent)]
     neg_elbo, rec, kl = test_elbo(model, dataset, seed, advance=advance)
     per_image_ssim = reconstruction_ssim(model, dataset, advance=advance)
     nll = iwae_nll(model, dataset, seed, k, advance=advance)
-    judged = (None, None, None, None)
+    result = {"neg_elbo": neg_elbo, "rec": rec, "kl": kl, "iwae_nll": nll, "k": k,
+              "ssim": float(per_image_ssim.mean()),
+              "ssim_per_digit": per_digit_means(per_image_ssim, dataset.labels, digits),
+              "n_images": len(dataset), "samples": samples, "temperature": temperature,
+              "prior": priors[0].name, "prior_settings": priors[0].describe(),
+              **dict.fromkeys(SAMPLE_METRICS), "diversity_test": None,
+              "diversity_test_per_digit": None,
+              "by_prior": {p.name: {**p.describe(), **dict.fromkeys(SAMPLE_METRICS)}
+                           for p in priors}}
     if classifier is not None:
-        judged = judge_samples(model, classifier, digits, samples, temperature, seed,
-                               dataset, advance=advance)
-    accuracy, accuracy_per_digit, fid, floor = judged
-    return {"neg_elbo": neg_elbo, "rec": rec, "kl": kl, "iwae_nll": nll, "k": k,
-            "ssim": float(per_image_ssim.mean()),
-            "ssim_per_digit": per_digit_means(per_image_ssim, dataset.labels, digits),
-            "n_images": len(dataset), "samples": samples, "temperature": temperature,
-            "cond_accuracy": accuracy, "cond_accuracy_per_digit": accuracy_per_digit,
-            "fid": fid, "fid_test_floor": floor}
+        result["diversity_test"], result["diversity_test_per_digit"] = test_diversity(
+            classifier, dataset, digits)
+        for prior in priors:
+            judged = judge_samples(model, classifier, digits, samples, temperature, seed,
+                                   dataset, prior, advance=advance)
+            result["by_prior"][prior.name] = {**prior.describe(), **judged}
+        result.update({key: result["by_prior"][priors[0].name][key] for key in SAMPLE_METRICS})
+    return result
 
 
 def eval_json_path(checkpoint):
@@ -373,10 +432,14 @@ def _progress_bar(total):
 
 def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
              temperature=DEFAULT_TEMPERATURE,
-             seed=0, threads=None, classifier=None, progress=False):
+             seed=0, threads=None, classifier=None, progress=False, prior=None,
+             steps=None, method=None, guidance=None):
     """Evaluate a checkpoint (a .cvae file or a run directory) on its digits' test images;
     write eval.json beside it (atomically) and return the result dict. This is `cvae eval`
-    without the printing; `cvae sweep` calls it for every run."""
+    without the printing; `cvae sweep` calls it for every run.
+
+    prior: 'flow', 'gaussian', 'both' (flow first), or None: both when the run has a flow
+    prior, else gaussian. steps, method, guidance: the flow's sampling (None: defaults)."""
     from cvae.atomic import write_text_atomic
     from cvae.sample import checkpoint_digits, load_test, open_model, resolve_checkpoint, resolve_seed
 
@@ -389,9 +452,15 @@ def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
     if temperature is None or not math.isfinite(temperature) or temperature < 0:
         raise CvaeError(f"--temperature must be a finite number >= 0, got {temperature}")
     seed = resolve_seed(seed)
-    path, _ = resolve_checkpoint(checkpoint)
+    path, run_dir = resolve_checkpoint(checkpoint)
     out = eval_json_path(path)
     model, meta = open_model(path, argparse.Namespace(threads=threads))
+    from cvae import prior as P
+
+    priors = P.open_priors(prior, run_dir, model, model.threads,
+                           P.DEFAULT_STEPS if steps is None else steps,
+                           method or P.DEFAULT_METHOD,
+                           P.DEFAULT_GUIDANCE if guidance is None else guidance)
     digits = checkpoint_digits(meta, path)
     test_set = load_test(argparse.Namespace(data=data), digits)
     judge, judge_meta, judge_source = classifier_for(test_set, classifier, model.threads)
@@ -401,9 +470,10 @@ def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
                         f"{','.join(map(str, digits))}; the data has {len(dataset)}")
 
     start = time.perf_counter()
-    options = dict(classifier=judge, samples=samples, temperature=temperature)
+    options = dict(classifier=judge, samples=samples, temperature=temperature, priors=priors)
     if progress:
-        judged = samples * len(digits) + len(dataset) + len(dataset) // 2 if judge is not None else 0
+        judged = (len(priors) * (samples * len(digits) + len(dataset) + len(dataset) // 2)
+                  if judge is not None else 0)
         bar, advance = _progress_bar(len(dataset) * (k + 2) + judged)
         with bar:
             metrics = evaluate_model(model, dataset, digits, seed, k, advance=advance, **options)
@@ -430,7 +500,8 @@ def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
 def cmd_eval(args):
     result = run_eval(args.checkpoint, data=args.data, k=args.k, samples=args.samples,
                       temperature=args.temperature, seed=args.seed, threads=args.threads,
-                      classifier=args.classifier, progress=not args.json)
+                      classifier=args.classifier, progress=not args.json, prior=args.prior,
+                      steps=args.ode_steps, method=args.method, guidance=args.guidance)
     if args.json:
         print(json.dumps(result), flush=True)
     else:
@@ -439,6 +510,7 @@ def cmd_eval(args):
 
 
 def _print_table(r, out, threads):
+    from cvae.prior import sampling_text
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -464,15 +536,25 @@ def _print_table(r, out, threads):
     if r["cond_accuracy"] is None:
         table.add_row(f"conditional accuracy ({t})", "—", r["classifier_note"])
         table.add_row("FID", "—", "")
-    else:
-        table.add_row(f"conditional accuracy ({t})", f"[bold]{100 * r['cond_accuracy']:.2f}%[/bold]",
-                      f"{r['samples']} samples per digit from N(0, T² I), judged by the classifier")
-        for d, v in r["cond_accuracy_per_digit"].items():
+    for name, p in r["by_prior"].items():
+        if p["cond_accuracy"] is None:
+            continue
+        how = f"flow prior ({sampling_text(p)})" if name == "flow" else "N(0, T² I)"
+        # With one prior the definition names it; with two each figure needs its name.
+        t = f"{name}, T = {r['temperature']:g}" if len(r["by_prior"]) > 1 else t
+        table.add_section()
+        table.add_row(f"conditional accuracy ({t})",
+                      f"[bold]{100 * p['cond_accuracy']:.2f}%[/bold]",
+                      f"{r['samples']} samples per digit from the {how}, judged by the classifier")
+        for d, v in p["cond_accuracy_per_digit"].items():
             table.add_row(f"  accuracy digit {d}", f"{100 * v:.1f}%", "")
-        table.add_row(f"FID ({t})", f"[bold]{r['fid']:.2f}[/bold]",
+        table.add_row(f"FID ({t})", f"[bold]{p['fid']:.2f}[/bold]",
                       "generated digits vs test half A, classifier's 256 features")
-        table.add_row("  FID test-halves floor", f"{r['fid_test_floor']:.2f}",
+        table.add_row("  FID test-halves floor", f"{p['fid_test_floor']:.2f}",
                       "test half B vs half A: what real digits score")
+        table.add_row(f"diversity ({t})", f"[bold]{p['diversity']:.3f}[/bold]",
+                      f"mean feature distance between two samples of a digit; test digits: "
+                      f"{r['diversity_test']:.3f}")
     console.print(table)
     console.print(f"{r['seconds']:.1f} s on {threads} threads -> {out}")
 
@@ -490,7 +572,10 @@ def register(subparsers):
                     "over images (of each digit);\n  cond_accuracy: --samples digits per digit from the prior at "
                     "--temperature, judged by\n  the project's classifier; fid: Fréchet distance "
                     "to half the test digits in its\n  feature space, beside the other half's "
-                    "distance to it (the floor).\nThe results are also written to eval.json "
+                    "distance to it (the floor); diversity: the mean distance\n  between two "
+                    "samples of the same digit in that space, beside the test digits' own.\n"
+                    "The samples come from the run's flow prior and from N(0, I) when it has one "
+                    "(--prior).\nThe results are also written to eval.json "
                     "beside the checkpoint. See the README's 'Quality metrics'.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a .cvae checkpoint, or a run directory (its last.cvae, else its latest "
@@ -503,7 +588,8 @@ def register(subparsers):
                    help=f"generated digits per digit for the conditional accuracy and FID "
                         f"(default: {DEFAULT_SAMPLES})")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
-                   help="prior samples z ~ N(0, T² I); 1 is the model's own prior (default: 1)")
+                   help="prior draws z0 ~ N(0, T² I) (the flow carries them on); 1 is the "
+                        "model's own prior (default: 1)")
     p.add_argument("--classifier", metavar="FILE", default=None,
                    help="classifier that judges the samples (default: the shipped one, on the "
                         "MNIST test set only; see 'cvae classifier')")
@@ -513,4 +599,7 @@ def register(subparsers):
                    help="OpenMP threads (default: the CPUs available to this process)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object instead of the table (no progress bar)")
+    from cvae.prior import add_prior_options
+
+    add_prior_options(p, both=True)
     p.set_defaults(func=cmd_eval)

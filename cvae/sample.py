@@ -42,6 +42,7 @@ DEFAULT_MAX_ROWS = 50
 DEFAULT_STEPS = 10
 DEFAULT_PAIRS = 5
 DEFAULT_BATCH = 256       # rows per kernel call for the commands' model
+FLOW_SAMPLES_NAME = "samples-flow.pgm"  # the run's digit sheet from its flow prior
 
 
 # ---------------------------------------------------------------- batched model calls
@@ -161,9 +162,10 @@ def sample_layout(digits, per_digit, cols):
 
 
 def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=1.0, seed=0,
-                  cols=None, max_rows=DEFAULT_MAX_ROWS, extra=None):
-    """Class-conditional samples z ~ N(0, temperature² I) (numpy default_rng(seed), drawn in
-    cell order), decoded with their digit's label; one row per digit when per_digit <= cols.
+                  cols=None, max_rows=DEFAULT_MAX_ROWS, extra=None, prior=None):
+    """Class-conditional samples of `prior` (cvae.prior: GaussianPrior, z ~ N(0, T² I), by
+    default, or FlowSampler) from numpy default_rng(seed) draws in cell order, decoded with
+    their digit's label; one row per digit when per_digit <= cols.
 
     cols defaults to min(per_digit, MAX_AUTO_COLS). Every digit starts on a new row; a digit's
     unfilled last row is padded with blank cells (black, label null, kind "blank"). More than
@@ -175,9 +177,11 @@ def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=
     real = labels >= 0
     n = int(real.sum())
     start = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    z = rng.standard_normal((n, model.arch.latent), dtype=np.float32)
-    z *= np.float32(temperature)
+    if prior is None:
+        from cvae.prior import GaussianPrior
+
+        prior = GaussianPrior(model.arch.latent)
+    z = prior.draw(labels[real], np.random.default_rng(seed), temperature)
     decoded = decode_images(model, z, labels[real])
     seconds = time.perf_counter() - start
     if n == len(labels):
@@ -189,10 +193,10 @@ def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=
     cell_extras = [{"kind": "blank"} if k < 0 else {"kind": "sample", "sample": k}
                    for k in number.tolist()]
     paths = write_sheets(path, images, cell_labels, cols, max_rows, cell_extras=cell_extras,
-                         extra={"what": "class-conditional samples z ~ N(0, temperature^2 I), one "
-                                        "digit per row block", "temperature": temperature,
-                                "seed": seed, "digits": list(digits), "per_digit": per_digit,
-                                **(extra or {})})
+                         extra={"what": f"class-conditional samples of the {prior.name} prior "
+                                        "at the temperature, one digit per row block",
+                                "temperature": temperature, "seed": seed, "digits": list(digits),
+                                "per_digit": per_digit, **prior.describe(), **(extra or {})})
     return paths, n, seconds
 
 
@@ -258,16 +262,27 @@ def interpolation_sheets(model, dataset, digits, path, classes_path, steps=DEFAU
     return [os.fspath(path), os.fspath(classes_path)]
 
 
+def write_flow_samples(model, run_dir, seed, digits, flow, directory=None):
+    """The run's flow-prior digit sheet, directory/samples-flow.pgm (default: in run_dir),
+    drawn like samples.pgm (10 per digit at T = 1, the run's seed); returns its paths."""
+    path = os.path.join(directory or os.fspath(run_dir), FLOW_SAMPLES_NAME)
+    paths, _, _ = sample_sheets(model, tuple(int(d) for d in digits), path, per_digit=10,
+                                temperature=1.0, seed=seed, cols=10,
+                                extra={"run_dir": os.path.abspath(run_dir)}, prior=flow)
+    return paths
+
+
 def classes_path_for(path):
     """`interpolate.pgm` -> `interpolate-classes.pgm`."""
     stem, suffix = os.path.splitext(os.fspath(path))
     return f"{stem}-classes{suffix}"
 
 
-def write_run_images(model, test_dataset, run_dir, seed, digits):
+def write_run_images(model, test_dataset, run_dir, seed, digits, flow=None):
     """The trainer's end-of-run images in run_dir: reconstructions.pgm, samples.pgm (one row of
-    10 per digit, temperature 1), interpolations.pgm and interpolations-classes.pgm, each with
-    its sidecar. Returns the PGM paths."""
+    10 per digit, temperature 1, N(0, I)), with a flow prior sampler samples-flow.pgm (the
+    same draws carried by the flow), interpolations.pgm and interpolations-classes.pgm, each
+    with its sidecar. Returns the PGM paths."""
     run_dir = os.fspath(run_dir)
     digits = tuple(int(d) for d in digits)
     extra = {"run_dir": os.path.abspath(run_dir)}
@@ -278,6 +293,8 @@ def write_run_images(model, test_dataset, run_dir, seed, digits):
                                   per_digit=10, temperature=1.0, seed=seed, cols=10,
                                   extra=extra)
     paths += samples
+    if flow is not None:
+        paths += write_flow_samples(model, run_dir, seed, digits, flow)
     interp = os.path.join(run_dir, "interpolations.pgm")
     paths += interpolation_sheets(model, test_dataset, digits, interp, classes_path_for(interp),
                                   pairs=max(DEFAULT_PAIRS, len(digits)), seed=seed, extra=extra)
@@ -404,6 +421,10 @@ def cmd_generate(args):
     path, run_dir = resolve_checkpoint(args.checkpoint)
     out = output_path(args.out, run_dir, "generate.pgm")
     model, meta = open_model(path, args)
+    from cvae.prior import open_prior, sampling_text
+
+    prior = open_prior(args.prior, run_dir, model, model.threads, args.ode_steps, args.method,
+                       args.guidance)
     trained = checkpoint_digits(meta, path)
     digits = trained
     if args.digits is not None:
@@ -415,13 +436,15 @@ def cmd_generate(args):
     paths, n, seconds = sample_sheets(model, digits, out, per_digit=per_digit,
                                       temperature=temperature, seed=seed, cols=args.cols,
                                       max_rows=max_rows,
-                                      extra={"checkpoint": os.path.abspath(path)})
+                                      extra={"checkpoint": os.path.abspath(path)}, prior=prior)
     total = time.perf_counter() - start
     rate = n / seconds if seconds > 0 else float("inf")
     where = paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
+    how = (f"flow prior: {sampling_text(prior.describe())}" if prior.name == "flow"
+           else "N(0, I) prior")
     print(f"generated {n} digits in {seconds:.3f} s ({rate:,.0f} digits/s, {model.threads} threads, "
-          f"seed {seed}, temperature {temperature:g}); {len(paths)} sheet(s) in {total:.3f} s "
-          f"-> {where}")
+          f"{how}, seed {seed}, temperature {temperature:g}); {len(paths)} sheet(s) in "
+          f"{total:.3f} s -> {where}")
     return 0
 
 
@@ -463,6 +486,8 @@ def _common(p, data=False):
 
 
 def register(subparsers):
+    from cvae.prior import add_prior_options
+
     fmt = argparse.RawDescriptionHelpFormatter
 
     p = subparsers.add_parser(
@@ -482,7 +507,9 @@ def register(subparsers):
     p = subparsers.add_parser(
         "generate", formatter_class=fmt,
         help="class-conditional samples from the prior",
-        description="Decode z ~ N(0, T^2 I) with each requested digit's label (numpy default_rng(seed)).\n"
+        description="Decode a draw of the prior with each requested digit's label: the run's flow prior\n"
+                    "(prior.cvae, see 'cvae prior train') when it has one, else z ~ N(0, T^2 I); the flow\n"
+                    "carries the same N(0, T^2 I) draws (numpy default_rng(seed)) to its codes.\n"
                     "One row per digit while --per-digit fits a row (up to 20 columns, or --cols);\n"
                     "each digit starts a new row, blank cells pad a digit's last row, and sheets of more\n"
                     "than --max-rows rows are split into FILE-0001.pgm, FILE-0002.pgm, ...\n"
@@ -494,14 +521,16 @@ def register(subparsers):
     p.add_argument("--per-digit", type=int, default=DEFAULT_PER_DIGIT, metavar="N",
                    help=f"samples per digit (default: {DEFAULT_PER_DIGIT})")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T",
-                   help="standard deviation of z; 0 decodes z = 0, the same image for every sample "
-                        "of a digit (default: 1.0)")
+                   help="standard deviation of the draws z0 ~ N(0, T² I) (the flow prior carries "
+                        "them on; with N(0, I), 0 decodes z = 0, the same image for every sample "
+                        "of a digit) (default: 1.0)")
     p.add_argument("--cols", type=int, default=None,
                    help=f"columns per row (default: --per-digit, at most {MAX_AUTO_COLS})")
     p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, metavar="R",
                    help=f"rows per sheet before splitting into numbered sheets (default: {DEFAULT_MAX_ROWS})")
     p.add_argument("--out", metavar="FILE.pgm", default=None,
                    help="output sheet; its sidecar is FILE.json (default: RUN/generate.pgm)")
+    add_prior_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser(

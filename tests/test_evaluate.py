@@ -383,11 +383,28 @@ class AlwaysOne:
 def test_conditional_accuracy_counts_per_digit(world):
     test = Dataset(world["images"], world["labels"])
     result = E.judge_samples(world["model"], AlwaysOne(), (0, 1, 2), 50, 1.0, 0, test)
-    accuracy, per_digit, fid, floor = result
-    assert per_digit == {0: 0.0, 1: 1.0, 2: 0.0}
-    assert accuracy == pytest.approx(1 / 3)
+    assert result["cond_accuracy_per_digit"] == {0: 0.0, 1: 1.0, 2: 0.0}
+    assert result["cond_accuracy"] == pytest.approx(1 / 3)
+    fid, floor = result["fid"], result["fid_test_floor"]
     assert np.isfinite(fid) and fid >= 0 and np.isfinite(floor) and floor >= 0
+    assert set(result["diversity_per_digit"]) == {0, 1, 2} and result["diversity"] > 0
     assert E.judge_samples(world["model"], AlwaysOne(), (0, 1, 2), 50, 1.0, 0, test) == result
+
+
+def test_diversity_is_the_mean_distance_over_pairs_of_a_digits_samples():
+    from scipy.spatial.distance import pdist
+
+    rng = np.random.default_rng(4)
+    f = rng.normal(0, 3, (2500, 5)).astype(np.float32)   # more than one block of 1024 rows
+    assert E.mean_pairwise_distance(f) == pytest.approx(pdist(f.astype(np.float64)).mean(),
+                                                        rel=1e-9)
+    labels = np.arange(2500) % 3
+    per_digit = E.diversity_by_digit(f, labels, (0, 2))
+    assert per_digit == {d: pytest.approx(pdist(f[labels == d].astype(np.float64)).mean(),
+                                          rel=1e-9) for d in (0, 2)}
+    assert np.isnan(E.mean_pairwise_distance(f[:1]))
+    same = np.repeat(f[:1], 10, axis=0)   # a collapsed generator
+    assert E.mean_pairwise_distance(same) == pytest.approx(0, abs=1e-6)
 
 
 def test_fid_and_its_floor_compare_equal_sized_sets_with_the_same_digits():
@@ -419,8 +436,8 @@ def test_fid_and_its_floor_compare_equal_sized_sets_with_the_same_digits():
 
     judge = AlwaysOne()
     judge.arch.h2 = 6
-    _, _, fid, floor = E.judge_samples(Replay(), judge, (0, 1, 2), 10, 1.0, 5, test)
-    assert fid == pytest.approx(floor, abs=1e-9)
+    result = E.judge_samples(Replay(), judge, (0, 1, 2), 10, 1.0, 5, test)
+    assert result["fid"] == pytest.approx(result["fid_test_floor"], abs=1e-9)
 
 
 def trained_judge(world, tmp_path):
