@@ -68,6 +68,7 @@ positive_float = _number_type(float, "a number", lambda v: math.isfinite(v) and 
                               "a positive number")
 non_negative_float = _number_type(float, "a number", lambda v: math.isfinite(v) and v >= 0,
                                   "a non-negative number")
+probability = _number_type(float, "a number", lambda v: 0 <= v < 1, "at least 0 and below 1")
 
 
 def hidden_sizes(text):
@@ -178,6 +179,7 @@ def cmd_data_verify(args):
 
 
 # Options that fix the computation: with --resume they must match the run (or be left out).
+# --prior is not one: the prior is trained after the CVAE, on its final parameters.
 _RUN_OPTIONS = ("variant", "hidden", "latent", "act", "digits", "epochs", "batch", "lr", "seed",
                 "schedule", "beta", "schedule_set")
 
@@ -302,25 +304,64 @@ def cmd_train(args):
 
     if args.threads <= 0:
         raise CvaeError("--threads must be a positive integer")
+    say = _say(args)
     reporter = make_reporter(args)
     if args.resume:
         model, plan, path = T.load_resume_point(args.resume, args.threads)
         check_resume_conflicts(args, plan, path)
-        if plan.epoch >= plan.epochs:
-            _say(args)(f"{args.resume}: the run is already complete ({plan.epochs} epochs); "
-                       f"nothing to do")
+        prior = args.prior or T.recorded_prior(args.resume)
+        if args.prior is not None:
+            T.record_prior(args.resume, args.prior)
+        cvae_done = plan.epoch >= plan.epochs
+        if cvae_done and (prior != "flow" or T.prior_state(args.resume, model) == "complete"):
+            with_prior = " and its flow prior" if prior == "flow" else ""
+            say(f"{args.resume}: the run is already complete ({plan.epochs} epochs{with_prior}); "
+                f"nothing to do")
             return 0
         if not args.data and not os.environ.get("CVAE_DATA"):
             args.data = T.recorded_data_dir(args.resume)
         data_dir, _ = ensure_data(args)
         trainer = T.resume_trainer(args.resume, args.threads, data_dir, reporter, loaded=(model, plan, path))
     else:
-        trainer = start_run(args, args.out or default_out(args.variant), reporter)
-    result = trainer.run(stop_after_epochs=args.stop_after_epochs)
-    if result.status == "complete" and not args.no_images:
-        T.write_images(trainer)
-        _say(args)(f"images written to {trainer.run_dir}")
-    return result.exit_code
+        prior = args.prior or "gaussian"
+        cvae_done = False
+        trainer = start_run(args, args.out or default_out(args.variant), reporter,
+                            config_extra={"prior": args.prior} if args.prior else None)
+    if not cvae_done:
+        result = trainer.run(stop_after_epochs=args.stop_after_epochs)
+        if result.status != "complete":
+            return result.exit_code
+    flow = None
+    if prior == "flow":
+        code = _train_prior(args, trainer)
+        if code:
+            return code
+        if not args.no_images:
+            from cvae.prior import open_prior
+
+            flow = open_prior("flow", trainer.run_dir, trainer.model, trainer.model.threads)
+    if not args.no_images:
+        T.write_images(trainer, flow=flow)
+        say(f"images written to {trainer.run_dir}")
+    return 0
+
+
+def _train_prior(args, trainer):
+    """`cvae train --prior flow` once the CVAE is complete: train (or finish) RUN/prior.cvae
+    and print its time beside the CVAE's. Returns the exit code (non-zero: stopped)."""
+    from cvae import train as T
+
+    from cvae.prior import report_prior_training
+
+    mode = "json" if args.json else "quiet" if args.quiet else "rich"
+    status, prior, seconds, resumed = T.train_flow_prior(trainer, mode)
+    if prior is None:
+        return 0  # trained already
+    # The CVAE's time: its epochs' (training and the test ELBO), as metrics.jsonl has them.
+    cvae_seconds = sum(r.get("seconds") or 0 for r in trainer.records)
+    return report_prior_training(status, prior, seconds, mode, trainer.model.threads,
+                                 f"cvae train --resume {trainer.run_dir}", resumed=resumed,
+                                 cvae_seconds=cvae_seconds)
 
 
 def add_train_parser(subparsers):
@@ -337,6 +378,10 @@ def add_train_parser(subparsers):
             "(nats per image) and saves RUN/epoch-NNNN.cvae and RUN/last.cvae; metrics go to\n"
             "RUN/metrics.jsonl. Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint\n"
             "and exits 130 (143); continue with --resume RUN.\n\n"
+            "--prior flow: once the CVAE is complete, train a flow-matching prior over its latent\n"
+            "codes (RUN/prior.cvae, the defaults of 'cvae prior train'), then draw samples-flow.pgm\n"
+            "with it beside samples.pgm (N(0, I)); the prior's time is printed beside the CVAE's.\n"
+            "Ctrl-C stops the prior the same way, and --resume RUN finishes it.\n\n"
             "schedules:\n"
             "  progressive  FAST (β from beta_start, learning rate x fast_lr_mult) -> BALANCED (β\n"
             "               to 1, rate back to --lr) -> QUALITY (β = 1, rate decays); ends at β = 1.\n"
@@ -375,6 +420,13 @@ def add_train_parser(subparsers):
                    help="continue the run in RUN_DIR from its last checkpoint, with its configuration")
     p.add_argument("--stop-after-epochs", type=positive_int, metavar="K", default=None,
                    help="stop cleanly (exit 0) after K epochs of this invocation")
+    from cvae.prior import PRIORS
+
+    p.add_argument("--prior", choices=PRIORS, default=None,
+                   help="the latent prior the run ends with: flow trains RUN/prior.cvae after "
+                        "the CVAE and adds samples-flow.pgm; gaussian is N(0, I), nothing to "
+                        "train (default: gaussian; with --resume, the run's, and a --prior given "
+                        "is recorded)")
     p.add_argument("--no-images", action="store_true",
                    help="skip the reconstructions, digit sheet and interpolations after training")
     out = p.add_mutually_exclusive_group()
@@ -442,9 +494,9 @@ def build_parser():
                    help="MNIST directory (default: $CVAE_DATA, else the cache)")
     q.set_defaults(func=cmd_data_verify)
 
-    from cvae import bench, classifier, evaluate, report, sample, sweep
+    from cvae import bench, classifier, evaluate, prior, report, sample, sweep
 
-    for module in (sample, evaluate, classifier, sweep, report, bench):
+    for module in (sample, evaluate, prior, classifier, sweep, report, bench):
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)

@@ -9,6 +9,7 @@ one: the model is deterministic across thread counts, batches are a pure functio
 (seed, epoch) and the schedule a pure function of the step.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -276,6 +277,30 @@ class RichReporter(Reporter):
 # ---------------------------------------------------------------- the trainer
 
 
+@contextlib.contextmanager
+def stop_on_signals(loop, say):
+    """Inside, SIGINT and SIGTERM call loop.request_stop(signum): the loop finishes its step,
+    saves and stops. A second signal, once loop.stop_signal is set, aborts at once
+    (KeyboardInterrupt): checkpoints are atomic, so the last one saved stays intact."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if loop.stop_signal is not None:
+            raise KeyboardInterrupt
+        loop.request_stop(signum)
+        say(f"{signal.Signals(signum).name}: finishing the current step and saving a checkpoint "
+            f"(send it again to abort without saving)")
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
 @dataclass
 class Result:
     status: str          # "complete", "stopped" (--stop-after-epochs) or "interrupted"
@@ -316,23 +341,6 @@ class Trainer:
         """Finish the current step, save a checkpoint and stop (what SIGINT/SIGTERM do)."""
         self.stop_signal = signum
 
-    def _on_signal(self, signum, frame):
-        if self.stop_signal is not None:
-            # A second signal: give up on the clean stop (checkpoints are atomic, so the last
-            # saved one stays intact).
-            raise KeyboardInterrupt
-        self.request_stop(signum)
-        self.reporter.message(f"{signal.Signals(signum).name}: finishing the current step and saving "
-                              f"a checkpoint (send it again to abort without saving)")
-
-    def _install_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, self._on_signal)
-        return old
-
     # -- saving
     def _save(self, epoch=None):
         return save_run_checkpoint(self.run_dir, KIND, self.plan.meta(self.model.adam_t),
@@ -344,12 +352,10 @@ class Trainer:
 
     # -- the loop
     def run(self, stop_after_epochs=None):
-        old_handlers = self._install_signals()
         try:
-            return self._run(stop_after_epochs)
+            with stop_on_signals(self, self.reporter.message):
+                return self._run(stop_after_epochs)
         finally:
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
             self.reporter.close()
 
     def _run(self, stop_after_epochs):
@@ -522,8 +528,7 @@ def new_trainer(run_dir, plan, train_set, test_set, threads, reporter=None, afte
     config = {"cvae_version": cvae.__version__, **plan.to_config(),
               "n_params": plan.arch.n_params(), "threads": threads,
               "kernels": build_name(), "isa": model.kernel_isa, **(config_extra or {})}
-    _write_text(os.path.join(os.fspath(run_dir), CONFIG_NAME),
-                json.dumps(config, indent=2, default=str) + "\n")
+    _write_config(run_dir, config)
     return Trainer(run_dir, model, plan, train_set, test_set, reporter, after_step)
 
 
@@ -574,18 +579,73 @@ def recorded_config(run_dir):
     return config if isinstance(config, dict) else {}
 
 
+def _write_config(run_dir, config):
+    _write_text(os.path.join(os.fspath(run_dir), CONFIG_NAME),
+                json.dumps(config, indent=2, default=str) + "\n")
+
+
+def recorded_prior(run_dir):
+    """The latent prior the run ends with: config.json's "prior" (`cvae train --prior`), else
+    gaussian (N(0, I): nothing to train)."""
+    from cvae.prior import PRIORS
+
+    prior = recorded_config(run_dir).get("prior")
+    return prior if prior in PRIORS else "gaussian"
+
+
+def record_prior(run_dir, prior):
+    """Set config.json's "prior" (a run without config.json is left as it is)."""
+    config = recorded_config(run_dir)
+    if config and config.get("prior") != prior:
+        _write_config(run_dir, {**config, "prior": prior})
+
+
+def prior_state(run_dir, model):
+    """Where the run's flow prior (RUN/prior.cvae) stands for the CVAE `model`: 'none',
+    'partial' (its training was stopped) or 'complete'. A prior of other CVAE parameters (an
+    earlier checkpoint's) or a damaged file is a CvaeError."""
+    from cvae import prior as P
+
+    state, _ = P.prior_state(run_dir, model)
+    if state == "stale":
+        raise CvaeError(f"{P.prior_path(run_dir)} is the prior of other CVAE parameters than "
+                        f"the run's newest checkpoint (an earlier checkpoint's?): delete it, and "
+                        f"'cvae train --resume {run_dir}' trains a new {P.PRIOR_NAME} for the "
+                        f"finished CVAE")
+    return state
+
+
+def train_flow_prior(trainer, mode="rich"):
+    """Train the flow prior of trainer's finished CVAE with the default settings, or continue
+    a stopped one (cvae.prior.train_run_prior: progress by `mode`, Ctrl-C/SIGTERM stop it with
+    RUN/prior.cvae saved). Returns (status, PriorTrainer, seconds, resumed); status
+    'complete' with no PriorTrainer when the prior was already trained."""
+    from cvae.prior import train_run_prior
+
+    state = prior_state(trainer.run_dir, trainer.model)
+    if state == "complete":
+        return "complete", None, 0.0, False
+    resumed = state == "partial"
+    status, prior_trainer, seconds = train_run_prior(
+        trainer.run_dir, trainer.model, trainer.train_set, trainer.model.threads, LAST_NAME,
+        resume=resumed, mode=mode)
+    return status, prior_trainer, seconds, resumed
+
+
 def recorded_data_dir(run_dir):
     """The data directory config.json says the run was started with, if it still exists."""
     data_dir = recorded_config(run_dir).get("data_dir")
     return data_dir if isinstance(data_dir, str) and os.path.isdir(data_dir) else None
 
 
-def write_images(trainer):
-    """The run's reconstructions, digit sheet and interpolations, then its pictures:
-    curves.png (the per-epoch metrics) and latent.png (the test set's latent means by PCA)."""
+def write_images(trainer, flow=None):
+    """The run's reconstructions, digit sheet and interpolations (with `flow`, a
+    cvae.prior.FlowSampler, also samples-flow.pgm: the same draws carried by the flow prior),
+    then its pictures: curves.png (the per-epoch metrics) and latent.png (the test set's latent
+    means by PCA)."""
     from cvae import plots, sample
 
     sample.write_run_images(trainer.model, trainer.test_set, trainer.run_dir,
-                            trainer.plan.seed, trainer.plan.digits)
+                            trainer.plan.seed, trainer.plan.digits, flow=flow)
     plots.write_curves(trainer.run_dir, trainer.records)
     plots.write_latent_pca(trainer.model, trainer.test_set, trainer.run_dir)

@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train import write_mnist_dir  # noqa: E402
 
 import cvae  # noqa: E402
-from cvae import cli  # noqa: E402
 from cvae.checkpoint import load_checkpoint  # noqa: E402
+from cli_helpers import assert_one_line_error, no_real_data, run_cli  # noqa: E402,F401 (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ["--hidden", "32,16", "--latent", "4", "--batch", "16", "--threads", "1", "--no-images"]
@@ -22,29 +22,6 @@ TINY_ARGS = ["--hidden", "32,16", "--latent", "4", "--batch", "16", "--threads",
 @pytest.fixture
 def data_dir(tmp_path):
     return write_mnist_dir(tmp_path / "mnist")
-
-
-@pytest.fixture(autouse=True)
-def no_real_data(monkeypatch, tmp_path):
-    # Never touch the user's cache or the real data unless a test asks for it.
-    monkeypatch.delenv("CVAE_DATA", raising=False)
-    monkeypatch.setenv("CVAE_CACHE", str(tmp_path / "cache"))
-
-
-def run_cli(capsys, *argv):
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("cvae: error: ")
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -179,7 +156,8 @@ def test_variant_digits_default_and_images_hook(capsys, tmp_path, data_dir, monk
 
     calls = []
     monkeypatch.setattr(sample, "write_run_images",
-                        lambda model, test, run_dir, seed, digits: calls.append((test, run_dir, seed, digits)))
+                        lambda model, test, run_dir, seed, digits, flow=None:
+                        calls.append((test, run_dir, seed, digits, flow)))
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", "--variant", "mini", "--hidden", "32,16", "--latent", "4",
                            "--batch", "16", "--threads", "1", "--epochs", "1", "--seed", "5",
@@ -187,8 +165,9 @@ def test_variant_digits_default_and_images_hook(capsys, tmp_path, data_dir, monk
     assert code == 0, err
     meta, _, _ = load_checkpoint(run / "last.cvae")
     assert meta["digits"] == [0, 1]
-    ((test, run_dir, seed, digits),) = calls
+    ((test, run_dir, seed, digits, flow),) = calls
     assert set(test.labels) <= {0, 1} and os.path.samefile(run_dir, run) and seed == 5 and tuple(digits) == (0, 1)
+    assert flow is None  # no --prior flow: N(0, I) only
 
     calls.clear()
     code, _, _ = run_cli(capsys, "train", *TINY_ARGS, "--epochs", "1", "--data", str(data_dir),
