@@ -4,15 +4,19 @@ RUN_DIR/report.html (or --out) holds, in this order: a summary, the test-set met
 eval.json (every key it has; `cvae eval --checkpoint RUN_DIR` writes it), the last epoch's
 training metrics (and every epoch's, folded), the training curves (curves.png), the latent
 picture (latent.png), every digit sheet of the run directory (*.pgm, with its sidecar's
-"what" as the caption) and the configuration (config.json).
+"what" as the caption) and the configuration (config.json). A run with a flow prior
+(prior.cvae) shows its two sample sheets side by side, samples.pgm (N(0, I)) and
+samples-flow.pgm (the same draws carried by the flow), each captioned with its prior's figures
+of eval.json's by_prior, which the metrics section also tabulates prior by prior.
 
 Every picture is embedded as a `data:image/png;base64,...` URI and the style sheet is inline:
 the page loads nothing else (no scripts, no network, no other file), so it can be copied or
 mailed alone. Sheets are converted from PGM with cvae.images.png_bytes.
 
 Missing pictures are drawn when possible: curves.png from metrics.jsonl, latent.png from the
-newest checkpoint and the MNIST test files (--data, else $CVAE_DATA, else the cache); both
-are then also saved in the run directory (atomically) when it is writable. Where a picture
+newest checkpoint and the MNIST test files (--data, else $CVAE_DATA, else the cache), a
+missing (or older than prior.cvae) samples-flow.pgm from the newest checkpoint and prior.cvae;
+they are then also saved in the run directory (atomically) when it is writable. Where a picture
 cannot be drawn, the page says why. The page has no time stamp: the same run directory gives
 the same bytes.
 """
@@ -24,15 +28,23 @@ import json
 import math
 import os
 import shlex
+import tempfile
 
 from cvae.errors import CvaeError
-from cvae.evaluate import EVAL_JSON
+from cvae.evaluate import EVAL_JSON, SAMPLE_METRICS
+from cvae.sample import FLOW_SAMPLES_NAME
 
 REPORT_NAME = "report.html"
 
 # Sheets the trainer writes at the end of a run, shown first in this order; others follow
 # alphabetically.
-RUN_SHEETS = ("samples", "reconstructions", "interpolations", "interpolations-classes")
+RUN_SHEETS = ("samples", "samples-flow", "reconstructions", "interpolations",
+              "interpolations-classes")
+
+#: The run's sample sheets and the prior that drew each (eval.json's by_prior keys); shown side
+#: by side when the run has the flow prior's.
+PRIOR_SHEETS = {"samples.pgm": "gaussian", FLOW_SAMPLES_NAME: "flow"}
+PRIOR_LABELS = {"gaussian": "N(0, I)", "flow": "flow prior"}
 
 #: Known eval.json keys: (label, description). Unknown keys are shown under their own name.
 EVAL_KEYS = {
@@ -43,13 +55,24 @@ EVAL_KEYS = {
     "k": ("k", "importance samples per image of the IWAE bound"),
     "ssim": ("SSIM", "of the reconstructions at z = μ against the originals"),
     "ssim_per_digit": ("SSIM per digit", "the same, averaged over each digit's images"),
+    "prior": ("prior", "the prior that drew the generated digits of the figures below (flow: "
+                       "the run's prior.cvae; gaussian: N(0, I))"),
+    "prior_settings": ("prior settings", "how that prior drew the codes"),
     "cond_accuracy": ("conditional accuracy",
                       "share of generated digits a classifier recognises as their label"),
     "cond_accuracy_per_digit": ("conditional accuracy per digit", "the same, for each label"),
     "fid": ("FID", "Fréchet distance between generated and real test digits (lower is better)"),
     "fid_test_floor": ("FID floor", "the same distance from the other half of the test digits "
                                     "(same size, same digit mix): what real digits score"),
-    "temperature": ("temperature", "standard deviation of z for the generated digits"),
+    "diversity": ("diversity", "mean distance between two generated digits of the same label in "
+                               "the classifier's feature space"),
+    "diversity_per_digit": ("diversity per digit", "the same, for each label"),
+    "diversity_test": ("test digits' diversity", "the same distance between two test digits of "
+                                                 "a label: what real digits score"),
+    "diversity_test_per_digit": ("test digits' diversity per digit", "the same, for each label"),
+    "by_prior": ("by prior", "the generated digits' figures of each prior judged"),
+    "temperature": ("temperature", "standard deviation of z for the generated digits (for the "
+                                   "flow: of its starting draws)"),
     "samples": ("samples", "generated digits per digit"),
     "n_images": ("test images", "images of the trained digits in the test file"),
     "digits": ("digits", "the checkpoint's trained digits"),
@@ -95,6 +118,8 @@ table.mini th, table.mini td { padding: 0.1em 0.45em; font-size: 0.9em; }
 figure { margin: 1em 0 1.6em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
 img.sheet { image-rendering: pixelated; image-rendering: crisp-edges; background: #000; }
+.pair { display: flex; flex-wrap: wrap; gap: 0 2em; align-items: flex-start; }
+.pair figure { flex: 1 1 22em; min-width: 0; margin-top: 0.4em; }
 figcaption { color: #333; font-size: 0.92em; margin-top: 0.3em; max-width: 60em; }
 details summary { cursor: pointer; color: #225; margin: 0.5em 0; }
 footer { margin-top: 2.5em; color: #666; font-size: 0.85em; }
@@ -325,7 +350,7 @@ class Report:
         return f"drawn for this page and saved as {name}"
 
 
-def _summary(config, records, evaluation, checkpoint):
+def _summary(config, records, evaluation, checkpoint, run_dir):
     rows = []
     if isinstance(config, dict):
         arch = config.get("arch") if isinstance(config.get("arch"), dict) else {}
@@ -351,15 +376,23 @@ def _summary(config, records, evaluation, checkpoint):
                          f"(epoch {best['epoch']})"))
     elif _is_number(planned):
         rows.append(("trained", f"no epoch finished yet (of {planned})"))
+    prior = _prior_row(run_dir)
+    if prior:
+        rows.append(("flow prior", prior))
     if isinstance(evaluation, dict):
         t = evaluation.get("temperature")
         tempered = f", T = {format_value(t)}" if t is not None else ""
+        by_prior = _by_prior(evaluation)
         for key in ("neg_elbo", "iwae_nll", "ssim", "cond_accuracy", "fid"):
             if key in evaluation:
                 label = EVAL_KEYS[key][0]
                 at = tempered if key in ("cond_accuracy", "fid") else ""
-                rows.append((f"{label} (eval.json{at})",
-                             f"<b>{format_value(evaluation[key])}</b>"))
+                value = f"<b>{format_value(evaluation[key])}</b>"
+                if by_prior and key in SAMPLE_METRICS:
+                    value = ", ".join((f"<b>{format_value(f.get(key))}</b>" if i == 0 else
+                                       format_value(f.get(key))) + f" ({_e(_prior_label(n))})"
+                                      for i, (n, f) in enumerate(by_prior.items()))
+                rows.append((f"{label} (eval.json{at})", value))
     if checkpoint:
         rows.append(("newest checkpoint", f"<code>{_e(os.path.basename(checkpoint))}</code>"))
     return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
@@ -374,7 +407,134 @@ def _metrics_section(report, evaluation, problem, run_dir):
                            f"run directory), then make the report again.")
     if not isinstance(evaluation, dict):
         return report.note("eval.json does not hold a JSON object")
-    return key_value_table(evaluation, EVAL_KEYS)
+    by_prior = _by_prior(evaluation)
+    known = EVAL_KEYS
+    if by_prior:  # the top-level sample figures are the first prior's: say which
+        first = _prior_label(evaluation.get("prior", next(iter(by_prior))))
+        known = {**EVAL_KEYS, **{key: (f"{EVAL_KEYS[key][0]} ({first})", EVAL_KEYS[key][1])
+                                 for key in SAMPLE_METRICS}}
+    # by_prior is tabulated prior by prior below (with one prior, it is the top level's figures)
+    document = {k: v for k, v in evaluation.items()
+                if not (k == "by_prior" and isinstance(v, dict))}
+    table = key_value_table(document, known)
+    return table + (_by_prior_table(by_prior, evaluation) if by_prior else "")
+
+
+# ---------------------------------------------------------------- the priors
+
+
+def _prior_label(name):
+    return PRIOR_LABELS.get(name, str(name))
+
+
+def _by_prior(evaluation):
+    """{prior: its figures} of eval.json's by_prior when the run's generated digits were judged
+    with a flow prior (or several priors); None for a run with N(0, I) only, whose by_prior
+    repeats the top level."""
+    by_prior = evaluation.get("by_prior") if isinstance(evaluation, dict) else None
+    if not isinstance(by_prior, dict):
+        return None
+    by_prior = {name: f for name, f in by_prior.items() if isinstance(f, dict)}
+    return by_prior if "flow" in by_prior or len(by_prior) > 1 else None
+
+
+def _prior_heading(name, figures):
+    """A by-prior column's heading: the prior, and for the flow how its ODE was solved."""
+    if name != "flow":
+        return _prior_label(name)
+    from cvae.prior import sampling_text
+
+    how = sampling_text(figures)
+    return _prior_label(name) + (f" ({how})" if how else "")
+
+
+def _by_prior_table(by_prior, evaluation):
+    """The generated digits' figures with one column per prior, and the test digits' diversity
+    they compare with."""
+    head = "".join(f"<th>{_e(_prior_heading(n, f))}</th>" for n, f in by_prior.items())
+    rows = []
+    for key in SAMPLE_METRICS:
+        label, description = EVAL_KEYS.get(key, (key, ""))
+        cells = "".join(f"<td{_num_class(f.get(key))}>{format_value(f.get(key))}</td>"
+                        for f in by_prior.values())
+        rows.append(f"<tr><th title=\"{_e(key)}\">{_e(label)}</th>{cells}"
+                    f"<td class=\"desc\">{_e(description)}</td></tr>")
+    for key in ("diversity_test", "diversity_test_per_digit"):
+        if evaluation.get(key) is not None:
+            label, description = EVAL_KEYS[key]
+            value = evaluation[key]
+            rows.append(f"<tr><th title=\"{_e(key)}\">{_e(label)}</th><td{_num_class(value)} "
+                        f"colspan=\"{len(by_prior)}\">{format_value(value)}</td>"
+                        f"<td class=\"desc\">{_e(description)}</td></tr>")
+    return ("<h3>generated digits by prior</h3><table><tr><th>metric</th>" + head
+            + "<th>what it is</th></tr>" + "".join(rows) + "</table>")
+
+
+def _percent(value):
+    return f"{100 * value:.1f}%" if _is_number(value) else "—"
+
+
+def _prior_figures(evaluation, name, run_dir):
+    """HTML: a sample sheet's prior and its figures of eval.json (conditional accuracy and its
+    lowest digit, FID beside its floor, diversity beside the test digits'), or why there are
+    none."""
+    label = f"<b>{_e(_prior_label(name))}</b>"
+    again = f"run 'cvae eval --checkpoint {run_dir}'"
+    if not isinstance(evaluation, dict):
+        return f"{label}: " + _e(f"no figures yet: {again} (it judges each prior's samples)")
+    by_prior = evaluation.get("by_prior")
+    if isinstance(by_prior, dict):
+        figures = by_prior.get(name)
+    else:  # an eval.json from before the flow prior: its figures are N(0, I)'s
+        figures = evaluation if name == "gaussian" else None
+    if not isinstance(figures, dict):
+        return f"{label}: " + _e(f"eval.json has no figures of this prior: {again} again")
+    accuracy = figures.get("cond_accuracy")
+    if accuracy is None:
+        return f"{label}: " + _e("eval.json has no figures of generated digits (no classifier "
+                                 "judged them)")
+    text = f"conditional accuracy <b>{_percent(accuracy)}</b>"
+    per_digit = figures.get("cond_accuracy_per_digit")
+    if isinstance(per_digit, dict):
+        judged = [(d, v) for d, v in per_digit.items() if _is_number(v)]
+        if judged:
+            digit, lowest = min(judged, key=lambda item: item[1])
+            text += f" (lowest: digit {_e(digit)}, {_percent(lowest)})"
+    parts = [text]
+    if _is_number(figures.get("fid")):
+        floor = figures.get("fid_test_floor")
+        parts.append(f"FID <b>{format_number(figures['fid'])}</b>"
+                     + (f" (floor {format_number(floor)})" if _is_number(floor) else ""))
+    if _is_number(figures.get("diversity")):
+        test = evaluation.get("diversity_test")
+        parts.append(f"diversity <b>{format_number(figures['diversity'])}</b>"
+                     + (f" (test digits: {format_number(test)})" if _is_number(test) else ""))
+    t = evaluation.get("temperature")
+    at = f", T = {format_value(t)}" if t is not None else ""
+    return f"{label} (eval.json{at}): " + "; ".join(parts)
+
+
+def _prior_row(run_dir):
+    """The summary's line about RUN/prior.cvae (None without one)."""
+    from cvae.checkpoint import load_checkpoint
+    from cvae.prior import KIND, PriorPlan, prior_path
+
+    path = prior_path(run_dir)
+    if not os.path.isfile(path):
+        return None
+    try:
+        meta, _, _ = load_checkpoint(path, expected_kind=KIND)
+        plan, losses = PriorPlan.from_meta(meta, path)
+    except CvaeError as e:
+        return _e(f"prior.cvae: {e}")
+    arch = plan.arch
+    what = (f"prior.cvae, {arch.n_params():,} parameters ({arch.blocks} residual blocks of "
+            f"{arch.hidden}) over {arch.latent} active latent dimensions")
+    if plan.complete:
+        loss = f", final loss {format_number(losses[-1])}" if losses else ""
+        return _e(f"{what}: trained, {plan.epochs} epochs{loss}")
+    return _e(f"{what}: stopped after {len(losses)} of {plan.epochs} epochs; finish it with "
+              f"'cvae prior train --checkpoint {run_dir} --resume'")
 
 
 def _training_section(report, records):
@@ -484,46 +644,138 @@ def _sheet_order(name):
     return (RUN_SHEETS.index(stem), "") if stem in RUN_SHEETS else (len(RUN_SHEETS), name)
 
 
-def _sheets_section(report):
-    from cvae.images import png_bytes, read_pgm, sidecar_path
+def _load_sheet(path):
+    """(pixels, sidecar or None, the sidecar's problem or None); a CvaeError for a bad PGM."""
+    from cvae.images import read_pgm, sidecar_path
+
+    pixels = read_pgm(path)
+    sidecar, problem = _read_json(sidecar_path(path))
+    return pixels, sidecar, problem
+
+
+def _sheet_figure(report, name, pixels, sidecar, problem, more=""):
+    """A digit sheet's figure, captioned from its sidecar (then `more`, HTML)."""
+    from cvae.images import png_bytes
+
+    extra = sidecar.get("extra") if isinstance(sidecar, dict) else None
+    extra = extra if isinstance(extra, dict) else {}
+    details = [f"<code>{_e(name)}</code>, {pixels.shape[1]}×{pixels.shape[0]} pixels"]
+    for key in ("seed", "temperature", "steps", "method", "pairs", "per_digit", "sheet"):
+        if key in extra and extra[key] is not None:
+            value = extra[key]
+            if key == "sheet" and "sheets" in extra:
+                value = f"{value} of {extra['sheets']}"
+            details.append(f"{_e(key.replace('_', ' '))} {format_value(value)}")
+    if isinstance(extra.get("checkpoint"), str):
+        details.append(f"checkpoint <code>{_e(os.path.basename(extra['checkpoint']))}</code>")
+    what = extra.get("what")
+    caption = (_e(what[0].upper() + what[1:]) + ". " if isinstance(what, str) and what
+               else (f"({_e(problem)}) " if problem else "(no sidecar) "))
+    return report.figure(png_bytes(pixels), name, caption + "; ".join(details) + "." + more,
+                         css_class="sheet", scale=2)
+
+
+def _flow_sheet(report, checkpoint, threads):
+    """Draw samples-flow.pgm when the run has prior.cvae but not that sheet (or one older than
+    the prior), from the newest checkpoint and the prior, as the trainer would have; save it
+    in the run directory when it is writable. Returns {} when there is nothing to draw, else
+    "how" (the flow sheet's caption: how it was drawn, or why it may be out of date), "sheet"
+    ((pixels, sidecar, problem) of a sheet drawn but not saved) or "note" (why none)."""
+    from cvae.images import sidecar_path
+    from cvae.prior import PRIOR_NAME, prior_path
 
     run_dir = report.run_dir
+    prior, path = prior_path(run_dir), os.path.join(run_dir, FLOW_SAMPLES_NAME)
+    exists = os.path.exists(path)
+    if not os.path.isfile(prior) or (exists and (_mtime(path) or 0) >= (_mtime(prior) or 0)):
+        return {}
+    why = (f"{FLOW_SAMPLES_NAME} was older than {PRIOR_NAME}" if exists
+           else f"the run had no {FLOW_SAMPLES_NAME}")
+    if checkpoint is None:
+        reason = "there is no checkpoint to decode its codes with"
+    else:
+        source = f"from {os.path.basename(checkpoint)} and {PRIOR_NAME}"
+        try:
+            if _writable(run_dir):
+                drawn = _draw_flow_sheet(checkpoint, run_dir, run_dir, threads)
+                report.saved += [drawn, sidecar_path(drawn)]
+                return {"how": f"{why}: drawn for this page {source} and saved as "
+                               f"{FLOW_SAMPLES_NAME}"}
+            with tempfile.TemporaryDirectory() as scratch:
+                sheet = _load_sheet(_draw_flow_sheet(checkpoint, run_dir, scratch, threads))
+            return {"sheet": sheet, "how": f"{why}: drawn for this page {source} (the run "
+                                           f"directory is not writable, so it was not saved)"}
+        except CvaeError as e:
+            reason = f"drawing it failed: {e}"
+        except OSError as e:
+            reason = f"drawing it failed: {e.strerror or e}"
+    if exists:
+        return {"how": f"{FLOW_SAMPLES_NAME} may be out of date: {why}, and {reason}"}
+    return {"note": report.note(f"No flow prior sheet: {why}, and {reason}.")}
+
+
+def _draw_flow_sheet(checkpoint, run_dir, directory, threads):
+    """directory/samples-flow.pgm (and sidecar) of run_dir's flow prior, as the trainer draws
+    it (cvae.sample.write_run_images: 10 per digit at T = 1, the run's seed); its path."""
+    from cvae.prior import open_prior
+    from cvae.sample import checkpoint_digits, open_model, write_flow_samples
+
+    model, meta = open_model(checkpoint, argparse.Namespace(threads=threads))
+    digits = checkpoint_digits(meta, checkpoint)
+    flow = open_prior("flow", run_dir, model, model.threads)
+    seed = meta.get("seed") if isinstance(meta.get("seed"), int) else 0
+    return write_flow_samples(model, run_dir, seed, digits, flow, directory)[0]
+
+
+def _sheets_section(report, evaluation=None, checkpoint=None, threads=None):
+    run_dir = report.run_dir
+    flow = _flow_sheet(report, checkpoint, threads)
     try:
         names = sorted((n for n in os.listdir(run_dir)
                         if n.lower().endswith(".pgm") and not n.startswith(".")
                         and os.path.isfile(os.path.join(run_dir, n))), key=_sheet_order)
     except OSError as e:
         return report.note(f"cannot list {run_dir}: {e.strerror or e}")
+    if "sheet" in flow:
+        names = sorted(names + [FLOW_SAMPLES_NAME], key=_sheet_order)
     if not names:
-        return report.note("No digit sheets (*.pgm) in the run directory: the trainer writes "
-                           "them at the end of a complete run (unless --no-images); "
-                           "'cvae generate / reconstruct / interpolate --checkpoint RUN_DIR' "
-                           "write more.")
-    parts = []
+        return flow.get("note", "") + report.note(
+            "No digit sheets (*.pgm) in the run directory: the trainer writes them at the end of "
+            "a complete run (unless --no-images); 'cvae generate / reconstruct / interpolate "
+            "--checkpoint RUN_DIR' write more.")
+    # With the flow prior's sheet, the two priors' sample sheets side by side, each with its
+    # figures.
+    paired = [n for n in PRIOR_SHEETS if n in names] if FLOW_SAMPLES_NAME in names else []
+    parts, pair = [flow.get("note", "")], []
     for name in names:  # per sheet
-        path = os.path.join(run_dir, name)
         try:
-            pixels = read_pgm(path)
+            pixels, sidecar, problem = (flow["sheet"] if name == FLOW_SAMPLES_NAME and "sheet"
+                                        in flow else _load_sheet(os.path.join(run_dir, name)))
         except CvaeError as e:
-            parts.append(report.note(f"{name}: {e}"))
+            (pair if name in paired else parts).append(report.note(f"{name}: {e}"))
             continue
-        sidecar, problem = _read_json(sidecar_path(path))
-        extra = sidecar.get("extra") if isinstance(sidecar, dict) else None
-        extra = extra if isinstance(extra, dict) else {}
-        details = [f"<code>{_e(name)}</code>, {pixels.shape[1]}×{pixels.shape[0]} pixels"]
-        for key in ("seed", "temperature", "steps", "pairs", "per_digit", "sheet"):
-            if key in extra and extra[key] is not None:
-                value = extra[key]
-                if key == "sheet" and "sheets" in extra:
-                    value = f"{value} of {extra['sheets']}"
-                details.append(f"{_e(key.replace('_', ' '))} {format_value(value)}")
-        if isinstance(extra.get("checkpoint"), str):
-            details.append(f"checkpoint <code>{_e(os.path.basename(extra['checkpoint']))}</code>")
-        what = extra.get("what")
-        caption = (_e(what[0].upper() + what[1:]) + ". " if isinstance(what, str) and what
-                   else (f"({_e(problem)}) " if problem else "(no sidecar) "))
-        parts.append(report.figure(png_bytes(pixels), name, caption + "; ".join(details) + ".",
-                                   css_class="sheet", scale=2))
+        more = ""
+        if name in paired:
+            extra = sidecar.get("extra") if isinstance(sidecar, dict) else None
+            prior = extra.get("prior") if isinstance(extra, dict) else None
+            prior = prior if prior in PRIOR_LABELS else PRIOR_SHEETS[name]
+            more = "<br>" + _prior_figures(evaluation, prior, run_dir)
+            if name == FLOW_SAMPLES_NAME and "how" in flow:
+                more += f" ({_e(flow['how'])})"
+            more += "."
+        figure = _sheet_figure(report, name, pixels, sidecar, problem, more)
+        if name in paired:
+            if not pair:
+                parts.append(None)  # where the pair goes
+            pair.append(figure)
+        else:
+            parts.append(figure)
+    if pair:
+        block = ("<h3>samples of N(0, I) and of the flow prior</h3><p>The same draws z0 ~ "
+                 "N(0, I) for both sheets, one row per digit: the left sheet decodes them as they "
+                 "are, the right one after the flow prior carries them to where the encoder puts "
+                 "that digit's codes.</p>" f'<div class="pair">{"".join(pair)}</div>')
+        parts[parts.index(None)] = block
     return "".join(parts)
 
 
@@ -557,14 +809,14 @@ def build_report(run_dir, data=None, threads=None, checkpoint=None):
     evaluation, eval_problem = _read_json(os.path.join(run_dir, EVAL_JSON))
     records = read_metrics(run_dir)
 
-    report.add("summary", "Summary", _summary(config, records, evaluation, checkpoint))
+    report.add("summary", "Summary", _summary(config, records, evaluation, checkpoint, run_dir))
     report.add("metrics", "Test-set metrics (eval.json)",
                _metrics_section(report, evaluation, eval_problem, run_dir))
     report.add("training", "Training metrics (metrics.jsonl)", _training_section(report, records))
     report.add("curves", "Training curves", _curves_section(report, records))
     report.add("latent", "Latent space", _latent_section(report, checkpoint, data or (None, "cache"),
                                                          threads))
-    report.add("sheets", "Digit sheets", _sheets_section(report))
+    report.add("sheets", "Digit sheets", _sheets_section(report, evaluation, checkpoint, threads))
     report.add("config", "Configuration (config.json)",
                _config_section(report, config, config_problem))
 
@@ -623,7 +875,10 @@ def register(subparsers):
                     "sheet (*.pgm, captioned from its sidecar) and the configuration (config.json).\n"
                     "A missing curves.png is drawn from metrics.jsonl; a missing latent.png from the\n"
                     "newest checkpoint and the MNIST test files (--data, else $CVAE_DATA, else the\n"
-                    "cache), and both are saved in the run directory too.\n\n"
+                    "cache), and both are saved in the run directory too. A run with a flow prior\n"
+                    "(prior.cvae) shows samples.pgm (N(0, I)) and samples-flow.pgm (the flow prior)\n"
+                    "side by side, each with its prior's figures from eval.json; a missing\n"
+                    "samples-flow.pgm is drawn from the newest checkpoint and prior.cvae.\n\n"
                     "Open the report in any web browser, e.g.\n"
                     "    xdg-open RUN_DIR/report.html      (or: firefox RUN_DIR/report.html)\n"
                     "It is one self-contained file (pictures embedded as data: URIs, no scripts,\n"
@@ -637,6 +892,6 @@ def register(subparsers):
                         "(default: $CVAE_DATA, else the cache; without them the report says "
                         "latent.png is missing)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="OpenMP threads for encoding the test set (default: the CPUs available "
-                        "to this process)")
+                   help="OpenMP threads for encoding the test set and drawing a missing "
+                        "samples-flow.pgm (default: the CPUs available to this process)")
     p.set_defaults(func=cmd_report)

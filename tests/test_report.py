@@ -18,15 +18,18 @@ import pytest
 from PIL import Image
 
 from cvae import cli, plots, report
+from cvae import prior as P
 from cvae.errors import CvaeError
 from cvae.images import png_bytes, read_pgm
 from idx_files import image_idx, label_idx
+from cli_helpers import assert_one_line_error  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = (0, 1, 2, 3)
 TINY = ["--hidden", "32,16", "--latent", "4", "--batch", "16", "--threads", "1"]
 RUN_SHEETS = ["samples.pgm", "reconstructions.pgm", "interpolations.pgm",
               "interpolations-classes.pgm"]
+FLOW_SHEETS = ["samples.pgm", "samples-flow.pgm", *RUN_SHEETS[1:]]
 
 
 def write_data(directory, n_train=160, n_test=40, seed=0):
@@ -66,6 +69,54 @@ def run_copy(world, tmp_path):
     target = tmp_path / "run"
     shutil.copytree(world["run"], target)
     return target
+
+
+@pytest.fixture(scope="module")
+def flow_world(world):
+    """The same run trained with --prior flow: it also has prior.cvae and samples-flow.pgm."""
+    run = world["root"] / "flow-run"
+    code = cli.main(["train", *TINY, "--epochs", "2", "--digits", "0-3", "--seed", "4",
+                     "--data", str(world["data"]), "--out", str(run), "--quiet", "--prior",
+                     "flow"])
+    assert code == 0
+    return run
+
+
+@pytest.fixture
+def flow_copy(flow_world, tmp_path):
+    target = tmp_path / "flow-run"
+    shutil.copytree(flow_world, target)
+    return target
+
+
+def sample_figures(accuracy, per_digit, fid, diversity, **more):
+    return {**more, "cond_accuracy": accuracy,
+            "cond_accuracy_per_digit": dict(zip(map(str, DIGITS), per_digit)), "fid": fid,
+            "fid_test_floor": 1.379, "diversity": diversity,
+            "diversity_per_digit": {str(d): diversity + d / 10 for d in DIGITS}}
+
+
+def flow_eval():
+    """An eval.json of a run with its flow prior, as `cvae eval` writes it (the test data here
+    has no classifier, so the figures are made up)."""
+    flow = sample_figures(0.82, [0.94, 0.9, 0.74, 0.7], 98.61, 4.941, prior="flow",
+                          steps=10, method="heun", guidance=0.0)
+    gaussian = sample_figures(0.34, [0.68, 0.0, 0.3, 0.38], 300.74, 10.32, prior="gaussian")
+    return {"neg_elbo": 143.81, "k": 2, "samples": 50, "temperature": 1.0, "prior": "flow",
+            "prior_settings": {k: flow[k] for k in ("prior", "steps", "method", "guidance")},
+            **{k: flow[k] for k in gaussian if k != "prior"}, "diversity_test": 10.229,
+            "diversity_test_per_digit": {str(d): 10 + d / 10 for d in DIGITS},
+            "by_prior": {"flow": flow, "gaussian": gaussian}}
+
+
+def text_of(fragment):
+    """A piece of the page as a reader sees it: tags dropped, entities decoded, spaces single."""
+    inline = re.sub(r"</?(b|code)>", "", fragment)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", inline)).split())
+
+
+def section(path, anchor):
+    return open(path, encoding="ascii").read().split(f'id="{anchor}"')[1].split("</section>")[0]
 
 
 def run_cli(capsys, *argv):
@@ -418,15 +469,6 @@ def test_report_notes_a_damaged_sheet_and_still_writes(run_copy, capsys):
     assert len(images_of(parse(run_copy / "report.html"))) == 2 + len(RUN_SHEETS) - 1
 
 
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("cvae: error: ") and "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def leftovers(directory):
     return sorted(p.name for p in directory.iterdir() if p.name.startswith(".") or
                   p.name == "report.html")
@@ -482,6 +524,113 @@ def test_a_failed_write_keeps_the_old_report_whole(run_copy, capsys, monkeypatch
     assert [p.name for p in run_copy.iterdir() if p.name.startswith(".")] == []
 
 
+# ---------------------------------------------------------------- a run with a flow prior
+
+
+def test_report_shows_both_priors_sample_sheets_side_by_side(flow_copy, capsys):
+    (flow_copy / "eval.json").write_text(json.dumps(flow_eval()))
+    code, out, err = run_cli(capsys, "report", flow_copy)
+    assert code == 0, err
+    path = flow_copy / "report.html"
+    page = parse(path)
+    assert_self_contained(page)
+    images = images_of(page)
+    assert [alt for alt, *_ in images] == ["training curves", "latent means, PCA", *FLOW_SHEETS]
+    for alt, image, *_ in images[2:]:
+        np.testing.assert_array_equal(np.asarray(image), read_pgm(flow_copy / alt))
+    text = path.read_text()
+    pair = text.split('<div class="pair">')[1].split("</div>")[0]
+    assert pair.count("<figure>") == 2 and pair.index('alt="samples.pgm"') < pair.index(
+        'alt="samples-flow.pgm"')
+    pair = text_of(pair)
+    assert ("N(0, I) (eval.json, T = 1): conditional accuracy 34.0% (lowest: digit 1, 0.0%); "
+            "FID 300.74 (floor 1.379); diversity 10.32 (test digits: 10.23)") in pair
+    assert ("flow prior (eval.json, T = 1): conditional accuracy 82.0% (lowest: digit 3, 70.0%); "
+            "FID 98.61 (floor 1.379); diversity 4.941 (test digits: 10.23)") in pair
+    assert "samples of the flow prior" in pair and "method midpoint" in pair
+
+    metrics = text_of(section(path, "metrics"))
+    assert "generated digits by prior metric flow prior (heun, 10 steps) N(0, I)" in metrics
+    assert "conditional accuracy 0.82 0.34" in metrics and "FID 98.61 300.74" in metrics
+    assert "diversity 4.941 10.32" in metrics and "test digits' diversity 10.23" in metrics
+    assert "conditional accuracy (flow prior) 0.82" in metrics  # the top level is the flow's
+    assert 'title="by_prior"' not in section(path, "metrics")  # tabulated by prior instead
+    summary = text_of(section(path, "summary"))
+    assert "flow prior prior.cvae" in summary and "active latent dimensions" in summary
+    assert f"trained, {P.DEFAULT_EPOCHS} epochs" in summary
+    assert "conditional accuracy (eval.json, T = 1) 0.82 (flow prior), 0.34 (N(0, I))" in summary
+
+
+def test_report_says_when_the_sheets_have_no_figures(flow_copy, capsys):
+    evaluation = flow_eval()
+    del evaluation["by_prior"]["flow"]  # evaluated before the prior was trained
+    (flow_copy / "eval.json").write_text(json.dumps(evaluation))
+    assert run_cli(capsys, "report", flow_copy)[0] == 0
+    pair = text_of(section(flow_copy / "report.html", "sheets"))
+    assert "flow prior: eval.json has no figures of this prior: run 'cvae eval" in pair
+    assert "N(0, I) (eval.json, T = 1): conditional accuracy 34.0%" in pair
+    (flow_copy / "eval.json").unlink()
+    assert run_cli(capsys, "report", flow_copy)[0] == 0
+    pair = text_of(section(flow_copy / "report.html", "sheets"))
+    assert pair.count("no figures yet: run 'cvae eval --checkpoint") == 2
+
+
+def test_report_draws_a_missing_or_stale_flow_sheet(flow_world, flow_copy, capsys, monkeypatch):
+    (flow_copy / "samples-flow.pgm").unlink()
+    (flow_copy / "samples-flow.json").unlink()
+    code, out, err = run_cli(capsys, "report", flow_copy, "--threads", 1)
+    assert code == 0, err
+    # Drawn as the trainer drew it, and kept.
+    assert (flow_copy / "samples-flow.pgm").read_bytes() == (flow_world / "samples-flow.pgm").read_bytes()
+    assert json.loads((flow_copy / "samples-flow.json").read_text())["extra"]["prior"] == "flow"
+    sheets = text_of(section(flow_copy / "report.html", "sheets"))
+    assert ("the run had no samples-flow.pgm: drawn for this page from last.cvae and prior.cvae "
+            "and saved as samples-flow.pgm") in sheets
+    assert [alt for alt, *_ in images_of(parse(flow_copy / "report.html"))][2:] == FLOW_SHEETS
+
+    os.utime(flow_copy / "samples-flow.pgm", (1, 1))  # older than the prior: redrawn
+    assert run_cli(capsys, "report", flow_copy)[0] == 0
+    assert os.stat(flow_copy / "samples-flow.pgm").st_mtime > 1
+    assert "samples-flow.pgm was older than prior.cvae" in text_of(
+        section(flow_copy / "report.html", "sheets"))
+
+    # A run directory it cannot write to: drawn for the page only.
+    (flow_copy / "samples-flow.pgm").unlink()
+    monkeypatch.setattr(report, "_writable", lambda directory: False)
+    assert run_cli(capsys, "report", flow_copy)[0] == 0
+    assert not (flow_copy / "samples-flow.pgm").exists()
+    images = images_of(parse(flow_copy / "report.html"))
+    assert [alt for alt, *_ in images][2:] == FLOW_SHEETS
+    np.testing.assert_array_equal(np.asarray(images[3][1]), read_pgm(flow_world / "samples-flow.pgm"))
+    assert "not writable, so it was not saved" in text_of(section(flow_copy / "report.html", "sheets"))
+
+
+def test_report_of_a_prior_it_cannot_use(flow_copy, capsys):
+    (flow_copy / "samples-flow.pgm").unlink()
+    (flow_copy / "prior.cvae").write_bytes(b"not a checkpoint")
+    code, out, err = run_cli(capsys, "report", flow_copy)
+    assert code == 0, err
+    text = text_of((flow_copy / "report.html").read_text())
+    assert "No flow prior sheet: the run had no samples-flow.pgm, and drawing it failed" in text
+    assert "note: No flow prior sheet" in out
+    assert [alt for alt, *_ in images_of(parse(flow_copy / "report.html"))][2:] == RUN_SHEETS
+
+
+def test_a_run_without_a_prior_looks_as_before_with_a_new_eval_json(run_copy, capsys):
+    evaluation = flow_eval()
+    gaussian = evaluation["by_prior"]["gaussian"]
+    evaluation.update({k: gaussian[k] for k in gaussian}, prior="gaussian",
+                      prior_settings={"prior": "gaussian"}, by_prior={"gaussian": gaussian})
+    (run_copy / "eval.json").write_text(json.dumps(evaluation))
+    assert run_cli(capsys, "report", run_copy)[0] == 0
+    text = (run_copy / "report.html").read_text()
+    assert 'class="pair"' not in text and "by prior" not in text_of(text)
+    assert 'title="by_prior"' not in text and "flow prior" not in text_of(section(
+        run_copy / "report.html", "summary"))
+    assert "conditional accuracy 0.34" in text_of(section(run_copy / "report.html", "metrics"))
+    assert [alt for alt, *_ in images_of(parse(run_copy / "report.html"))][2:] == RUN_SHEETS
+
+
 def test_report_help_says_how_to_open_it(capsys):
     code, out, _ = run_cli(capsys, "report", "--help")
     assert code == 0
@@ -494,8 +643,9 @@ def test_report_help_says_how_to_open_it(capsys):
 PROBE = """<script>
 window.addEventListener("load", function () {
   var found = Array.prototype.map.call(document.images, function (img) {
+    var box = img.getBoundingClientRect();
     return {alt: img.alt, complete: img.complete, width: img.naturalWidth,
-            height: img.naturalHeight};
+            height: img.naturalHeight, top: box.top, left: box.left};
   });
   var loaded = performance.getEntriesByType("resource").map(function (r) { return r.name; });
   var pre = document.createElement("pre");
@@ -516,6 +666,21 @@ def find_chromium():
 
 
 def test_report_renders_in_headless_chromium(run_copy, tmp_path, capsys):
+    seen = render_in_chromium(run_copy, tmp_path, capsys)
+    assert len(seen) == 2 + len(RUN_SHEETS)
+
+
+def test_report_with_a_flow_prior_renders_in_headless_chromium(flow_copy, tmp_path, capsys):
+    (flow_copy / "eval.json").write_text(json.dumps(flow_eval()))
+    seen = {img["alt"]: img for img in render_in_chromium(flow_copy, tmp_path, capsys)}
+    assert list(seen) == ["training curves", "latent means, PCA", *FLOW_SHEETS]
+    gaussian, flow = seen["samples.pgm"], seen["samples-flow.pgm"]
+    assert gaussian["top"] == flow["top"] and gaussian["left"] < flow["left"]  # side by side
+
+
+def render_in_chromium(run_dir, tmp_path, capsys):
+    """Open the run's report in headless chromium: every <img> decoded, nothing fetched.
+    Returns the images as the browser saw them (alt, size, place)."""
     chromium = find_chromium()
     if chromium is None:
         if os.environ.get("CI"):
@@ -523,10 +688,9 @@ def test_report_renders_in_headless_chromium(run_copy, tmp_path, capsys):
                         "(.ci/run installs chromium with apt-get)")
         pytest.skip("chromium is not installed (Debian: apt-get install chromium); CI runs this "
                     "test")
-    assert run_cli(capsys, "report", run_copy)[0] == 0
-    page = (run_copy / "report.html").read_text()
-    expected = [alt for alt, *_ in images_of(parse(run_copy / "report.html"))]
-    assert len(expected) == 2 + len(RUN_SHEETS)
+    assert run_cli(capsys, "report", run_dir)[0] == 0
+    page = (run_dir / "report.html").read_text()
+    expected = [alt for alt, *_ in images_of(parse(run_dir / "report.html"))]
     probe_dir = tmp_path / "browser"
     probe_dir.mkdir()
     probe = probe_dir / "report-probe.html"
@@ -535,6 +699,7 @@ def test_report_renders_in_headless_chromium(run_copy, tmp_path, capsys):
     profile = tmp_path / "chromium-profile"
     command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                "--no-first-run", "--disable-extensions", "--disable-background-networking",
+               "--window-size=1280,1024",
                f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom",
                probe.as_uri()]
     env = dict(os.environ, HOME=str(tmp_path))
@@ -548,3 +713,4 @@ def test_report_renders_in_headless_chromium(run_copy, tmp_path, capsys):
     for img in seen["images"]:
         assert img["complete"] and img["width"] > 0 and img["height"] > 0, img
     assert seen["resources"] == []  # no fetch (data: and file: URIs are not listed; http is)
+    return seen["images"]
