@@ -9,19 +9,32 @@ grid, always in the same form: ``latent128-h640x320-elu-progressive``. The other
 trained in-process exactly as `cvae train` trains it (cli.start_run), then its images are
 written (train.write_images: reconstructions, the samples.pgm digit sheet, interpolations) and
 it is evaluated (evaluate.run_eval, which writes DIR/<name>/eval.json). The table of all the
-runs goes to DIR/sweep.jsonl (one object per run) and DIR/sweep.md.
+runs goes to DIR/sweep.jsonl (one object per run and prior) and DIR/sweep.md.
+
+--prior gaussian,flow is an axis that does not change the CVAE: each run is trained once, and
+with flow asked it then gets its flow prior (prior.train_run_prior, as `cvae prior train`
+trains it: RUN/prior.cvae, its defaults but --prior-epochs), the flow's digit sheet
+samples-flow.pgm, and an evaluation judging each asked prior (run_eval's prior "both"). The
+table has one row per (run, prior): the metrics of the generated digits are that prior's
+(eval.json's by_prior), the others (ELBO, IWAE, SSIM, the test set's diversity) the run's.
 
 Restarting: a run whose training is complete and whose eval.json is the evaluation of its
-final checkpoint (with the same k, seed, samples, temperature) is skipped; a run with a
-partial checkpoint is resumed (train.resume_trainer); a complete run with a missing or stale
-eval.json or sheet only gets those. A run directory holding a run with other settings is an
-error (before anything is trained). Ctrl-C / SIGTERM stop the sweep at once with exit code
-130 / 143 (the trainer saves a checkpoint first), and the same command continues it.
+final checkpoint (with the same k, seed, samples, temperature, judging every asked prior, the
+flow with the same sampling) is skipped; with flow asked it also needs a complete prior.cvae of
+its final checkpoint and samples-flow.pgm, neither eval.json nor the sheet older than the
+prior. A run with a partial checkpoint is resumed (train.resume_trainer); a complete run gets
+only what it lacks: its prior trained or resumed (one of another checkpoint is trained anew in
+its place), its sheets, its evaluation. A run directory holding a run with other settings, or
+a flow prior of the run with other settings, is an error (before anything is trained).
+Ctrl-C / SIGTERM stop the sweep at once with exit code 130 / 143 (the trainer, or the prior's,
+saves a checkpoint first), and the same command continues it.
 
 `cvae sweep --collect DIR` builds the same table from every finished run under DIR (a
 subdirectory with config.json and eval.json, and a complete training), whoever made them:
 this command, or independent `cvae train --out DIR/name` + `cvae eval --checkpoint DIR/name`
-jobs (Slurm array tasks, GNU parallel; `--commands` prints those job lines).
+jobs (Slurm array tasks, GNU parallel; `--commands` prints those job lines, with a
+`cvae prior train` between them when flow is asked). Its rows are those of the priors each
+eval.json judged (an eval.json from before the flow prior: N(0, I), its top-level figures).
 """
 
 import argparse
@@ -36,8 +49,11 @@ import sys
 import threading
 import time
 
+from cvae import prior as P
 from cvae.errors import CvaeError
-from cvae.evaluate import DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_TEMPERATURE, EVAL_JSON
+from cvae.evaluate import (DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_TEMPERATURE, EVAL_JSON,
+                           SAMPLE_METRICS)
+from cvae.sample import FLOW_SAMPLES_NAME
 
 SWEEP_MD = "sweep.md"
 SWEEP_JSONL = "sweep.jsonl"
@@ -57,11 +73,23 @@ GRID = ("latent", "hidden", "act", "schedule")
 #: Options shared by every run of a sweep (also training options --collect refuses).
 SHARED = ("variant", "digits", "epochs", "batch", "lr", "seed", "threads", "data")
 EVAL_OPTIONS = ("k", "samples", "temperature", "classifier")
+#: The prior axis: which priors generate the judged digits (each one row of the table), and
+#: the flow prior's training.
+PRIOR_OPTIONS = ("prior", "prior_epochs")
+#: The sweep's priors, in the table's order of a run's rows.
+PRIORS = tuple(sorted(P.PRIORS))
+DEFAULT_PRIORS = ("gaussian",)
+#: The flow prior's seed: cvae prior train's default (prior.train_prior's), whatever the run's.
+PRIOR_SEED = 0
+#: The flow's sampling in the sweep's evaluations (cvae eval's defaults).
+FLOW_SAMPLING = {"steps": P.DEFAULT_STEPS, "method": P.DEFAULT_METHOD,
+                 "guidance": P.DEFAULT_GUIDANCE}
 #: cvae eval's defaults of the options a sweep passes on.
 EVAL_DEFAULTS = {"k": DEFAULT_K, "samples": DEFAULT_SAMPLES, "temperature": DEFAULT_TEMPERATURE}
-#: Metrics copied from eval.json into the table (None when absent).
+#: Metrics copied from eval.json into the table (None when absent), in the row's order; those
+#: of SAMPLE_METRICS are the prior's (eval.json's by_prior), the others the run's.
 METRICS = ("neg_elbo", "rec", "kl", "iwae_nll", "k", "ssim", "cond_accuracy", "fid",
-           "fid_test_floor", "temperature")
+           "fid_test_floor", "diversity", "diversity_test", "temperature")
 
 
 class Interrupted(BaseException):
@@ -144,6 +172,10 @@ class Run:
         self.plan = plan
         self.state = None      # "new", "restart", "partial", "complete", "finished"
         self.eval_problem = None
+        # of a complete run with the flow prior asked: "none", "stale", "partial", "complete"
+        self.prior_state = None
+        self.prior_problem = None
+        self.flow_sheet_problem = None
 
     def train_options(self, args):
         """The `cvae train` options (without --out) that start this run."""
@@ -206,6 +238,29 @@ def eval_wanted(args, seed):
     return {"seed": seed, **eval_settings(args), "classifier": classifier}
 
 
+def sweep_priors(args):
+    """The priors asked (--prior), in the table's order."""
+    return tuple(p for p in PRIORS if p in (args.prior or DEFAULT_PRIORS))
+
+
+def eval_prior_choice(priors):
+    """run_eval's prior for these priors: 'both', or the one."""
+    return "both" if len(priors) > 1 else priors[0]
+
+
+def prior_settings(args):
+    """train_run_prior's settings of a run's flow prior: --prior-epochs and cvae prior train's
+    seed (the others are its defaults too, as 'cvae train --prior flow' trains it)."""
+    return {"epochs": P.DEFAULT_EPOCHS if args.prior_epochs is None else args.prior_epochs,
+            "seed": PRIOR_SEED}
+
+
+def prior_wanted(args, plan):
+    """{prior.cvae header key: value} of the flow prior the sweep trains for a run."""
+    return {"arch": P.PriorArch(latent=plan.arch.latent).to_json(), "batch": P.DEFAULT_BATCH,
+            "lr": P.DEFAULT_LR, "drop": P.DEFAULT_DROP, **prior_settings(args)}
+
+
 # ---------------------------------------------------------------- the state of a run directory
 
 
@@ -246,9 +301,48 @@ def _read_json(path):
     return data, None
 
 
-def eval_problem(run_dir, epochs, wanted=None):
+def judged_priors(data):
+    """The priors (of PRIORS, in the table's order) whose generated digits an eval.json judged:
+    its by_prior's. One from before the flow prior (no by_prior) judged N(0, I). Without a
+    classifier by_prior is empty (there are no sample metrics at all): the top-level prior, an
+    evaluation with the flow standing for both."""
+    by = data.get("by_prior")
+    if not isinstance(by, dict):
+        names = ["gaussian"]
+    elif by:
+        names = list(by)
+    else:
+        names = ["flow", "gaussian"] if data.get("prior") == "flow" else ["gaussian"]
+    return [p for p in PRIORS if p in names]
+
+
+def _judged(data, prior):
+    """eval.json's figures of one prior: by_prior's; else (an eval.json from before the flow
+    prior, or one without a classifier) the top level when it is that prior's."""
+    by = data.get("by_prior")
+    if isinstance(by, dict) and by:
+        return by.get(prior) if isinstance(by.get(prior), dict) else {}
+    top = data.get("prior") if isinstance(by, dict) else "gaussian"
+    if top != prior and not (top == "flow" and isinstance(by, dict)):
+        return {}
+    settings = data.get("prior_settings") if top == prior else None
+    return {**(settings if isinstance(settings, dict) else {}),
+            **{key: data.get(key) for key in SAMPLE_METRICS}}
+
+
+def _older(path, than, slack=STALE_SECONDS):
+    """Whether file path is older than file than (False when either is missing)."""
+    try:
+        return os.path.getmtime(path) + slack < os.path.getmtime(than)
+    except OSError:
+        return False
+
+
+def eval_problem(run_dir, epochs, wanted=None, priors=None, flow=None):
     """None when run_dir/eval.json evaluates the run's final checkpoint (and, given wanted,
-    with those settings); otherwise why it does not."""
+    with those settings; given priors, judging each of them, the flow with the sampling of
+    flow); otherwise why it does not. An eval.json that judged the flow prior must not be
+    older than the run's prior.cvae."""
     from cvae.checkpoint import LAST_NAME, epoch_checkpoint_path
 
     path = os.path.join(run_dir, EVAL_JSON)
@@ -275,6 +369,17 @@ def eval_problem(run_dir, epochs, wanted=None):
                 return f"eval.json was judged by {data[key]} (this sweep: the default classifier)"
         elif data[key] != value:
             return f"eval.json has {key} {data[key]} (this sweep: {value})"
+    judged = judged_priors(data)
+    for prior in priors or ():
+        if prior not in judged:
+            return f"eval.json does not judge the {prior} prior"
+    if flow is not None and "flow" in (priors or ()):
+        got = _judged(data, "flow")
+        for key, value in flow.items():
+            if got.get(key) != value:
+                return f"eval.json's flow prior has {key} {got.get(key)} (this sweep: {value})"
+    if "flow" in (judged if priors is None else priors) and _older(path, P.prior_path(run_dir)):
+        return f"eval.json is older than {P.PRIOR_NAME}"
     return None
 
 
@@ -292,8 +397,10 @@ def training_state(run_dir):
     return ("complete" if plan.epoch >= plan.epochs else "partial"), plan
 
 
-def inspect_run(run, wanted_eval):
-    """Set run.state (and run.eval_problem); a directory holding another run is an error."""
+def inspect_run(run, wanted_eval, priors=DEFAULT_PRIORS, wanted_prior=None):
+    """Set run.state (and run.eval_problem, and with the flow prior asked run.prior_state,
+    run.prior_problem and run.flow_sheet_problem); a directory holding another run, or a
+    flow prior of this run with other settings than wanted_prior, is an error."""
     from cvae.train import CONFIG_NAME, METRICS_NAME, recorded_config
 
     run_dir = run.run_dir
@@ -321,12 +428,61 @@ def inspect_run(run, wanted_eval):
     if state == "partial":
         run.state = "partial"
         return
-    run.eval_problem = eval_problem(run_dir, plan.epochs, wanted_eval)
-    run.state = "finished" if run.eval_problem is None and has_pictures(run_dir) else "complete"
+    run.eval_problem = eval_problem(run_dir, plan.epochs, wanted_eval, priors, FLOW_SAMPLING)
+    finished = run.eval_problem is None and has_pictures(run_dir)
+    if "flow" in priors:
+        inspect_prior(run, wanted_prior)
+        run.flow_sheet_problem = flow_sheet_problem(run_dir)
+        finished = finished and run.prior_state == "complete" and run.flow_sheet_problem is None
+    run.state = "finished" if finished else "complete"
 
 
 def has_pictures(run_dir):
     return all(os.path.isfile(os.path.join(run_dir, name)) for name in RUN_PICTURES)
+
+
+def flow_sheet_problem(run_dir):
+    """None when the run has its flow prior's digit sheet, as new as its prior.cvae."""
+    sheet = os.path.join(run_dir, FLOW_SAMPLES_NAME)
+    if not os.path.isfile(sheet):
+        return f"no {FLOW_SAMPLES_NAME}"
+    if _older(sheet, P.prior_path(run_dir)):
+        return f"{FLOW_SAMPLES_NAME} is older than {P.PRIOR_NAME}"
+    return None
+
+
+def _flat_prior_settings(meta):
+    """A prior.cvae header's (or prior_wanted's) settings, the architecture's flattened."""
+    arch = meta.get("arch") if isinstance(meta.get("arch"), dict) else {}
+    # The dimensions it models come from the codes, not from a setting.
+    arch = {k: v for k, v in arch.items() if k not in ("latent", "dims")}
+    return {**arch, **{k: meta.get(k) for k in ("epochs", "batch", "lr", "drop", "seed")}}
+
+
+def inspect_prior(run, wanted):
+    """run.prior_state and run.prior_problem of a complete run; a flow prior of its final
+    checkpoint with settings other than wanted (prior_wanted) is an error."""
+    from cvae.checkpoint import latest_checkpoint
+    from cvae.model import model_from_checkpoint
+
+    path = P.prior_path(run.run_dir)
+    if not os.path.isfile(path):
+        run.prior_state, run.prior_problem = "none", f"no {P.PRIOR_NAME}"
+        return
+    model, _ = model_from_checkpoint(latest_checkpoint(run.run_dir))
+    state, meta = P.prior_state(os.path.dirname(path), model)
+    run.prior_state = state
+    if state == "stale":
+        run.prior_problem = f"its {P.PRIOR_NAME} is the prior of another checkpoint"
+        return
+    have, want = _flat_prior_settings(meta), _flat_prior_settings(wanted)
+    differ = [f"{key} {have.get(key)} (this sweep: {value})" for key, value in want.items()
+              if have.get(key) != value]
+    if differ:
+        raise CvaeError(f"{path} is a flow prior with other settings: {'; '.join(differ)}; "
+                        f"choose another --out (or delete it to train the sweep's)")
+    if state == "partial":
+        run.prior_problem = f"{P.PRIOR_NAME} is partly trained (step {meta.get('step')})"
 
 
 # ---------------------------------------------------------------- the table
@@ -338,8 +494,10 @@ def _finite(value):
     return value
 
 
-def read_row(table_dir, run_dir):
-    """The table's row of a finished run: settings from config.json, metrics from eval.json."""
+def read_rows(table_dir, run_dir, priors=None):
+    """The table's rows of a finished run, one per prior (given, else each one its eval.json
+    judged, see judged_priors): settings from config.json; the metrics of the generated digits
+    from eval.json's by_prior, the others from its top level."""
     from cvae.train import recorded_config
 
     config = recorded_config(run_dir)
@@ -348,8 +506,7 @@ def read_row(table_dir, run_dir):
     arch = config.get("arch") if isinstance(config.get("arch"), dict) else {}
     schedule = config.get("schedule") if isinstance(config.get("schedule"), dict) else {}
     hidden = [arch["h1"], arch["h2"]] if "h1" in arch and "h2" in arch else None
-    samples = os.path.join(run_dir, SAMPLES_NAME)
-    row = {
+    base = {
         "name": os.path.basename(os.path.normpath(run_dir)),
         "run_dir": os.path.relpath(run_dir, table_dir),
         "latent": arch.get("latent"), "hidden": hidden, "act": arch.get("act"),
@@ -357,14 +514,37 @@ def read_row(table_dir, run_dir):
         "epochs": config.get("epochs"), "digits": config.get("digits"),
         "batch": config.get("batch"), "lr": config.get("lr"), "seed": config.get("seed"),
     }
-    for key in METRICS:
-        row[key] = _finite(ev.get(key))
-    row["ssim_per_digit"] = ev.get("ssim_per_digit")
-    row["cond_accuracy_per_digit"] = ev.get("cond_accuracy_per_digit")
-    row["eval_seed"] = ev.get("seed")
-    row["n_images"] = ev.get("n_images")
-    row["samples"] = os.path.relpath(samples, table_dir) if os.path.isfile(samples) else None
-    return row
+    rows = []
+    for prior in (judged_priors(ev) if priors is None else priors):
+        judged = _judged(ev, prior)
+        row = {**base, "prior": prior}
+        for key in METRICS:
+            row[key] = _finite((judged if key in SAMPLE_METRICS else ev).get(key))
+        row["ssim_per_digit"] = ev.get("ssim_per_digit")
+        row["cond_accuracy_per_digit"] = judged.get("cond_accuracy_per_digit")
+        row["diversity_per_digit"] = judged.get("diversity_per_digit")
+        row["diversity_test_per_digit"] = ev.get("diversity_test_per_digit")
+        row["prior_settings"] = _flow_settings(run_dir, judged) if prior == "flow" else None
+        row["eval_seed"] = ev.get("seed")
+        row["n_images"] = ev.get("n_images")
+        samples = os.path.join(run_dir, FLOW_SAMPLES_NAME if prior == "flow" else SAMPLES_NAME)
+        row["samples"] = os.path.relpath(samples, table_dir) if os.path.isfile(samples) else None
+        rows.append(row)
+    return rows
+
+
+def _flow_settings(run_dir, judged):
+    """A flow row's prior_settings: its training epochs (from prior.cvae) and the sampling
+    its evaluation used."""
+    from cvae.checkpoint import load_checkpoint
+
+    epochs = None
+    try:
+        meta, _, _ = load_checkpoint(P.prior_path(run_dir), expected_kind=P.KIND)
+        epochs = meta.get("epochs")
+    except (CvaeError, OSError):
+        pass
+    return {"epochs": epochs, **{key: judged.get(key) for key in FLOW_SAMPLING}}
 
 
 def _sort_key(row):
@@ -375,7 +555,8 @@ def _sort_key(row):
             return (0, tuple(value))
         return (0, value)
 
-    keys = ("latent", "hidden", "act", "schedule", "epochs", "digits", "batch", "lr", "seed", "name")
+    keys = ("latent", "hidden", "act", "schedule", "epochs", "digits", "batch", "lr", "seed", "name",
+            "prior")
     return tuple(part(row.get(k)) for k in keys)
 
 
@@ -411,7 +592,7 @@ def _setting_text(key, value):
 #: (header, row key, decimals, definition) of the metric columns.
 METRIC_COLUMNS = (
     ("−ELBO", "neg_elbo", 2, "test-set negative ELBO at β = 1, nats per image (= rec + KL); "
-                             "lower is better, the best is in bold"),
+                             "lower is better, the best in bold (on each row of its run)"),
     ("rec", "rec", 2, "reconstruction term: BCE with logits over the 784 continuous pixels, nats"),
     ("KL", "kl", 2, "analytic KL(q(z|x,y) ‖ N(0, I)), nats"),
     ("IWAE NLL", "iwae_nll", 2, "importance-weighted bound on −log p(x|y) with k samples per "
@@ -419,17 +600,37 @@ METRIC_COLUMNS = (
     ("k", "k", 0, "importance samples per image of the IWAE bound"),
     ("SSIM", "ssim", 4, "mean SSIM of the reconstructions (z = μ) against the test digits; "
                         "higher is better"),
-    ("cond. acc.", "cond_accuracy", 4, "conditional accuracy: the share of generated digits a "
-                                       "classifier reads as the digit they were generated for"),
-    ("FID", "fid", 2, "Fréchet distance in the classifier's feature space between generated "
-                      "digits and half of the test digits; lower is better"),
+    ("cond. acc.", "cond_accuracy", 4, "conditional accuracy: the share of digits generated from "
+                                       "the row's prior that a classifier reads as the digit "
+                                       "they were generated for"),
+    ("FID", "fid", 2, "Fréchet distance in the classifier's feature space between digits "
+                      "generated from the row's prior and half of the test digits; lower is "
+                      "better"),
     ("FID floor", "fid_test_floor", 2, "the same distance from the other half of the test digits "
                                        "(same size, same digit mix): what real digits score"),
-    ("T", "temperature", 2, "temperature of the generated digits (z ~ N(0, T² I))"),
+    ("diversity", "diversity", 3, "mean distance in the classifier's feature space between two "
+                                  "digits generated from the row's prior for the same digit "
+                                  "(averaged over the digits): low is mode collapse"),
+    ("test diversity", "diversity_test", 3, "the same of the test digits: what the diversity of "
+                                            "real digits is"),
+    ("T", "temperature", 2, "temperature of the generated digits: the draws z ~ N(0, T² I) "
+                            "(that the flow prior carries on)"),
 )
 #: Settings that get a column only when the rows differ in them (else one line above the table).
 OPTIONAL_SETTINGS = (("digits", "digits"), ("batch", "batch"), ("lr", "lr"), ("seed", "seed"),
                      ("eval seed", "eval_seed"))
+
+
+def _epochs(n):
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
+def _flow_text(settings):
+    """A flow row's prior_settings in words: '50 epochs, midpoint, 4 steps, guidance 2'."""
+    settings = settings or {}
+    parts = [_epochs(settings["epochs"])] if settings.get("epochs") is not None else []
+    parts.append(P.sampling_text(settings))
+    return ", ".join(p for p in parts if p)
 
 
 def render_markdown(rows, title):
@@ -438,10 +639,14 @@ def render_markdown(rows, title):
                if len({json.dumps(r.get(k)) for r in rows}) > 1]
     common = [(h, k) for h, k in OPTIONAL_SETTINGS if (h, k) not in varying]
     best = min((r["neg_elbo"] for r in rows if r.get("neg_elbo") is not None), default=None)
+    flows = {_flow_text(r.get("prior_settings")) for r in rows if r.get("prior") == "flow"}
 
     lines = [f"# {title}", ""]
-    lines.append(f"{len(rows)} finished run(s), one row each, sorted by latent size, hidden sizes, "
-                 f"activation and schedule. Metrics are those of each run's `eval.json` "
+    runs = len({r.get("name") for r in rows})
+    each = ("one row each" if runs == len(rows) else
+            f"one row per run and prior ({len(rows)} rows)")
+    lines.append(f"{runs} finished run(s), {each}, sorted by latent size, hidden sizes, "
+                 f"activation, schedule and prior. Metrics are those of each run's `eval.json` "
                  f"(`cvae eval`, see the README's Quality metrics); — marks a metric the "
                  f"evaluation did not give.")
     if common and rows:
@@ -450,22 +655,26 @@ def render_markdown(rows, title):
         lines.append(f"Common to every run: {shared}.")
     lines.append("")
     headers = (["run", "latent", "hidden", "act", "schedule", "epochs"] + [h for h, _ in varying]
-               + [h for h, _, _, _ in METRIC_COLUMNS] + ["samples"])
+               + ["prior"] + [h for h, _, _, _ in METRIC_COLUMNS] + ["samples"])
     lines.append("| " + " | ".join(headers) + " |")
     align = ["---"] + ["---:", "---:", "---", "---", "---:"] + ["---:"] * len(varying) \
-        + ["---:"] * len(METRIC_COLUMNS) + ["---"]
+        + ["---"] + ["---:"] * len(METRIC_COLUMNS) + ["---"]
     lines.append("|" + "|".join(align) + "|")
     for r in rows:
         cells = [f"`{_md(r['name'])}`"]
         cells += [_md(_setting_text(k, r.get(k))) for k in ("latent", "hidden", "act", "schedule", "epochs")]
         cells += [_md(_setting_text(k, r.get(k))) for _, k in varying]
+        prior = _setting_text("prior", r.get("prior"))
+        if r.get("prior") == "flow" and len(flows) > 1 and _flow_text(r.get("prior_settings")):
+            prior += f" ({_flow_text(r.get('prior_settings'))})"
+        cells.append(_md(prior))
         for _, key, places, _ in METRIC_COLUMNS:
             text = _fmt(r.get(key), places)
             if key == "neg_elbo" and best is not None and r.get(key) == best:
                 text = f"**{text}**"
             cells.append(text)
         sheet = r.get("samples")
-        cells.append(f"[{SAMPLES_NAME}]({sheet.replace(os.sep, '/')})" if sheet else "—")
+        cells.append(f"[{_md(os.path.basename(sheet))}]({sheet.replace(os.sep, '/')})" if sheet else "—")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Columns:")
@@ -481,9 +690,18 @@ def render_markdown(rows, title):
     definitions += [(h, {"digits": "digits trained and evaluated on", "batch": "minibatch size",
                          "lr": "base learning rate", "seed": "training seed",
                          "eval seed": "noise seed of the evaluation"}[h]) for h, _ in varying]
+    flow = (f" ({next(iter(flows))})" if len(flows) == 1 and next(iter(flows)) else "")
+    definitions.append(("prior", "the prior the generated digits of cond. acc., FID, diversity "
+                                 "and samples are drawn from: gaussian, z ~ N(0, T² I), the "
+                                 "CVAE's own; flow, the run's flow-matching prior (`prior.cvae`, "
+                                 f"`cvae prior train`){flow}, carrying those draws to where the "
+                                 "codes are. The other metrics are the run's, the same on each "
+                                 "of its rows"))
     definitions += [(h, d) for h, _, _, d in METRIC_COLUMNS]
-    definitions.append(("samples", "the run's digit sheet: 10 samples per digit from the prior, "
-                                   "temperature 1, one row per digit (PGM, with a JSON sidecar)"))
+    definitions.append(("samples", "the run's digit sheet from the row's prior: 10 samples per "
+                                   "digit, temperature 1, one row per digit (PGM, with a JSON "
+                                   "sidecar): `samples.pgm` (gaussian) or `samples-flow.pgm` "
+                                   "(flow, the same draws carried by the flow)"))
     lines += [f"- **{h}**: {d}" for h, d in definitions]
     return "\n".join(lines) + "\n"
 
@@ -549,7 +767,7 @@ def collect(directory):
                 if why is None:
                     why = eval_problem(run_dir, epochs if isinstance(epochs, int) else 0)
         if why is None:
-            rows.append(read_row(directory, run_dir))
+            rows += read_rows(directory, run_dir)
         else:
             unfinished.append((run_dir, why))
     return rows, unfinished
@@ -575,7 +793,9 @@ def cmd_collect(args):
         for row in sorted(rows, key=_sort_key):
             print(json.dumps(row), flush=True)
     elif not args.quiet:
-        print(f"{len(rows)} finished run(s) -> {md}, {jsonl}", flush=True)
+        runs = len({r["name"] for r in rows})
+        each = "" if runs == len(rows) else f" ({len(rows)} rows: one per run and prior)"
+        print(f"{runs} finished run(s){each} -> {md}, {jsonl}", flush=True)
     return 0
 
 
@@ -592,14 +812,22 @@ def _install_signals():
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
-def _summary(row):
+def _summary(rows):
+    """One run's figures in a line: the shared ones, then each prior's."""
     parts = []
-    t = f" (T = {row['temperature']:g})" if row.get("temperature") is not None else ""
+    row = rows[0]
     for label, key, places in (("−ELBO", "neg_elbo", 2), ("IWAE NLL", "iwae_nll", 2),
-                               ("SSIM", "ssim", 4), ("cond. acc." + t, "cond_accuracy", 4),
-                               ("FID" + t, "fid", 2)):
+                               ("SSIM", "ssim", 4)):
         if row.get(key) is not None:
             parts.append(f"{label} {_fmt(row[key], places)}")
+    for r in rows:
+        what = [r["prior"]] if len(rows) > 1 else []
+        if r.get("temperature") is not None:
+            what.append(f"T = {r['temperature']:g}")
+        suffix = f" ({', '.join(what)})" if what else ""
+        for label, key, places in (("cond. acc.", "cond_accuracy", 4), ("FID", "fid", 2)):
+            if r.get(key) is not None:
+                parts.append(f"{label}{suffix} {_fmt(r[key], places)}")
     return ", ".join(parts)
 
 
@@ -618,26 +846,37 @@ def _check_out(out):
 
 
 def _commands(args, runs):
-    """One shell line per run: train (or resume, when the run has a checkpoint) then eval."""
-    common = []  # options the resume and the evaluation take too
+    """One shell line per run: train (or resume, when the run has a checkpoint), then with the
+    flow prior asked train its prior (or resume it, when the run has prior.cvae), then eval."""
+    common = []  # options the resume, the prior and the evaluation take too
     for name in ("threads", "data"):
         if getattr(args, name) is not None:
             common += [f"--{name}", str(getattr(args, name))]
+    priors = sweep_priors(args)
     ev = [f"--{name}={getattr(args, name)}" for name in EVAL_OPTIONS if getattr(args, name) is not None]
+    ev.append(f"--prior={eval_prior_choice(priors)}")
     lines = []
     for run in runs:
         d = shlex.quote(run.run_dir)
         train = " ".join(shlex.quote(o) for o in run.train_options(args))
         both = "".join(" " + shlex.quote(o) for o in common)
         evs = "".join(" " + shlex.quote(o) for o in ["--seed", str(run.plan.seed), *ev])
+        prior = ""
+        if "flow" in priors:
+            fresh = [] if args.prior_epochs is None else ["--epochs", str(args.prior_epochs)]
+            fresh = "".join(" " + shlex.quote(o) for o in fresh)
+            prior = (f"if [ -e {d}/{P.PRIOR_NAME} ]; then cvae prior train --checkpoint {d} "
+                     f"--resume{both} --quiet; else cvae prior train --checkpoint {d}{fresh}{both} "
+                     f"--quiet; fi && ")
         lines.append(f"if [ -e {d}/last.cvae ]; then cvae train --resume {d}{both} --quiet; "
-                     f"else cvae train --out {d} {train} --quiet; fi && "
+                     f"else cvae train --out {d} {train} --quiet; fi && {prior}"
                      f"cvae eval --checkpoint {d}{evs}{both} --json")
     return lines
 
 
 def cmd_sweep(args):
-    given = [name for name in GRID + SHARED + EVAL_OPTIONS if getattr(args, name) is not None]
+    given = [name for name in GRID + SHARED + EVAL_OPTIONS + PRIOR_OPTIONS
+             if getattr(args, name) is not None]
     if args.commands:
         given.append("commands")
     if args.collect is not None:
@@ -645,11 +884,15 @@ def cmd_sweep(args):
             raise CvaeError("--collect DIR writes its table into DIR: leave out --out")
         if given:
             raise CvaeError(f"--collect builds the table from finished runs and takes no "
-                            f"training options (got --{given[0]})")
+                            f"training options (got --{given[0].replace('_', '-')})")
         return cmd_collect(args)
     if args.out is None:
         raise CvaeError("give --out DIR (where the runs go), or --collect DIR to tabulate "
                         "finished runs (see 'cvae sweep --help')")
+    priors = sweep_priors(args)
+    if args.prior_epochs is not None and "flow" not in priors:
+        raise CvaeError("--prior-epochs is the flow prior's training: add flow to --prior "
+                        "(e.g. --prior gaussian,flow)")
     from cvae import cli
     from cvae import train as T
 
@@ -668,12 +911,13 @@ def cmd_sweep(args):
     seed = runs[0].plan.seed
     ev_kwargs = eval_kwargs(args, seed)
     ev_kwargs["threads"] = threads
+    ev_kwargs["prior"] = eval_prior_choice(priors)
     wanted = eval_wanted(args, seed)
 
     out = args.out
     _check_out(out)
     for run in runs:
-        inspect_run(run, wanted)
+        inspect_run(run, wanted, priors, prior_wanted(args, run.plan))
     say = cli._say(args)
     todo = [r for r in runs if r.state != "finished"]
     data_dir = None
@@ -700,18 +944,20 @@ def cmd_sweep(args):
                 status = "skipped"
             else:
                 start = time.perf_counter()
-                code, status = _do_run(run, args, tag, say, threads, data_dir, ev_kwargs)
+                code, status = _do_run(run, args, tag, say, threads, data_dir, ev_kwargs, priors)
                 if code:
                     print(f"cvae: sweep stopped in run {run.name} ({i} of {n}); run the same "
                           f"'cvae sweep' command again to continue (finished runs are skipped, "
                           f"this one resumes)", file=sys.stderr, flush=True)
                     return code
-                row = read_row(out, run.run_dir)
-                say(f"{tag}: {status} in {time.perf_counter() - start:.1f} s: {_summary(row)}")
+                done = "flow prior trained" if status == "prior" else status
+                say(f"{tag}: {done} in {time.perf_counter() - start:.1f} s: "
+                    f"{_summary(read_rows(out, run.run_dir, priors))}")
             if args.json:
-                print(json.dumps({**read_row(out, run.run_dir), "status": status}), flush=True)
+                for row in read_rows(out, run.run_dir, priors):
+                    print(json.dumps({**row, "status": status}), flush=True)
         current = None
-        rows = [read_row(out, r.run_dir) for r in runs]
+        rows = [row for r in runs for row in read_rows(out, r.run_dir, priors)]
         jsonl, md = write_table(out, rows, f"cvae sweep: {os.path.basename(os.path.abspath(out))}")
     except Interrupted as e:
         name = signal.Signals(e.signum).name
@@ -722,12 +968,14 @@ def cmd_sweep(args):
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-    say(f"table of {n} run(s) -> {md}, {jsonl}")
+    table = "" if len(priors) == 1 else f", {len(rows)} rows"
+    say(f"table of {n} run(s){table} -> {md}, {jsonl}")
     return 0
 
 
-def _do_run(run, args, tag, say, threads, data_dir, ev_kwargs):
-    """Train / resume / finish one run; (exit code, status). A non-zero code: interrupted."""
+def _do_run(run, args, tag, say, threads, data_dir, ev_kwargs, priors=DEFAULT_PRIORS):
+    """Train / resume / finish one run (with the flow prior asked, its prior too); (exit code,
+    status). A non-zero code: interrupted."""
     from cvae import cli
     from cvae import train as T
     from cvae.evaluate import run_eval
@@ -754,19 +1002,71 @@ def _do_run(run, args, tag, say, threads, data_dir, ev_kwargs):
             say(f"{tag}: resuming at epoch {p.epoch + 1} of {p.epochs}")
             status = "resumed"
         else:
-            say(f"{tag}: trained; {run.eval_problem or 'no ' + SAMPLES_NAME}: evaluating")
-            status = "evaluated"
+            what = next((why for why in (run.prior_problem, run.eval_problem,
+                                         run.flow_sheet_problem) if why is not None),
+                        f"no {SAMPLES_NAME}")
+            prior_work = run.prior_state in ("none", "stale", "partial")
+            doing = "evaluating" if run.eval_problem is not None else "writing its images"
+            say(f"{tag}: trained; {what}" + ("" if prior_work else f": {doing}"))
+            status = "prior" if prior_work else "evaluated"
     if run.state != "complete":
         result = trainer.run()
         if result.exit_code:
             return result.exit_code, status
         if result.status != "complete":
             raise CvaeError(f"{run.run_dir}: training stopped early ({result.status})")
+    flow, prior_changed = None, False
+    if "flow" in priors:
+        code, prior_changed, flow = _flow_prior(run, args, tag, say, threads, trainer)
+        if code:
+            return code, status
     if result is not None or not has_pictures(run.run_dir):
         T.write_images(trainer)
-    if result is not None or run.eval_problem is not None:
+    if flow is not None and (result is not None or prior_changed
+                             or flow_sheet_problem(run.run_dir) is not None):
+        _write_flow_sheet(run.run_dir, trainer.plan, *flow)
+    if result is not None or prior_changed or run.eval_problem is not None:
         run_eval(run.run_dir, progress=not (args.json or args.quiet), **ev_kwargs)
     return 0, status
+
+
+def _flow_prior(run, args, tag, say, threads, trainer):
+    """Make sure the run's flow prior is complete for its final checkpoint: train it (a new
+    one, or in place of the prior of another checkpoint) or resume it, as 'cvae prior train'
+    would. (exit code, whether prior.cvae changed, (model, FlowSampler) or None when stopped)."""
+    from cvae import train as T
+    from cvae.checkpoint import latest_checkpoint
+    from cvae.sample import open_model
+
+    final = latest_checkpoint(run.run_dir)
+    # The CVAE as 'cvae prior train' opens it: its digest is the checkpoint's.
+    model, _ = open_model(final, argparse.Namespace(threads=threads))
+    state, meta = P.prior_state(run.run_dir, model)
+    if state != "complete":
+        settings = prior_settings(args)
+        if state == "partial":
+            say(f"{tag}: flow prior: resuming at step {meta.get('step')} (epoch "
+                f"{len(meta.get('epoch_losses') or []) + 1} of {meta.get('epochs')})")
+        else:
+            instead = (f"in place of its {P.PRIOR_NAME} of another checkpoint, "
+                       if state == "stale" else "")
+            say(f"{tag}: flow prior: training {instead}({_epochs(settings['epochs'])})")
+        mode = "quiet" if (args.json or args.quiet) else "rich"
+        status, prior_trainer, _ = P.train_run_prior(
+            run.run_dir, model, trainer.train_set, threads, os.path.basename(final), settings,
+            resume=state == "partial", mode=mode)
+        if status != "complete":
+            return T.EXIT_SIGNAL.get(prior_trainer.stop_signal, 130), True, None
+    sampler = P.open_prior("flow", run.run_dir, model, threads, **FLOW_SAMPLING)
+    return 0, state != "complete", (model, sampler)
+
+
+def _write_flow_sheet(run_dir, plan, model, sampler):
+    """RUN/samples-flow.pgm as sample.write_run_images writes it: the flow prior's digit sheet,
+    the same draws as samples.pgm carried by the flow."""
+    from cvae.sample import write_flow_samples
+
+    write_flow_samples(model, run_dir, plan.seed, plan.digits, sampler)
 
 
 # ---------------------------------------------------------------- parser
@@ -783,15 +1083,19 @@ def register(subparsers):
         description=(
             "Train every combination of the grid options (each a comma-separated list), evaluate\n"
             "each run (as 'cvae eval') and write one table: DIR/sweep.md (Markdown, best negative\n"
-            "ELBO in bold, each column defined) and DIR/sweep.jsonl (one JSON object per run).\n"
+            "ELBO in bold, each column defined) and DIR/sweep.jsonl (one JSON object per row).\n"
             "Every run is DIR/<name>, e.g. DIR/latent128-h640x320-elu-progressive, a normal run\n"
             "directory (config.json, metrics.jsonl, checkpoints, eval.json, samples.pgm, ...).\n\n"
+            "--prior gaussian,flow also trains each run's flow prior (as 'cvae prior train') and\n"
+            "judges the digits of each prior: one table row per run and prior.\n\n"
             "Running the same command again skips finished runs (complete, with an eval.json of\n"
-            "the final checkpoint) and resumes partial ones; Ctrl-C / SIGTERM stop the sweep at\n"
-            "once (exit 130 / 143) after the trainer saves a checkpoint.\n\n"
+            "the final checkpoint, and the flow prior when asked) and resumes partial ones;\n"
+            "Ctrl-C / SIGTERM stop the sweep at once (exit 130 / 143) after the trainer saves a\n"
+            "checkpoint.\n\n"
             "For a sweep of independent jobs (Slurm array, GNU parallel): --commands prints one\n"
-            "shell line per run (cvae train ... && cvae eval ... --json); when they are done,\n"
-            "'cvae sweep --collect DIR' builds the table from every finished run under DIR."),
+            "shell line per run (cvae train ... && [cvae prior train ... &&] cvae eval ... --json);\n"
+            "when they are done, 'cvae sweep --collect DIR' builds the table from every finished\n"
+            "run under DIR."),
         epilog="example: cvae sweep --latent 128,256 --act elu,relu --epochs 30 --out runs/latent")
     grid = p.add_argument_group("grid (each a comma-separated list; every combination is one run)")
     grid.add_argument("--latent", type=_list_type(_latent_item, "128,256"), metavar="L1,L2,...",
@@ -836,6 +1140,17 @@ def register(subparsers):
     ev.add_argument("--classifier", metavar="FILE", default=None,
                     help="digit classifier for the conditional accuracy and FID (default: cvae "
                          "eval's: the shipped one, for the MNIST test set)")
+    pr = p.add_argument_group("prior (of the generated digits that cond. acc., FID and diversity judge)")
+    pr.add_argument("--prior", type=_list_type(_choice_item(PRIORS, "a prior"), "gaussian,flow"),
+                    metavar="P1,P2", default=None,
+                    help="priors, each one row per run in the table: gaussian (z ~ N(0, T² I), "
+                         "the CVAE's own) and flow (the run's flow-matching prior, trained after "
+                         "the CVAE as 'cvae prior train' trains it; its digit sheet is "
+                         "samples-flow.pgm). The CVAE is trained once either way (default: "
+                         "gaussian)")
+    pr.add_argument("--prior-epochs", type=cli.positive_int, default=None, metavar="N",
+                    help=f"epochs of each run's flow prior (default: cvae prior train's, "
+                         f"{P.DEFAULT_EPOCHS})")
     out = p.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", default=None,
                      help="sweep directory: one run directory per combination, and the table")
@@ -843,11 +1158,12 @@ def register(subparsers):
                      help="only build DIR/sweep.md and DIR/sweep.jsonl from the finished runs under "
                           "DIR (takes no training options)")
     out.add_argument("--commands", action="store_true",
-                     help="print one shell line per run (train or resume, then eval) and train "
-                          "nothing: for Slurm arrays or GNU parallel")
+                     help="print one shell line per run (train or resume, then with flow in "
+                          "--prior its prior train or resume, then eval) and train nothing: for "
+                          "Slurm arrays or GNU parallel")
     quiet = out.add_mutually_exclusive_group()
     quiet.add_argument("--quiet", action="store_true", help="print nothing but errors")
     quiet.add_argument("--json", action="store_true",
-                       help="one JSON object per run on stdout (its table row and 'status'); "
-                            "progress lines on stderr")
+                       help="one JSON object per table row on stdout (a run's row per prior, "
+                            "with the run's 'status'); progress lines on stderr")
     p.set_defaults(func=cmd_sweep)
