@@ -158,7 +158,7 @@ CONTENTS="$("$VENV/bin/pyi-archive_viewer" --list --recursive "$BIN")"
 missing=0
 for want in cvae/_kernels_base cvae/_kernels_v3 cvae/_kernels_v4 libgomp.so threadpoolctl \
         rich.console _multiarray_umath openblas matplotlib.backends.backend_agg ft2font \
-        mpl-data/fonts/ttf/DejaVuSans.ttf PIL._imaging cvae.plots cvae.report; do
+        mpl-data/fonts/ttf/DejaVuSans.ttf PIL._imaging cvae.plots cvae.report cvae.prior; do
     if ! grep -q -- "$want" <<<"$CONTENTS"; then
         say "the archive lacks $want"
         missing=1

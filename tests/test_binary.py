@@ -5,7 +5,8 @@ builds or reuses a `debootstrap --variant=minbase bookworm` root with packaging/
 (cached in ~/.cache/cvae-ci/bookworm-minbase; the mirror comes from this machine's apt
 sources), and runs the binary in it with chroot: --help, --version, a short training run on
 a tiny IDX set, generate / reconstruct / interpolate, the run's pictures and `cvae report`
-(matplotlib inside), and --threads 1 vs 2 giving byte-identical checkpoints.
+(matplotlib inside), the flow prior (`cvae prior train`, then generate and eval with it),
+and --threads 1 vs 2 giving byte-identical checkpoints.
 
 Needs root (debootstrap, chroot, mount), x86-64 Linux, gcc and network access to the package
 index and the Debian mirror. Marked `binary`: deselect with `pytest -m "not binary"`.
@@ -217,11 +218,14 @@ def test_help(root):
         result = in_root(root, "cvae", "--help")
         times.append(time.monotonic() - start)
     for command in ("train", "info", "data", "generate", "reconstruct", "interpolate", "bench",
-                    "report"):
+                    "report", "prior"):
         assert command in result.stdout
     print(f"\ncvae --help in the root: {sorted(times)[1]:.2f} s (median of 3, incl. unshare/chroot)")
     result = in_root(root, "cvae", "train", "--help")
     assert "--threads" in result.stdout and "--epochs" in result.stdout
+    result = in_root(root, "cvae", "prior", "train", "--help")
+    for option in ("--checkpoint", "--resume", "--drop", "--blocks"):
+        assert option in result.stdout, result.stdout
     no_unpacked_leftovers(root)
 
 
@@ -340,6 +344,68 @@ def test_eval_and_the_shipped_classifier(root):
     judged = json.loads(result.stdout)
     assert 0 <= judged["cond_accuracy"] <= 1 and judged["fid"] >= 0
     assert judged["neg_elbo"] == plain["neg_elbo"]
+    no_unpacked_leftovers(root)
+
+
+def test_flow_prior(root):
+    """cvae.prior is inside: `cvae prior train` trains the run's prior.cvae (the same bytes on
+    1 and 2 threads), `cvae generate` samples from it by default and says so in its sidecar,
+    and `cvae eval` scores both the flow and the N(0, I) prior."""
+    _train(root, "run-prior", 2, ("--no-images",))
+    run = host_path(root, f"{IN_ROOT}/run-prior")
+    bad = in_root(root, "cvae", "generate", "--checkpoint", "run-prior", "--prior", "flow",
+                  check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert bad.stderr.startswith("cvae: error: ") and "no flow prior" in bad.stderr
+    assert not (run / "generate.pgm").exists()
+    shutil.copytree(run, host_path(root, f"{IN_ROOT}/run-prior-t1"))
+
+    settings = ("--epochs", "3", "--hidden", "32", "--blocks", "1", "--batch", "64")
+    result = in_root(root, "cvae", "prior", "train", "--checkpoint", "run-prior", *settings,
+                     "--threads", "2", "--json")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["prior_epoch"] for r in records[:-1]] == [1, 2, 3], result.stdout
+    assert records[-1]["prior"] == f"{IN_ROOT}/run-prior/prior.cvae"
+    assert records[-1]["codes"] == 256 and records[-1]["threads"] == 2
+    in_root(root, "cvae", "prior", "train", "--checkpoint", "run-prior-t1", *settings,
+            "--threads", "1", "--quiet")
+    assert (run / "prior.cvae").read_bytes() == pixels_file(root, "run-prior-t1/prior.cvae"), \
+        "--threads 1 and --threads 2 trained different priors"
+    again = in_root(root, "cvae", "prior", "train", "--checkpoint", "run-prior", check=False)
+    assert again.returncode == 2 and "already has a prior" in again.stderr, again.stderr
+
+    in_root(root, "cvae", "generate", "--checkpoint", "run-prior", "--per-digit", "5", "--seed",
+            "1", "--out", "flow.pgm", "--threads", "2")
+    width, height, _, pixels = read_pgm(host_path(root, f"{IN_ROOT}/flow.pgm"))
+    assert len(set(pixels)) > 2, "a blank sheet"
+    sidecar = json.loads(pixels_file(root, "flow.json"))
+    assert (sidecar["width"], sidecar["height"]) == (width, height)
+    extra = sidecar["extra"]
+    assert extra["prior"] == "flow" and extra["prior_file"] == f"{IN_ROOT}/run-prior/prior.cvae"
+    assert (extra["steps"], extra["method"], extra["guidance"]) == (4, "midpoint", 2.0)  # defaults
+    labels = sorted(cell["label"] for cell in sidecar["cells"] if cell.get("kind") == "sample")
+    assert labels == [0] * 5 + [1] * 5
+    in_root(root, "cvae", "generate", "--checkpoint", "run-prior", "--per-digit", "5", "--seed",
+            "1", "--out", "flow1.pgm", "--threads", "1")
+    assert pixels_file(root, "flow1.pgm") == pixels_file(root, "flow.pgm")
+    in_root(root, "cvae", "generate", "--checkpoint", "run-prior", "--per-digit", "5", "--seed",
+            "1", "--out", "gauss.pgm", "--prior", "gaussian")
+    assert json.loads(pixels_file(root, "gauss.json"))["extra"]["prior"] == "gaussian"
+    assert pixels_file(root, "gauss.pgm") != pixels_file(root, "flow.pgm")
+
+    from cvae.classifier import SHIPPED
+
+    shutil.copy(SHIPPED, host_path(root, f"{IN_ROOT}/judge.cvae"))
+    result = in_root(root, "cvae", "eval", "--checkpoint", "run-prior", "--data",
+                     f"{IN_ROOT}/data", "--k", "2", "--samples", "20", "--classifier",
+                     "judge.cvae", "--threads", "2", "--json")
+    judged = json.loads(result.stdout)
+    assert list(judged["by_prior"]) == ["flow", "gaussian"] and judged["prior"] == "flow"
+    for name, entry in judged["by_prior"].items():
+        assert 0 <= entry["cond_accuracy"] <= 1 and entry["fid"] >= 0, (name, entry)
+        assert entry["diversity"] > 0, (name, entry)
+    assert judged["by_prior"]["flow"]["prior_file"] == f"{IN_ROOT}/run-prior/prior.cvae"
+    assert judged["diversity_test"] > 0
     no_unpacked_leftovers(root)
 
 
