@@ -8,6 +8,7 @@ the sampling settings given. Each line of output is one JSON object.
 --train and --sample take comma-separated KEY=VALUE settings and may repeat; every --train
 setting is sampled with every --sample setting. N(0, I) is measured once for comparison.
 Trained priors are written to OUT/prior-<n>.cvae (default: a temporary directory).
+--run-prior samples the run's own prior.cvae instead of training any.
 """
 
 import argparse
@@ -45,6 +46,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     parser.add_argument("--eval-seed", type=int, default=0, help="seed of the judged draws")
+    parser.add_argument("--run-prior", action="store_true",
+                        help="judge the run's prior.cvae with each --sample setting")
     args = parser.parse_args()
 
     path, run_dir = resolve_checkpoint(args.checkpoint)
@@ -70,7 +73,9 @@ def main():
 
     report(prior="gaussian", diversity_test=round(test_diversity(judge, test_set, digits)[0], 3),
            **judged(P.GaussianPrior(model.arch.latent)))
-    for n, train in enumerate(args.train or [{}]):
+
+    def train_one(n, train):
+        """(settings, prior, file, seconds, final loss) of a prior trained with `train`."""
         file = os.path.join(out, f"prior-{n}.cvae")
         start = time.perf_counter()
         trainer = P.train_prior(model, train_set, file,
@@ -82,9 +87,17 @@ def main():
                                 **{k: train[k] for k in ("hidden", "blocks", "n_freq", "act")
                                    if k in train})
         trainer.run()
-        seconds = time.perf_counter() - start
+        return train, trainer.prior, file, time.perf_counter() - start, trainer.losses[-1]
+
+    if args.run_prior:
+        prior, meta = P.load_prior(P.prior_path(run_dir), model, args.threads)
+        trained = [({"run_prior": P.prior_path(run_dir)}, prior, P.prior_path(run_dir), None,
+                    meta["epoch_losses"][-1])]
+    else:
+        trained = (train_one(n, train) for n, train in enumerate(args.train or [{}]))
+    for train, prior, file, seconds, loss in trained:
         for sample in args.sample or [{}]:
-            sampler = P.FlowSampler(trainer.prior, file, latent=model.arch.latent,
+            sampler = P.FlowSampler(prior, file, latent=model.arch.latent,
                                     steps=sample.get("steps", P.DEFAULT_STEPS),
                                     method=sample.get("method", P.DEFAULT_METHOD),
                                     guidance=sample.get("guidance", P.DEFAULT_GUIDANCE))
@@ -92,11 +105,9 @@ def main():
             t0 = time.perf_counter()
             sampler.draw(labels, np.random.default_rng(0), 1.0)
             ode = time.perf_counter() - t0
-            arch = trainer.prior.arch
-            report(prior="flow", train=train, sample=sample, params=arch.n_params(),
-                   dims=arch.latent,
-                   train_seconds=round(seconds, 1), final_loss=round(trainer.losses[-1], 4),
-                   ode_seconds_10k=round(ode, 2), **judged(sampler))
+            report(prior="flow", train=train, sample=sample, params=prior.arch.n_params(),
+                   dims=prior.arch.latent, train_seconds=seconds and round(seconds, 1),
+                   final_loss=round(loss, 4), ode_seconds_10k=round(ode, 2), **judged(sampler))
 
 
 if __name__ == "__main__":

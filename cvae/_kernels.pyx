@@ -319,15 +319,30 @@ cdef void softmax_xent_forward_backward(const float *logits_t, const uint8_t *la
 
 # ---------------------------------------------------------------- flow matching (the latent prior)
 
-cdef void time_rows(float *Rt, const float *t, int n_freq, int batch, int bp) noexcept nogil:
+cdef void time_rows(float *Rt, const float *t, int n_freq, int batch, int bp,
+                    int nthreads) noexcept nogil:
     """2·n_freq rows sin(2^i t), cos(2^i t): how the velocity network sees the time."""
     cdef int i, k
-    cdef float w = 1.0
-    for i in range(n_freq):
+    cdef float w
+    for i in prange(n_freq, num_threads=nthreads, schedule='static'):
+        w = <float>(1 << i)
         for k in range(bp):
             Rt[2 * i * bp + k] = sinf(w * t[k]) if k < batch else 0.0
             Rt[(2 * i + 1) * bp + k] = cosf(w * t[k]) if k < batch else 0.0
-        w = w * 2.0
+
+
+cdef void time_rows_at(float *Rt, float t, int n_freq, int batch, int bp) noexcept nogil:
+    """time_rows for one t shared by the whole batch (the ODE's steps): each sine and cosine
+    computed once, the same bits as time_rows gives."""
+    cdef int i, k
+    cdef float w, s, c
+    for i in range(n_freq):
+        w = <float>(1 << i)
+        s = sinf(w * t)
+        c = cosf(w * t)
+        for k in range(bp):
+            Rt[2 * i * bp + k] = s if k < batch else 0.0
+            Rt[(2 * i + 1) * bp + k] = c if k < batch else 0.0
 
 
 cdef void flow_pairs(const float *mu, const float *logvar, const uint8_t *labels, float *Xt,
@@ -356,7 +371,7 @@ cdef void flow_pairs(const float *mu, const float *logvar, const uint8_t *labels
             else:
                 Xt[l * bp + k] = 0.0
                 target_t[l * bp + k] = 0.0
-    time_rows(Xt + latent * bp, t, n_freq, batch, bp)
+    time_rows(Xt + latent * bp, t, n_freq, batch, bp, nthreads)
     for k in range(bp):
         cond = -1
         if k < batch:
@@ -929,7 +944,7 @@ cdef class FlowNet:
         for l in range(self.latent):
             for k in range(bp):
                 self.x_t[l * bp + k] = z[k * self.latent + l] if k < batch else 0.0
-        time_rows(self.x_t + self.latent * bp, t, self.n_freq, batch, bp)
+        time_rows(self.x_t + self.latent * bp, t, self.n_freq, batch, bp, self.nthreads)
         onehot_rows(self.x_t + (self.latent + 2 * self.n_freq) * bp, labels, self.n_classes + 1,
                     batch, bp)
 
@@ -1039,10 +1054,8 @@ cdef class FlowNet:
         (1 + w)·v(z_t, t, y) - w·v(z_t, t, null)."""
         cdef int k, c
         cdef float *label_rows = self.x_t + (self.latent + 2 * self.n_freq) * bp
-        for k in range(bp):
-            self.t[k] = t
         memcpy(self.x_t, z_t, self.latent * bp * sizeof(float))
-        time_rows(self.x_t + self.latent * bp, self.t, self.n_freq, batch, bp)
+        time_rows_at(self.x_t + self.latent * bp, t, self.n_freq, batch, bp)
         if guidance != 0.0:
             for c in range(self.n_classes + 1):
                 for k in range(bp):

@@ -382,7 +382,7 @@ def test_flow_prior(root):
     assert (sidecar["width"], sidecar["height"]) == (width, height)
     extra = sidecar["extra"]
     assert extra["prior"] == "flow" and extra["prior_file"] == f"{IN_ROOT}/run-prior/prior.cvae"
-    assert (extra["steps"], extra["method"], extra["guidance"]) == (4, "midpoint", 2.0)  # defaults
+    assert (extra["steps"], extra["method"], extra["guidance"]) == (2, "midpoint", 2.0)  # defaults
     labels = sorted(cell["label"] for cell in sidecar["cells"] if cell.get("kind") == "sample")
     assert labels == [0] * 5 + [1] * 5
     in_root(root, "cvae", "generate", "--checkpoint", "run-prior", "--per-digit", "5", "--seed",

@@ -371,12 +371,12 @@ def test_generate_defaults_to_flow_and_gaussian_is_the_n01_sheet(capsys, world, 
     flow, gauss, plain = tmp_path / "flow.pgm", tmp_path / "gauss.pgm", tmp_path / "plain.pgm"
     code, out, err = run_cli(capsys, *generate(run, "--out", flow))
     assert code == 0, err
-    assert "flow prior: midpoint, 4 steps, guidance 2" in out
+    assert "flow prior: midpoint, 2 steps, guidance 2" in out
     extra = sidecar_extra(flow)
     assert extra["prior"] == "flow"
     assert os.path.samefile(extra["prior_file"], run / "prior.cvae")
     assert (extra["steps"], extra["method"], extra["guidance"]) == (
-        P.DEFAULT_STEPS, P.DEFAULT_METHOD, P.DEFAULT_GUIDANCE) == (4, "midpoint", 2.0)
+        P.DEFAULT_STEPS, P.DEFAULT_METHOD, P.DEFAULT_GUIDANCE) == (2, "midpoint", 2.0)
 
     code, out, err = run_cli(capsys, *generate(run, "--prior", "gaussian", "--out", gauss))
     assert code == 0, err

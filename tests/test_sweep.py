@@ -522,7 +522,7 @@ def test_the_prior_axis_gives_one_row_per_run_and_prior(flow_done):
     assert "2 finished run(s), one row per run and prior (4 rows)" in md
     for column in ("prior", "diversity", "test diversity", "samples"):
         assert f"- **{column}**:" in md
-    assert f"({PRIOR_EPOCHS} epochs, midpoint, 4 steps, guidance 2)" in md
+    assert f"({PRIOR_EPOCHS} epochs, midpoint, 2 steps, guidance 2)" in md
 
 
 def test_a_rerun_of_the_prior_sweep_skips_everything(capsys, tmp_path, flow_data, flow_done):
