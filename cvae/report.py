@@ -450,24 +450,23 @@ def _prior_heading(name, figures):
 
 def _by_prior_table(by_prior, evaluation):
     """The generated digits' figures with one column per prior, and the test digits' diversity
-    they compare with."""
+    they compare with. (What each figure is, the table above says: two per-digit columns leave
+    no room for it here.)"""
     head = "".join(f"<th>{_e(_prior_heading(n, f))}</th>" for n, f in by_prior.items())
     rows = []
     for key in SAMPLE_METRICS:
-        label, description = EVAL_KEYS.get(key, (key, ""))
+        label = EVAL_KEYS.get(key, (key, ""))[0]
         cells = "".join(f"<td{_num_class(f.get(key))}>{format_value(f.get(key))}</td>"
                         for f in by_prior.values())
-        rows.append(f"<tr><th title=\"{_e(key)}\">{_e(label)}</th>{cells}"
-                    f"<td class=\"desc\">{_e(description)}</td></tr>")
+        rows.append(f"<tr><th title=\"{_e(key)}\">{_e(label)}</th>{cells}</tr>")
     for key in ("diversity_test", "diversity_test_per_digit"):
         if evaluation.get(key) is not None:
-            label, description = EVAL_KEYS[key]
             value = evaluation[key]
-            rows.append(f"<tr><th title=\"{_e(key)}\">{_e(label)}</th><td{_num_class(value)} "
-                        f"colspan=\"{len(by_prior)}\">{format_value(value)}</td>"
-                        f"<td class=\"desc\">{_e(description)}</td></tr>")
-    return ("<h3>generated digits by prior</h3><table><tr><th>metric</th>" + head
-            + "<th>what it is</th></tr>" + "".join(rows) + "</table>")
+            rows.append(f"<tr><th title=\"{_e(key)}\">{_e(EVAL_KEYS[key][0])}</th>"
+                        f"<td{_num_class(value)} colspan=\"{len(by_prior)}\">"
+                        f"{format_value(value)}</td></tr>")
+    return ("<h3>generated digits by prior</h3><table><tr><th>metric</th>" + head + "</tr>"
+            + "".join(rows) + "</table>")
 
 
 def _percent(value):
