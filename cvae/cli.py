@@ -205,6 +205,16 @@ def ensure_data(args):
     return data_dir, source
 
 
+def run_data_dir(args, run_dir):
+    """The data directory for work on an existing run: --data, else $CVAE_DATA, else the one
+    the run was started with (config.json), else the cache."""
+    from cvae.train import recorded_data_dir
+
+    if not args.data and not os.environ.get("CVAE_DATA"):
+        args.data = recorded_data_dir(run_dir)
+    return ensure_data(args)[0]
+
+
 def make_reporter(args):
     from cvae.train import JsonReporter, Reporter, RichReporter
 
@@ -318,9 +328,7 @@ def cmd_train(args):
             say(f"{args.resume}: the run is already complete ({plan.epochs} epochs{with_prior}); "
                 f"nothing to do")
             return 0
-        if not args.data and not os.environ.get("CVAE_DATA"):
-            args.data = T.recorded_data_dir(args.resume)
-        data_dir, _ = ensure_data(args)
+        data_dir = run_data_dir(args, args.resume)
         trainer = T.resume_trainer(args.resume, args.threads, data_dir, reporter, loaded=(model, plan, path))
     else:
         prior = args.prior or "gaussian"

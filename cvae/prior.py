@@ -587,17 +587,9 @@ def train_run_prior(run_dir, model, train_set, threads, checkpoint_name, setting
     return status, trainer, time.perf_counter() - start
 
 
-def _data_for(args, run_dir):
-    from cvae.cli import ensure_data
-    from cvae.train import recorded_data_dir
-
-    if not args.data and not os.environ.get("CVAE_DATA"):
-        args.data = recorded_data_dir(run_dir)
-    return ensure_data(args)[0]
-
-
 def cmd_prior_train(args):
     from cvae.atomic import check_writable
+    from cvae.cli import run_data_dir
     from cvae.data import Dataset
     from cvae.sample import checkpoint_digits, open_model, resolve_checkpoint
 
@@ -616,7 +608,7 @@ def cmd_prior_train(args):
                         f"--resume, or delete it to train a new one")
     model, meta = open_model(path, args)
     digits = checkpoint_digits(meta, path)
-    train_set = Dataset.load(_data_for(args, run_dir), "train", digits)
+    train_set = Dataset.load(run_data_dir(args, run_dir), "train", digits)
     trained_on = (meta.get("data") or {}).get("train_images")
     if trained_on is not None and trained_on != len(train_set):
         raise CvaeError(f"{path} was trained on {trained_on:,} training images, but the data "
