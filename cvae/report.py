@@ -32,7 +32,7 @@ import tempfile
 
 from cvae.errors import CvaeError
 from cvae.evaluate import EVAL_JSON, SAMPLE_METRICS
-from cvae.sample import FLOW_SAMPLES_NAME
+from cvae.sample import FLOW_SAMPLES_NAME, flow_sheet_problem
 
 REPORT_NAME = "report.html"
 
@@ -686,7 +686,7 @@ def _flow_sheet(report, checkpoint, threads):
     run_dir = report.run_dir
     prior, path = prior_path(run_dir), os.path.join(run_dir, FLOW_SAMPLES_NAME)
     exists = os.path.exists(path)
-    if not os.path.isfile(prior) or (exists and (_mtime(path) or 0) >= (_mtime(prior) or 0)):
+    if not os.path.isfile(prior) or flow_sheet_problem(run_dir) is None:
         return {}
     why = (f"{FLOW_SAMPLES_NAME} was older than {PRIOR_NAME}" if exists
            else f"the run had no {FLOW_SAMPLES_NAME}")

@@ -262,6 +262,26 @@ def interpolation_sheets(model, dataset, digits, path, classes_path, steps=DEFAU
     return [os.fspath(path), os.fspath(classes_path)]
 
 
+#: A file older than the one it was made from by more than this is stale (the slack lets a
+#: run directory copied without preserved times, files in any order, still count as fresh).
+STALE_SECONDS = 2.0
+
+
+def flow_sheet_problem(run_dir):
+    """None when the run has its flow prior's digit sheet, as new as its prior.cvae; else
+    why not."""
+    from cvae.prior import PRIOR_NAME, prior_path
+
+    sheet = os.path.join(os.fspath(run_dir), FLOW_SAMPLES_NAME)
+    try:
+        if os.path.getmtime(sheet) + STALE_SECONDS < os.path.getmtime(prior_path(run_dir)):
+            return f"{FLOW_SAMPLES_NAME} is older than {PRIOR_NAME}"
+    except FileNotFoundError:
+        if not os.path.isfile(sheet):
+            return f"no {FLOW_SAMPLES_NAME}"
+    return None
+
+
 def write_flow_samples(model, run_dir, seed, digits, flow, directory=None):
     """The run's flow-prior digit sheet, directory/samples-flow.pgm (default: in run_dir),
     drawn like samples.pgm (10 per digit at T = 1, the run's seed); returns its paths."""

@@ -53,7 +53,7 @@ from cvae import prior as P
 from cvae.errors import CvaeError
 from cvae.evaluate import (DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_TEMPERATURE, EVAL_JSON,
                            SAMPLE_METRICS)
-from cvae.sample import FLOW_SAMPLES_NAME
+from cvae.sample import FLOW_SAMPLES_NAME, STALE_SECONDS, flow_sheet_problem
 
 SWEEP_MD = "sweep.md"
 SWEEP_JSONL = "sweep.jsonl"
@@ -64,9 +64,6 @@ RUN_PICTURES = (SAMPLES_NAME, "reconstructions.pgm", "interpolations.pgm",
 #: eval_wanted's classifier when --classifier is not given: the one eval picks by itself
 #: (the shipped one, or none for data it was not made for), not a file the user chose.
 DEFAULT_CLASSIFIER = "default"
-#: eval.json older than its checkpoint by more than this is stale (the slack lets a run
-#: directory copied without preserved times, files in any order, still count as finished).
-STALE_SECONDS = 2.0
 
 #: The grid options, in the order that makes up a run's name.
 GRID = ("latent", "hidden", "act", "schedule")
@@ -439,16 +436,6 @@ def inspect_run(run, wanted_eval, priors=DEFAULT_PRIORS, wanted_prior=None):
 
 def has_pictures(run_dir):
     return all(os.path.isfile(os.path.join(run_dir, name)) for name in RUN_PICTURES)
-
-
-def flow_sheet_problem(run_dir):
-    """None when the run has its flow prior's digit sheet, as new as its prior.cvae."""
-    sheet = os.path.join(run_dir, FLOW_SAMPLES_NAME)
-    if not os.path.isfile(sheet):
-        return f"no {FLOW_SAMPLES_NAME}"
-    if _older(sheet, P.prior_path(run_dir)):
-        return f"{FLOW_SAMPLES_NAME} is older than {P.PRIOR_NAME}"
-    return None
 
 
 def _flat_prior_settings(meta):
