@@ -689,7 +689,9 @@ def register(subparsers):
         "train", formatter_class=Formatter, help="train RUN/prior.cvae",
         description="Encode the run's training images once, then train the velocity network "
                     "v(z_t, t, y) on\nz_t = (1 - t)·z0 + t·z1, target z1 - z0, z1 = mu + "
-                    "sigma·eps a code, z0 ~ N(0, I), t ~ U[0, 1).\nSaves RUN/prior.cvae after "
+                    "sigma·eps a code, z0 ~ N(0, I), t ~ U[0, 1),\nin the latent dimensions "
+                    "whose mu varies over the training images (the others are N(0, 1)\n"
+                    "noise for every image already). Saves RUN/prior.cvae after "
                     "every epoch; Ctrl-C (or SIGTERM) saves and exits 130 (143);\ncontinue with "
                     "--resume.")
     q.add_argument("--checkpoint", required=True, metavar="RUN",
