@@ -691,9 +691,8 @@ def register(subparsers):
                     "v(z_t, t, y) on\nz_t = (1 - t)·z0 + t·z1, target z1 - z0, z1 = mu + "
                     "sigma·eps a code, z0 ~ N(0, I), t ~ U[0, 1),\nin the latent dimensions "
                     "whose mu varies over the training images (the others are N(0, 1)\n"
-                    "noise for every image already). Saves RUN/prior.cvae after "
-                    "every epoch; Ctrl-C (or SIGTERM) saves and exits 130 (143);\ncontinue with "
-                    "--resume.")
+                    "noise for every image already).\nSaves RUN/prior.cvae after every epoch; "
+                    "Ctrl-C (or SIGTERM) saves and exits 130 (143); continue\nwith --resume.")
     q.add_argument("--checkpoint", required=True, metavar="RUN",
                    help="a run directory (its last.cvae) or a .cvae checkpoint; the prior is "
                         "written beside it as prior.cvae")
