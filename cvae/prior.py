@@ -299,16 +299,33 @@ def prior_state(run_dir, model):
 
 
 def default_prior(run_dir, model):
-    """'flow' when RUN/prior.cvae is a complete prior of this CVAE, else 'gaussian'; a
-    prior.cvae that cannot serve (partly trained, or another checkpoint's) is said on stderr."""
+    """'flow' when RUN/prior.cvae is a complete prior of this CVAE, else 'gaussian'. A prior
+    of the run that cannot serve this checkpoint (partly trained, or trained for the run's
+    newest checkpoint while an earlier one is asked for) is passed over with a note on stderr;
+    a prior of none of the run's checkpoints (copied from another run) is an error."""
     state, _ = prior_state(run_dir, model)
+    path = prior_path(run_dir)
+    if state == "stale" and not _prior_of_newest_checkpoint(run_dir):
+        raise CvaeError(f"{path} is the prior of another CVAE (it fits none of this run's "
+                        f"checkpoints): use --prior gaussian, or delete it and train one with "
+                        f"'cvae prior train --checkpoint {run_dir}'")
     why = {"partial": f"is partly trained (finish it: cvae prior train --checkpoint {run_dir} "
                       f"--resume)",
-           "stale": "belongs to other CVAE parameters than this checkpoint's"}.get(state)
+           "stale": "belongs to the run's newest checkpoint, not to this one"}.get(state)
     if why:
-        print(f"cvae: note: {prior_path(run_dir)} {why}; sampling from N(0, I)",
-              file=sys.stderr, flush=True)
+        print(f"cvae: note: {path} {why}; sampling from N(0, I)", file=sys.stderr, flush=True)
     return "flow" if state == "complete" else "gaussian"
+
+
+def _prior_of_newest_checkpoint(run_dir):
+    """Whether RUN/prior.cvae was trained for the run's newest checkpoint."""
+    from cvae.checkpoint import latest_checkpoint
+    from cvae.model import model_from_checkpoint
+
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        return False
+    return prior_state(run_dir, model_from_checkpoint(newest, max_batch=16)[0])[0] != "stale"
 
 
 def open_priors(choice, run_dir, model, threads=1, steps=DEFAULT_STEPS, method=DEFAULT_METHOD,

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -141,13 +142,8 @@ def test_flow_prior_on_a_run_without_one(capsys, world, tmp_path):
 def test_prior_of_another_cvae(capsys, world, tmp_path):
     run = copy_run(world["bare"], tmp_path / "run")
     shutil.copy(world["b"] / "prior.cvae", run / "prior.cvae")
-    # By default a prior that cannot serve this checkpoint is passed over, and said so.
-    falls_back_to_gaussian(capsys, generate(run, "--out", tmp_path / "d.pgm"),
-                           "other CVAE parameters")
-    assert sidecar_extra(tmp_path / "d.pgm")["prior"] == "gaussian"
-    out = falls_back_to_gaussian(capsys, evaluate(world, run, "--classifier", SHIPPED, "--json"),
-                                 "other CVAE parameters")
-    assert list(json.loads(out)["by_prior"]) == ["gaussian"]
+    expect_error(capsys, run, generate(run), "another CVAE", "none of this run's checkpoints")
+    expect_error(capsys, run, evaluate(world, run), "another CVAE")
     expect_error(capsys, run, generate(run, "--prior", "flow"), "another CVAE")
     expect_error(capsys, run, evaluate(world, run, "--prior", "flow"), "another CVAE")
     expect_error(capsys, run, evaluate(world, run, "--prior", "both"), "another CVAE")
@@ -157,6 +153,28 @@ def test_prior_of_another_cvae(capsys, world, tmp_path):
     code, _, err = run_cli(capsys, *generate(run, "--prior", "gaussian", "--out",
                                              tmp_path / "g.pgm"))
     assert code == 0, err
+
+
+def test_an_earlier_checkpoint_of_a_run_with_a_prior(capsys, world, tmp_path):
+    """The prior belongs to the run's newest checkpoint: asked for an earlier one, generate
+    and eval pass it over with a note by default, and refuse it when asked for."""
+    from cvae.checkpoint import save_checkpoint
+
+    run = copy_run(world["a"], tmp_path / "run", sentinels=False)
+    meta, sections, header = load_checkpoint(run / "last.cvae")
+    sections = {k: np.array(v) for k, v in sections.items()}
+    sections["param.dec3.b"][0] += 1e-3   # an 'earlier' checkpoint: other parameters
+    save_checkpoint(run / "epoch-0000.cvae", header["kind"], meta, sections)
+    earlier = run / "epoch-0000.cvae"
+    falls_back_to_gaussian(capsys, generate(earlier, "--out", tmp_path / "d.pgm"),
+                           "newest checkpoint")
+    assert sidecar_extra(tmp_path / "d.pgm")["prior"] == "gaussian"
+    out = falls_back_to_gaussian(capsys, evaluate(world, earlier, "--classifier", SHIPPED,
+                                                  "--json"), "newest checkpoint")
+    assert list(json.loads(out)["by_prior"]) == ["gaussian"]
+    expect_error(capsys, run, generate(earlier, "--prior", "flow"), "another CVAE")
+    code, out, err = run_cli(capsys, *generate(run / "last.cvae", "--out", tmp_path / "f.pgm"))
+    assert code == 0 and err == "" and sidecar_extra(tmp_path / "f.pgm")["prior"] == "flow"
 
 
 def _flip_byte(path):
