@@ -323,7 +323,7 @@ def cmd_train(args):
         if args.prior is not None:
             T.record_prior(args.resume, args.prior)
         cvae_done = plan.epoch >= plan.epochs
-        if cvae_done and (prior != "flow" or T.prior_state(args.resume, model) == "complete"):
+        if cvae_done and (prior != "flow" or run_prior_complete(args.resume, model)):
             with_prior = " and its flow prior" if prior == "flow" else ""
             say(f"{args.resume}: the run is already complete ({plan.epochs} epochs{with_prior}); "
                 f"nothing to do")
@@ -354,21 +354,35 @@ def cmd_train(args):
     return 0
 
 
+def run_prior_complete(run_dir, model):
+    """Whether RUN/prior.cvae is a complete prior of `model`; one of other CVAE parameters
+    (an earlier checkpoint's) is the error complete_run_prior gives."""
+    from cvae import prior as P
+
+    state, _ = P.prior_state(run_dir, model)
+    if state == "stale":
+        raise P.stale_prior_error(run_dir)
+    return state == "complete"
+
+
 def _train_prior(args, trainer):
     """`cvae train --prior flow` once the CVAE is complete: train (or finish) RUN/prior.cvae
     and print its time beside the CVAE's. Returns the exit code (non-zero: stopped)."""
     from cvae import train as T
 
-    from cvae.prior import report_prior_training
+    from cvae.prior import complete_run_prior, report_prior_training
 
     mode = "json" if args.json else "quiet" if args.quiet else "rich"
-    status, prior, seconds, resumed = T.train_flow_prior(trainer, mode)
+    status, prior, seconds, before = complete_run_prior(
+        trainer.run_dir, trainer.model, trainer.train_set, trainer.model.threads, T.LAST_NAME,
+        mode=mode)
     if prior is None:
         return 0  # trained already
     # The CVAE's time: its epochs' (training and the test ELBO), as metrics.jsonl has them.
     cvae_seconds = sum(r.get("seconds") or 0 for r in trainer.records)
     return report_prior_training(status, prior, seconds, mode, trainer.model.threads,
-                                 f"cvae train --resume {trainer.run_dir}", resumed=resumed,
+                                 f"cvae train --resume {trainer.run_dir}",
+                                 resumed=before == "partial",
                                  cvae_seconds=cvae_seconds)
 
 

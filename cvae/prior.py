@@ -604,6 +604,31 @@ def train_run_prior(run_dir, model, train_set, threads, checkpoint_name, setting
     return status, trainer, time.perf_counter() - start
 
 
+def stale_prior_error(run_dir):
+    """The error for a RUN/prior.cvae of other CVAE parameters than the run's newest."""
+    return CvaeError(f"{prior_path(run_dir)} is the prior of other CVAE parameters than the "
+                     f"run's newest checkpoint (an earlier checkpoint's?): delete it, and "
+                     f"'cvae train --resume {run_dir}' trains a new {PRIOR_NAME} for the "
+                     f"finished CVAE")
+
+
+def complete_run_prior(run_dir, model, train_set, threads, checkpoint_name, settings=None,
+                       mode="rich", replace_stale=False):
+    """Make RUN/prior.cvae a complete prior of `model`: nothing to do when it is one; a stopped
+    one is resumed, a missing one trained (with `settings`, see train_run_prior); one of other
+    CVAE parameters is trained anew in its place with replace_stale, else a CvaeError.
+    Returns (status, PriorTrainer or None when nothing was done, seconds, the state before)."""
+    state, _ = prior_state(run_dir, model)
+    if state == "complete":
+        return "complete", None, 0.0, state
+    if state == "stale" and not replace_stale:
+        raise stale_prior_error(run_dir)
+    status, trainer, seconds = train_run_prior(run_dir, model, train_set, threads,
+                                               checkpoint_name, settings,
+                                               resume=state == "partial", mode=mode)
+    return status, trainer, seconds, state
+
+
 def cmd_prior_train(args):
     from cvae.atomic import check_writable
     from cvae.cli import run_data_dir

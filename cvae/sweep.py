@@ -1039,9 +1039,9 @@ def _flow_prior(run, args, tag, say, threads, trainer):
                        if state == "stale" else "")
             say(f"{tag}: flow prior: training {instead}({_epochs(settings['epochs'])})")
         mode = "quiet" if (args.json or args.quiet) else "rich"
-        status, prior_trainer, _ = P.train_run_prior(
+        status, prior_trainer, _, _ = P.complete_run_prior(
             run.run_dir, model, trainer.train_set, threads, os.path.basename(final), settings,
-            resume=state == "partial", mode=mode)
+            mode=mode, replace_stale=True)
         if status != "complete":
             return T.EXIT_SIGNAL.get(prior_trainer.stop_signal, 130), True, None
     sampler = P.open_prior("flow", run.run_dir, model, threads, **FLOW_SAMPLING)

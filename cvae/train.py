@@ -600,38 +600,6 @@ def record_prior(run_dir, prior):
         _write_config(run_dir, {**config, "prior": prior})
 
 
-def prior_state(run_dir, model):
-    """Where the run's flow prior (RUN/prior.cvae) stands for the CVAE `model`: 'none',
-    'partial' (its training was stopped) or 'complete'. A prior of other CVAE parameters (an
-    earlier checkpoint's) or a damaged file is a CvaeError."""
-    from cvae import prior as P
-
-    state, _ = P.prior_state(run_dir, model)
-    if state == "stale":
-        raise CvaeError(f"{P.prior_path(run_dir)} is the prior of other CVAE parameters than "
-                        f"the run's newest checkpoint (an earlier checkpoint's?): delete it, and "
-                        f"'cvae train --resume {run_dir}' trains a new {P.PRIOR_NAME} for the "
-                        f"finished CVAE")
-    return state
-
-
-def train_flow_prior(trainer, mode="rich"):
-    """Train the flow prior of trainer's finished CVAE with the default settings, or continue
-    a stopped one (cvae.prior.train_run_prior: progress by `mode`, Ctrl-C/SIGTERM stop it with
-    RUN/prior.cvae saved). Returns (status, PriorTrainer, seconds, resumed); status
-    'complete' with no PriorTrainer when the prior was already trained."""
-    from cvae.prior import train_run_prior
-
-    state = prior_state(trainer.run_dir, trainer.model)
-    if state == "complete":
-        return "complete", None, 0.0, False
-    resumed = state == "partial"
-    status, prior_trainer, seconds = train_run_prior(
-        trainer.run_dir, trainer.model, trainer.train_set, trainer.model.threads, LAST_NAME,
-        resume=resumed, mode=mode)
-    return status, prior_trainer, seconds, resumed
-
-
 def recorded_data_dir(run_dir):
     """The data directory config.json says the run was started with, if it still exists."""
     data_dir = recorded_config(run_dir).get("data_dir")
