@@ -21,7 +21,6 @@ position, and the SHA-256 of the CVAE parameters it was trained on, so a prior i
 used with another run's decoder.
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -217,10 +216,10 @@ class FlowSampler(GaussianPrior):
 
     name = "flow"
 
-    def __init__(self, prior, path, steps=DEFAULT_STEPS, method=DEFAULT_METHOD,
-                 guidance=DEFAULT_GUIDANCE, latent=None):
-        """latent: the CVAE's latent size (default: the prior's highest dimension + 1)."""
-        super().__init__(latent or max(prior.arch.dims) + 1)
+    def __init__(self, prior, path, latent, steps=DEFAULT_STEPS, method=DEFAULT_METHOD,
+                 guidance=DEFAULT_GUIDANCE):
+        """latent: the CVAE's latent size (the prior models arch.dims of it)."""
+        super().__init__(latent)
         self.prior, self.path = prior, os.path.abspath(path)
         self.steps, self.method, self.guidance = steps, method, guidance
 
@@ -237,7 +236,7 @@ class FlowSampler(GaussianPrior):
 
 
 def sampling_text(settings):
-    """How a flow prior is sampled, in words ('midpoint, 4 steps, guidance 2'), from a
+    """How a flow prior is sampled, in words ('midpoint, 2 steps, guidance 2'), from a
     FlowSampler.describe() or an eval.json by_prior entry; missing parts are left out."""
     parts = [settings["method"]] if isinstance(settings.get("method"), str) else []
     steps, guidance = settings.get("steps"), settings.get("guidance")
@@ -344,8 +343,7 @@ def open_priors(choice, run_dir, model, threads=1, steps=DEFAULT_STEPS, method=D
             raise CvaeError(f"{run_dir} has no flow prior ({PRIOR_NAME}): train one with 'cvae "
                             f"prior train --checkpoint {run_dir}', or use --prior gaussian")
         prior, _ = load_prior(path, model, threads)
-        samplers.append(FlowSampler(prior, path, steps, method, guidance,
-                                    latent=model.arch.latent))
+        samplers.append(FlowSampler(prior, path, model.arch.latent, steps, method, guidance))
     if choice in ("gaussian", "both"):
         samplers.append(GaussianPrior(model.arch.latent))
     return samplers
@@ -716,8 +714,10 @@ def add_prior_options(p, both=False):
 
 
 def register(subparsers):
-    from cvae.cli import (Formatter, Parser, non_negative_int, positive_float, positive_int,
-                          probability)
+    from cvae.cli import (Formatter, Parser, _number_type, non_negative_int, positive_float,
+                          positive_int, probability)
+
+    blocks = _number_type(int, "an integer", lambda v: 1 <= v <= 8, "an integer from 1 to 8")
 
     p = subparsers.add_parser(
         "prior", formatter_class=Formatter,
@@ -748,7 +748,7 @@ def register(subparsers):
                    help=f"peak learning rate, cosine decay to 0 (default: {DEFAULT_LR:g})")
     q.add_argument("--hidden", type=positive_int, default=None,
                    help=f"width of the velocity network (default: {DEFAULT_HIDDEN})")
-    q.add_argument("--blocks", type=_blocks, default=None,
+    q.add_argument("--blocks", type=blocks, default=None,
                    help=f"residual blocks, 1 to 8 (default: {DEFAULT_BLOCKS})")
     q.add_argument("--drop", type=probability, default=None,
                    help="probability that a training label is replaced by the null label, for "
@@ -764,9 +764,3 @@ def register(subparsers):
     group.add_argument("--quiet", action="store_true", help="print only errors")
     q.set_defaults(func=cmd_prior_train)
 
-
-def _blocks(text):
-    value = int(text) if text.strip().isdigit() else -1
-    if not 1 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"must be an integer from 1 to 8, got {text}")
-    return value
