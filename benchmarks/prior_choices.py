@@ -31,10 +31,12 @@ def settings(text):
 
 def main():
     from cvae import prior as P
+    from cvae import rundir as R
+    from cvae.checkpoint import save_checkpoint
     from cvae.classifier import classifier_for
     from cvae.data import Dataset
     from cvae.evaluate import judge_samples, test_diversity
-    from cvae.sample import checkpoint_digits, open_model, resolve_checkpoint
+    from cvae.train_prior import train_prior
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,9 +52,9 @@ def main():
                         help="judge the run's prior.cvae with each --sample setting")
     args = parser.parse_args()
 
-    path, run_dir = resolve_checkpoint(args.checkpoint)
-    model, meta = open_model(path, argparse.Namespace(threads=args.threads))
-    digits = checkpoint_digits(meta, path)
+    path, run_dir = R.resolve_checkpoint(args.checkpoint)
+    model, meta = R.open_model(path, args.threads)
+    digits = R.checkpoint_digits(meta, path)
     train_set = Dataset.load(args.data, "train", digits)
     test_set = Dataset.load(args.data, "test", digits)
     judge, _, _ = classifier_for(test_set, None, args.threads)
@@ -78,7 +80,10 @@ def main():
         """(settings, prior, file, seconds, final loss) of a prior trained with `train`."""
         file = os.path.join(out, f"prior-{n}.cvae")
         start = time.perf_counter()
-        trainer = P.train_prior(model, train_set, file,
+        def save(meta, sections):
+            save_checkpoint(file, P.KIND, meta, sections)
+
+        trainer = train_prior(model, train_set, save,
                                 epochs=train.get("epochs", P.DEFAULT_EPOCHS),
                                 batch=train.get("batch", P.DEFAULT_BATCH),
                                 lr=train.get("lr", P.DEFAULT_LR),
@@ -90,8 +95,8 @@ def main():
         return train, trainer.prior, file, time.perf_counter() - start, trainer.losses[-1]
 
     if args.run_prior:
-        prior, meta = P.load_prior(P.prior_path(run_dir), model, args.threads)
-        trained = [({"run_prior": P.prior_path(run_dir)}, prior, P.prior_path(run_dir), None,
+        prior, meta = P.load_prior(R.prior_path(run_dir), model, args.threads)
+        trained = [({"run_prior": R.prior_path(run_dir)}, prior, R.prior_path(run_dir), None,
                     meta["epoch_losses"][-1])]
     else:
         trained = (train_one(n, train) for n, train in enumerate(args.train or [{}]))

@@ -6,6 +6,8 @@ import tempfile
 
 import numpy as np
 
+from cvae.errors import CvaeError
+
 
 @contextlib.contextmanager
 def atomic_open(path, mode="wb"):
@@ -41,8 +43,6 @@ def atomic_open(path, mode="wb"):
 def check_writable(path):
     """path, if a file can be written there (atomically: its directory takes a temp file);
     otherwise a one-line CvaeError saying why, before any work is done."""
-    from cvae.errors import CvaeError
-
     path = os.fspath(path)
     if os.path.isdir(path):
         raise CvaeError(f"cannot write {path}: it is a directory")
@@ -56,13 +56,19 @@ def check_writable(path):
 
 
 def write_bytes_atomic(path, data):
-    with atomic_open(path, "wb") as f:
-        f.write(data)
+    """Replace path by data atomically; a failure is a one-line CvaeError and leaves the old
+    file whole. Returns path."""
+    try:
+        with atomic_open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise CvaeError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
 
 
 def write_text_atomic(path, text):
-    with atomic_open(path, "w") as f:
-        f.write(text)
+    """write_bytes_atomic for text (UTF-8)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def json_default(value):

@@ -13,16 +13,14 @@ Layout (all integers little-endian):
               depend on its own length).
     32 bytes  SHA-256 of every byte before it; nothing follows.
 
-Run directories: every save replaces `last.cvae`, which resume uses; completed epochs are also
-kept as `epoch-0001.cvae`, `epoch-0002.cvae`, ... (see save_run_checkpoint).
+Where the files of a run go (`last.cvae`, `epoch-NNNN.cvae`, `prior.cvae`) is cvae.rundir's
+business; this module only reads and writes one file.
 """
 
 import hashlib
 import json
 import math
 import os
-import re
-import shutil
 import struct
 
 import numpy as np
@@ -41,9 +39,7 @@ _FLOAT32 = np.dtype("<f4")
 # never holds a second full copy of a large array.
 _CHUNK_BYTES = 1 << 20
 
-LAST_NAME = "last.cvae"
 SUFFIX = ".cvae"
-_EPOCH_NAME = re.compile(r"epoch-(\d+)\.cvae\Z")
 
 
 def _align(n):
@@ -273,67 +269,3 @@ def load_checkpoint(path, expected_kind=None):
         for name, (shape, offset, nbytes) in table.items()
     }
     return header["meta"], sections, header
-
-
-def last_checkpoint_path(run_dir):
-    return os.path.join(os.fspath(run_dir), LAST_NAME)
-
-
-def epoch_checkpoint_path(run_dir, epoch):
-    """`RUN/epoch-0003.cvae` for epoch 3 (zero-padded to 4, wider past 9999)."""
-    return os.path.join(os.fspath(run_dir), f"epoch-{int(epoch):04d}{SUFFIX}")
-
-
-def save_run_checkpoint(run_dir, kind, meta, sections, epoch=None):
-    """Save into a run directory: `epoch-NNNN.cvae` when epoch is given, then always `last.cvae`.
-
-    Mid-epoch saves (epoch=None) only replace last.cvae. The epoch file is written first and
-    copied to last.cvae, so a crash in between leaves last.cvae one save behind: resume then
-    redoes that epoch and rewrites the epoch file, losing nothing. Returns last.cvae's path.
-    """
-    last = last_checkpoint_path(run_dir)
-    if epoch is None:
-        save_checkpoint(last, kind, meta, sections)
-        return last
-    epoch_path = epoch_checkpoint_path(run_dir, epoch)
-    save_checkpoint(epoch_path, kind, meta, sections)
-    try:
-        with open(epoch_path, "rb") as source, atomic_open(last, "wb") as target:
-            shutil.copyfileobj(source, target, _CHUNK_BYTES)
-    except OSError as e:
-        raise CvaeError(f"cannot write checkpoint {last}: {e.strerror or e}") from None
-    return last
-
-
-def _checkpoint_order(name):
-    match = _EPOCH_NAME.match(name)
-    # Epoch files by number (not text: epoch-10000 sorts after epoch-9999), then others, last.cvae at the end.
-    if match:
-        return (0, int(match.group(1)), name)
-    return (2 if name == LAST_NAME else 1, 0, name)
-
-
-def list_checkpoints(run_dir):
-    """Paths of every `*.cvae` in run_dir (not hidden temp files): epoch files by epoch, then any
-    other names alphabetically, then last.cvae. [] if there are none."""
-    run_dir = os.fspath(run_dir)
-    try:
-        names = os.listdir(run_dir)
-    except FileNotFoundError:
-        raise CvaeError(f"run directory {run_dir} does not exist") from None
-    except NotADirectoryError:
-        raise CvaeError(f"{run_dir} is not a directory") from None
-    except OSError as e:
-        raise CvaeError(f"cannot read run directory {run_dir}: {e.strerror or e}") from None
-    names = [n for n in names if n.endswith(SUFFIX) and not n.startswith(".")
-             and os.path.isfile(os.path.join(run_dir, n))]
-    return [os.path.join(run_dir, n) for n in sorted(names, key=_checkpoint_order)]
-
-
-def latest_checkpoint(run_dir):
-    """The checkpoint to resume from: last.cvae, else the highest epoch file, else None."""
-    last = last_checkpoint_path(run_dir)
-    if os.path.isfile(last):
-        return last
-    epochs = [p for p in list_checkpoints(run_dir) if _EPOCH_NAME.match(os.path.basename(p))]
-    return epochs[-1] if epochs else None

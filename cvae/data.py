@@ -212,6 +212,21 @@ def parse_digits(text):
     return tuple(sorted(digits))
 
 
+def digits_text(digits):
+    """The inverse of parse_digits, compact: (0, 1, 2, 3, 5) -> '0-3,5'."""
+    digits = sorted(set(int(d) for d in digits))
+    parts = []
+    start = prev = None
+    for d in digits + [None]:
+        if start is not None and (d is None or d != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if d is not None and start is None:
+            start = d
+        prev = d
+    return ",".join(parts)
+
+
 def _normalise_digits(digits):
     if isinstance(digits, str):
         return parse_digits(digits)

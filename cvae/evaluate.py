@@ -1,4 +1,5 @@
-"""`cvae eval`: the test-set quality figures of a checkpoint, each defined here and in the README.
+"""The quality figures of a model (`cvae eval`), each defined here, in cvae.catalogue and in the
+README.
 
 Over the test images of the checkpoint's trained digits (meta["digits"]), in the order of the
 test file:
@@ -33,16 +34,15 @@ test file:
 Every loop here is per batch (or per importance sample of a batch), never per image.
 """
 
-import argparse
-import json
 import math
-import os
-import time
 
 import numpy as np
 
+from cvae.catalogue import SAMPLE_METRICS
 from cvae.data import IMAGE_SIDE, NUM_DIGITS
 from cvae.errors import CvaeError
+from cvae.model import decode_images
+from cvae.prior import GaussianPrior
 
 #: Noise key of the test-set ELBO: (seed, EVAL_STEP, image index), a step far above any
 #: training step, so the test ELBO of a given model is deterministic, does not depend on the
@@ -55,7 +55,6 @@ EVAL_BATCH = 64
 DEFAULT_K = 100
 DEFAULT_SAMPLES = 1000  # generated digits per digit for the conditional accuracy and FID
 DEFAULT_TEMPERATURE = 1.0  # the model's own prior
-EVAL_JSON = "eval.json"
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -279,8 +278,6 @@ def _moments(classifier, images):
 def _generated(model, classifier, labels, temperature, rng, per_chunk, prior):
     """Decode one draw of the prior (at temperature T) per label, chunk by chunk, and hand
     each chunk's labels, classifier logits and features to per_chunk."""
-    from cvae.sample import decode_images
-
     for start in range(0, len(labels), GENERATE_CHUNK):
         chunk = labels[start:start + GENERATE_CHUNK]
         z = prior.draw(chunk, rng, temperature)
@@ -326,8 +323,6 @@ def judge_samples(model, classifier, digits, samples, temperature, seed, test_se
     per image of B, with B's label, against A; the floor compares B itself against A: the
     same sizes and the same digit mix, so the two figures differ only by the generator."""
     if prior is None:
-        from cvae.prior import GaussianPrior
-
         prior = GaussianPrior(model.arch.latent)
     labels = np.repeat(np.asarray(digits, dtype=np.uint8), samples)
     correct = np.zeros(len(labels), dtype=bool)
@@ -372,18 +367,14 @@ def test_diversity(classifier, test_set, digits):
 # ---------------------------------------------------------------- everything
 
 
-SAMPLE_METRICS = ("cond_accuracy", "cond_accuracy_per_digit", "fid", "fid_test_floor",
-                  "diversity", "diversity_per_digit")
-
-
 def evaluate_model(model, dataset, digits, seed, k, classifier=None, samples=DEFAULT_SAMPLES,
-                   temperature=1.0, priors=None, advance=None):
+                   temperature=1.0, priors=None, advance=None, relative_to=None):
     """The metrics dict of a model over a dataset holding only the given digits: neg_elbo,
     rec, kl, iwae_nll, k, ssim, ssim_per_digit, n_images; with a classifier the test set's
     diversity and, per prior sampler in `priors` (default: N(0, I)), its SAMPLE_METRICS
-    under by_prior[name], the first prior's also at the top level (else those are None)."""
-    from cvae.prior import GaussianPrior
-
+    under by_prior[name], the first prior's also at the top level (else those are None).
+    relative_to: the directory the result is written to (a flow prior's file is named
+    relative to it)."""
     if k <= 0:
         raise CvaeError(f"--k must be a positive integer, got {k}")
     priors = priors or [GaussianPrior(model.arch.latent)]
@@ -394,10 +385,10 @@ def evaluate_model(model, dataset, digits, seed, k, classifier=None, samples=DEF
               "ssim": float(per_image_ssim.mean()),
               "ssim_per_digit": per_digit_means(per_image_ssim, dataset.labels, digits),
               "n_images": len(dataset), "samples": samples, "temperature": temperature,
-              "prior": priors[0].name, "prior_settings": priors[0].describe(),
+              "prior": priors[0].name, "prior_settings": priors[0].describe(relative_to),
               **dict.fromkeys(SAMPLE_METRICS), "diversity_test": None,
               "diversity_test_per_digit": None,
-              "by_prior": {p.name: {**p.describe(), **dict.fromkeys(SAMPLE_METRICS)}
+              "by_prior": {p.name: {**p.describe(relative_to), **dict.fromkeys(SAMPLE_METRICS)}
                            for p in priors}}
     if classifier is not None:
         result["diversity_test"], result["diversity_test_per_digit"] = test_diversity(
@@ -405,201 +396,14 @@ def evaluate_model(model, dataset, digits, seed, k, classifier=None, samples=DEF
         for prior in priors:
             judged = judge_samples(model, classifier, digits, samples, temperature, seed,
                                    dataset, prior, advance=advance)
-            result["by_prior"][prior.name] = {**prior.describe(), **judged}
+            result["by_prior"][prior.name] = {**prior.describe(relative_to), **judged}
         result.update({key: result["by_prior"][priors[0].name][key] for key in SAMPLE_METRICS})
     return result
 
 
-def eval_json_path(checkpoint):
-    """eval.json beside the checkpoint; an error now if it cannot be written there."""
-    from cvae.atomic import check_writable
-
-    return check_writable(os.path.join(os.path.dirname(os.path.abspath(checkpoint)), EVAL_JSON))
-
-
-def _progress_bar(total):
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=30),
-                        MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), console=Console(stderr=True), transient=True,
-                        refresh_per_second=4)
-    task = progress.add_task("evaluating (forward passes)", total=total)
-    return progress, lambda n: progress.update(task, advance=n)
-
-
-def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
-             temperature=DEFAULT_TEMPERATURE,
-             seed=0, threads=None, classifier=None, progress=False, prior=None,
-             steps=None, method=None, guidance=None):
-    """Evaluate a checkpoint (a .cvae file or a run directory) on its digits' test images;
-    write eval.json beside it (atomically) and return the result dict. This is `cvae eval`
-    without the printing; `cvae sweep` calls it for every run.
-
-    prior: 'flow', 'gaussian', 'both' (flow first), or None: both when the run has a flow
-    prior, else gaussian. steps, method, guidance: the flow's sampling (None: defaults)."""
-    from cvae.atomic import write_text_atomic
-    from cvae.sample import checkpoint_digits, load_test, open_model, resolve_checkpoint, resolve_seed
-
-    from cvae.classifier import classifier_for
-
-    if k is None or k <= 0:
-        raise CvaeError(f"--k must be a positive integer, got {k}")
-    if samples is None or samples <= 0:
-        raise CvaeError(f"--samples must be a positive integer, got {samples}")
-    if temperature is None or not math.isfinite(temperature) or temperature < 0:
-        raise CvaeError(f"--temperature must be a finite number >= 0, got {temperature}")
-    seed = resolve_seed(seed)
-    path, run_dir = resolve_checkpoint(checkpoint)
-    out = eval_json_path(path)
-    model, meta = open_model(path, argparse.Namespace(threads=threads))
-    from cvae import prior as P
-
-    priors = P.open_priors(prior, run_dir, model, model.threads,
-                           P.DEFAULT_STEPS if steps is None else steps,
-                           method or P.DEFAULT_METHOD,
-                           P.DEFAULT_GUIDANCE if guidance is None else guidance)
-    digits = checkpoint_digits(meta, path)
-    test_set = load_test(argparse.Namespace(data=data), digits)
-    judge, judge_meta, judge_source = classifier_for(test_set, classifier, model.threads)
-    dataset = test_set.restrict(digits)
-    if judge is not None and len(dataset) < 4:
-        raise CvaeError(f"the FID needs at least 4 test images of digits "
-                        f"{','.join(map(str, digits))}; the data has {len(dataset)}")
-
-    start = time.perf_counter()
-    options = dict(classifier=judge, samples=samples, temperature=temperature, priors=priors)
-    if progress:
-        judged = (len(priors) * (samples * len(digits) + len(dataset) + len(dataset) // 2)
-                  if judge is not None else 0)
-        bar, advance = _progress_bar(len(dataset) * (k + 2) + judged)
-        with bar:
-            metrics = evaluate_model(model, dataset, digits, seed, k, advance=advance, **options)
-    else:
-        metrics = evaluate_model(model, dataset, digits, seed, k, **options)
-    seconds = time.perf_counter() - start
-
-    result = {**metrics, "seed": seed, "checkpoint": os.path.abspath(path),
-              "digits": list(digits), "threads": model.threads, "seconds": seconds}
-    if judge is not None:
-        result["classifier"] = os.path.abspath(judge_source)
-        result["classifier_test_accuracy"] = judge_meta.get("test_accuracy")
-    else:
-        result["classifier"] = None
-        result["classifier_note"] = judge_source
-    result["eval_json"] = out
-    try:
-        write_text_atomic(out, json.dumps(result, indent=1) + "\n")
-    except OSError as e:
-        raise CvaeError(f"cannot write {out}: {e.strerror or e}") from None
-    return result
-
-
-def cmd_eval(args):
-    result = run_eval(args.checkpoint, data=args.data, k=args.k, samples=args.samples,
-                      temperature=args.temperature, seed=args.seed, threads=args.threads,
-                      classifier=args.classifier, progress=not args.json, prior=args.prior,
-                      steps=args.ode_steps, method=args.method, guidance=args.guidance)
-    if args.json:
-        print(json.dumps(result), flush=True)
-    else:
-        _print_table(result, result["eval_json"], result["threads"])
-    return 0
-
-
-def _print_table(r, out, threads):
-    from cvae.prior import sampling_text
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(highlight=False)
-    table = Table(title=f"{r['checkpoint']}: {r['n_images']:,} test images of digits "
-                        f"{','.join(map(str, r['digits']))}, seed {r['seed']}",
-                  title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_column("definition")
-    table.add_row("negative ELBO", f"[bold]{r['neg_elbo']:.2f}[/bold]",
-                  "nats/image at β = 1: rec + KL, one ε per image")
-    table.add_row("  rec", f"{r['rec']:.2f}", "BCE over 784 continuous pixels")
-    table.add_row("  KL", f"{r['kl']:.2f}", "analytic KL(q(z|x,y) || N(0, I))")
-    table.add_row(f"IWAE NLL (k = {r['k']})", f"[bold]{r['iwae_nll']:.2f}[/bold]",
-                  "nats/image, importance-weighted bound")
-    table.add_row("SSIM", f"[bold]{r['ssim']:.4f}[/bold]",
-                  "reconstructions at z = mu")
-    for d, v in r["ssim_per_digit"].items():
-        table.add_row(f"  SSIM digit {d}", f"{v:.4f}", "")
-    t = f"T = {r['temperature']:g}"
-    if r["cond_accuracy"] is None:
-        table.add_row(f"conditional accuracy ({t})", "—", r["classifier_note"])
-        table.add_row("FID", "—", "")
-    for name, p in r["by_prior"].items():
-        if p["cond_accuracy"] is None:
-            continue
-        how = f"flow prior ({sampling_text(p)})" if name == "flow" else "N(0, T² I)"
-        # With one prior the definition names it; with two each figure needs its name.
-        t = f"{name}, T = {r['temperature']:g}" if len(r["by_prior"]) > 1 else t
-        table.add_section()
-        table.add_row(f"conditional accuracy ({t})",
-                      f"[bold]{100 * p['cond_accuracy']:.2f}%[/bold]",
-                      f"{r['samples']} samples per digit from the {how}, judged by the classifier")
-        for d, v in p["cond_accuracy_per_digit"].items():
-            table.add_row(f"  accuracy digit {d}", f"{100 * v:.1f}%", "")
-        table.add_row(f"FID ({t})", f"[bold]{p['fid']:.2f}[/bold]",
-                      "generated digits vs test half A, classifier's 256 features")
-        table.add_row("  FID test-halves floor", f"{p['fid_test_floor']:.2f}",
-                      "test half B vs half A: what real digits score")
-        table.add_row(f"diversity ({t})", f"[bold]{p['diversity']:.3f}[/bold]",
-                      f"mean feature distance between two samples of a digit; test digits: "
-                      f"{r['diversity_test']:.3f}")
-    console.print(table)
-    console.print(f"{r['seconds']:.1f} s on {threads} threads -> {out}")
-
-
-def register(subparsers):
-    p = subparsers.add_parser(
-        "eval", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="test-set negative ELBO, IWAE bound, SSIM, conditional accuracy and FID of a checkpoint",
-        description="Over the test images of the checkpoint's trained digits:\n"
-                    "  neg_elbo (rec, kl): nats/image at β = 1, BCE over continuous pixels + "
-                    "analytic KL, one ε per image;\n"
-                    "  iwae_nll: the importance-weighted bound with --k samples per image;\n"
-                    "  ssim, ssim_per_digit: SSIM of reconstructions (z = mu) against the "
-                    "originals,\n  Gaussian window 11×11 σ = 1.5, mean over valid windows, then "
-                    "over images (of each digit);\n  cond_accuracy: --samples digits per digit from the prior at "
-                    "--temperature, judged by\n  the project's classifier; fid: Fréchet distance "
-                    "to half the test digits in its\n  feature space, beside the other half's "
-                    "distance to it (the floor); diversity: the mean distance\n  between two "
-                    "samples of the same digit in that space, beside the test digits' own.\n"
-                    "The samples come from the run's flow prior and from N(0, I) when it has one "
-                    "(--prior).\nThe results are also written to eval.json "
-                    "beside the checkpoint. See the README's 'Quality metrics'.")
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a .cvae checkpoint, or a run directory (its last.cvae, else its latest "
-                        "epoch-NNNN.cvae)")
-    p.add_argument("--data", metavar="DIR", default=None,
-                   help="MNIST directory with the test files (default: $CVAE_DATA, else the cache)")
-    p.add_argument("--k", type=int, default=DEFAULT_K, metavar="K",
-                   help=f"importance samples per image for the IWAE bound (default: {DEFAULT_K})")
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
-                   help=f"generated digits per digit for the conditional accuracy and FID "
-                        f"(default: {DEFAULT_SAMPLES})")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
-                   help="prior draws z0 ~ N(0, T² I) (the flow carries them on); 1 is the "
-                        "model's own prior (default: 1)")
-    p.add_argument("--classifier", metavar="FILE", default=None,
-                   help="classifier that judges the samples (default: the shipped one, on the "
-                        "MNIST test set only; see 'cvae classifier')")
-    p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="noise seed; the same seed gives the same figures (default: 0)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="OpenMP threads (default: the CPUs available to this process)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object instead of the table (no progress bar)")
-    from cvae.prior import add_prior_options
-
-    add_prior_options(p, both=True)
-    p.set_defaults(func=cmd_eval)
+def evaluation_work(n_images, k, samples, digits, priors, judged):
+    """The forward passes evaluate_model reports through advance(): the progress bar's total."""
+    work = n_images * (k + 2)
+    if judged:
+        work += priors * (samples * digits + n_images + n_images // 2)
+    return work

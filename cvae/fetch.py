@@ -27,7 +27,8 @@ import numpy as np
 
 from cvae import __version__
 from cvae.atomic import write_bytes_atomic
-from cvae.data import IMAGE_SIDE, NUM_DIGITS, PIXELS_PER_IMAGE, candidate_names, locate_mnist_file
+from cvae.data import (IMAGE_SIDE, NUM_DIGITS, PIXELS_PER_IMAGE, candidate_names,
+                       has_mnist_files, locate_mnist_file)
 from cvae.errors import CvaeError
 
 MnistFile = collections.namedtuple("MnistFile", "name split kind size md5 sha256")
@@ -100,6 +101,19 @@ def resolve_data_dir(arg_data=None):
     if from_env:
         return pathlib.Path(from_env).expanduser(), "CVAE_DATA"
     return default_cache_dir(), "cache"
+
+
+def ensure_data(arg_data=None, say=None, notice=None):
+    """(directory, source) of the data to train from; an empty cache is filled first.
+
+    notice(text) announces the fetch in one line (the commands print it even when quiet);
+    say(text) receives the fetch's progress lines."""
+    data_dir, source = resolve_data_dir(arg_data)
+    if source == "cache" and not has_mnist_files(data_dir):
+        if notice is not None:
+            notice(f"cvae: MNIST is not in the cache {data_dir}: fetching it first")
+        fetch_mnist(data_dir, log=say or (lambda text: None))
+    return data_dir, source
 
 
 # ---------------------------------------------------------------- verification
@@ -252,10 +266,7 @@ def _install(cache_dir, files, expected):
     for name, (content, archive) in files.items():
         if archive is None:
             archive = gzip.compress(content, compresslevel=_GZIP_LEVEL, mtime=0)
-        try:
-            write_bytes_atomic(cache_dir / f"{name}.gz", archive)
-        except OSError as e:
-            raise CvaeError(f"cannot write {cache_dir / (name + '.gz')}: {e.strerror or e}") from None
+        write_bytes_atomic(cache_dir / f"{name}.gz", archive)
     problems = verify_mnist_dir(cache_dir, expected)
     if problems:
         raise CvaeError(f"MNIST cache {cache_dir} still fails verification after writing: {problems[0]}")

@@ -19,6 +19,7 @@ from cvae.checkpoint import load_checkpoint
 from cvae.data import NUM_DIGITS as N_CLASSES
 from cvae.data import PIXELS_PER_IMAGE as N_PIXELS
 from cvae.errors import CvaeError
+from cvae.images import to_uint8
 from cvae.kernels import kernels
 
 ALIGN = 16  # floats: 64 bytes
@@ -45,9 +46,11 @@ class Arch:
     n_classes: int = N_CLASSES
 
     @classmethod
-    def variant(cls, name, act="elu"):
+    def variant(cls, name, act="elu", hidden=None, latent=None):
+        """The variant's sizes, overridden by hidden (h1, h2) and latent when given."""
         v = VARIANTS[name]
-        return cls(h1=v["h1"], h2=v["h2"], latent=v["latent"], act=act)
+        h1, h2 = hidden or (v["h1"], v["h2"])
+        return cls(h1=h1, h2=h2, latent=latent or v["latent"], act=act or "elu")
 
     def layers(self):
         """(name, n_in, n_out) of the six linear layers, encoder then decoder."""
@@ -303,3 +306,36 @@ def model_from_checkpoint(path, threads=1, max_batch=64):
     """(model, meta) from a CVAE checkpoint file."""
     meta, sections, _ = load_checkpoint(path, expected_kind="cvae")
     return model_from_sections(meta, sections, path, threads, max_batch), meta
+
+
+# ---------------------------------------------------------------- batched encoding and decoding
+# Every image set is encoded and decoded in the model's max_batch: the only Python loops are
+# per batch, never per image.
+
+
+def encode_all(model, pixels, labels):
+    """(mu, logvar) float32 (n, latent) of uint8 pixels (n, 784) with labels (n,)."""
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    labels = np.ascontiguousarray(labels, dtype=np.uint8)
+    n, latent = len(labels), model.arch.latent
+    mu, logvar = np.empty((n, latent), np.float32), np.empty((n, latent), np.float32)
+    for start in range(0, n, model.max_batch):
+        stop = min(start + model.max_batch, n)
+        mu[start:stop], logvar[start:stop] = model.encode(pixels[start:stop], labels[start:stop])
+    return mu, logvar
+
+
+def decode_images(model, z, labels):
+    """uint8 images (n, 784) of the decoder's mean sigmoid(decoder(z, label)).
+
+    Each batch is converted to bytes at once, so n float images never exist together."""
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    labels = np.ascontiguousarray(labels, dtype=np.uint8)
+    n = len(labels)
+    if z.shape != (n, model.arch.latent):
+        raise ValueError(f"z has shape {z.shape}, expected ({n}, {model.arch.latent})")
+    out = np.empty((n, N_PIXELS), dtype=np.uint8)
+    for start in range(0, n, model.max_batch):
+        stop = min(start + model.max_batch, n)
+        out[start:stop] = to_uint8(model.decode(z[start:stop], labels[start:stop]))
+    return out

@@ -1,22 +1,19 @@
-"""A run's pictures: curves.png (its per-epoch metrics) and latent.png (the test set's latent
-means, projected to 2-D by PCA).
+"""A run's pictures, as PNG bytes: its per-epoch metrics (curves.png) and the test set's latent
+means projected to 2-D by PCA (latent.png). cvae.rundir writes them into the run.
 
 matplotlib is imported inside the functions, never at module level, so `cvae --help` and every
 command that draws nothing never load it. Only the Agg canvas is used (no pyplot, no GUI
 backend, no global figure state). Figures are rendered into memory under matplotlib's default
-style (whatever a matplotlibrc says) and written atomically; PNG metadata carries no software
+style (whatever a matplotlibrc says); PNG metadata carries no software
 version or time stamp, so the same inputs give the same bytes with the same matplotlib.
 """
 
 import io
-import os
 
 import numpy as np
 
 from cvae.errors import CvaeError
 
-CURVES_NAME = "curves.png"
-LATENT_NAME = "latent.png"
 DPI = 100
 #: PNG metadata: none of matplotlib's "Software" key (its version), so no run-specific bytes.
 PNG_METADATA = {"Software": None}
@@ -59,16 +56,6 @@ def _render(matplotlib, draw, figsize):
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=DPI, metadata=PNG_METADATA)
     return buffer.getvalue()
-
-
-def _write_png(path, data):
-    from cvae.atomic import write_bytes_atomic
-
-    try:
-        write_bytes_atomic(path, data)
-    except OSError as e:
-        raise CvaeError(f"cannot write {path}: {e.strerror or e}") from None
-    return path
 
 
 # ---------------------------------------------------------------- curves
@@ -183,19 +170,6 @@ def curves_png(records, title=None):
     return _render(matplotlib, draw, (13, 7.5))
 
 
-def write_curves(run_dir, records=None):
-    """Draw RUN/curves.png from the run's metrics.jsonl (or the given records), atomically;
-    returns its path. A CvaeError when there are no per-epoch metrics."""
-    from cvae.train import read_metrics
-
-    run_dir = os.fspath(run_dir)
-    if records is None:
-        records = read_metrics(run_dir)
-    data = curves_png(records, title=f"{os.path.basename(os.path.abspath(run_dir))}: training "
-                                     f"curves (nats per image; test figures at β = 1)")
-    return _write_png(os.path.join(run_dir, CURVES_NAME), data)
-
-
 # ---------------------------------------------------------------- latent PCA
 
 
@@ -256,17 +230,3 @@ def latent_png(mu, labels, title=None):
         figure.tight_layout()
 
     return _render(matplotlib, draw, (8, 6.5))
-
-
-def write_latent_pca(model, test_dataset, run_dir):
-    """Encode the test set to its latent means (cvae.sample.encode_mu: batched kernel calls),
-    draw their 2-D PCA coloured by digit as RUN/latent.png, atomically; returns its path."""
-    from cvae.sample import encode_mu
-
-    run_dir = os.fspath(run_dir)
-    labels = np.asarray(test_dataset.labels)
-    if len(labels) == 0:
-        raise CvaeError(f"{getattr(test_dataset, 'name', 'the test set')} has no images to encode")
-    mu = encode_mu(model, test_dataset.images, labels)
-    data = latent_png(mu, labels)
-    return _write_png(os.path.join(run_dir, LATENT_NAME), data)

@@ -16,29 +16,25 @@ probability `drop` a training label is replaced by a null label, so the same net
 learns the unconditional velocity; `--guidance w` then samples with
 (1 + w)·v(z, t, y) - w·v(z, t, null) (classifier-free guidance, Ho & Salimans 2022).
 
-The prior lives in its run as `prior.cvae` (kind "prior"): parameters, Adam state, its
-position, and the SHA-256 of the CVAE parameters it was trained on, so a prior is never
-used with another run's decoder.
+This module is the network and its samplers; cvae.train_prior trains it. The prior lives in
+its run as `prior.cvae` (kind "prior", cvae.rundir): parameters, Adam state, its position,
+and the SHA-256 of the CVAE parameters it was trained on, so a prior is never used with
+another run's decoder.
 """
 
 import hashlib
-import json
 import math
 import os
-import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from cvae.checkpoint import load_checkpoint, save_checkpoint
-from cvae.classifier import cosine_lr
+from cvae.checkpoint import load_checkpoint
 from cvae.data import NUM_DIGITS
 from cvae.errors import CvaeError
 from cvae.model import ACTIVATIONS, SlabModel
 
 KIND = "prior"
-PRIOR_NAME = "prior.cvae"
 PRIORS = ("flow", "gaussian")
 
 # Defaults chosen by measurement: `benchmarks/prior_choices.py` on the main run's checkpoint
@@ -206,7 +202,7 @@ class GaussianPrior:
         z *= np.float32(temperature)
         return z
 
-    def describe(self):
+    def describe(self, relative_to=None):
         return {"prior": self.name}
 
 
@@ -230,8 +226,11 @@ class FlowSampler(GaussianPrior):
                                           self.guidance)
         return z
 
-    def describe(self):
-        return {"prior": self.name, "prior_file": self.path, "steps": self.steps,
+    def describe(self, relative_to=None):
+        """What drew the codes; the prior's file relative to `relative_to` (a directory) when
+        given, so that files recording it carry no machine paths."""
+        path = self.path if relative_to is None else os.path.relpath(self.path, relative_to)
+        return {"prior": self.name, "prior_file": path, "steps": self.steps,
                 "method": self.method, "guidance": self.guidance}
 
 
@@ -250,10 +249,6 @@ def sampling_text(settings):
 def cvae_digest(model):
     """SHA-256 of a CVAE's parameters: which decoder a prior belongs to."""
     return hashlib.sha256(model.group_block("param").tobytes()).hexdigest()
-
-
-def prior_path(run_dir):
-    return os.path.join(os.fspath(run_dir), PRIOR_NAME)
 
 
 def check_sampling(steps, method, guidance):
@@ -282,485 +277,3 @@ def load_prior(path, model, threads=1):
     prior = FlowPrior(arch, threads=threads)
     prior.load_state_sections(sections, source=path)
     return prior, meta
-
-
-def prior_state(run_dir, model):
-    """(state, header meta) of RUN/prior.cvae for the CVAE `model`: 'none', 'stale' (the prior
-    of other CVAE parameters: an earlier checkpoint's, or a run since continued), 'partial'
-    (its training was stopped) or 'complete'. A damaged file is a CvaeError."""
-    path = prior_path(run_dir)
-    if not os.path.isfile(path):
-        return "none", None
-    meta, _, _ = load_checkpoint(path, expected_kind=KIND)
-    if meta.get("cvae_sha256") != cvae_digest(model):
-        return "stale", meta
-    return ("complete" if meta.get("complete") else "partial"), meta
-
-
-def default_prior(run_dir, model):
-    """'flow' when RUN/prior.cvae is a complete prior of this CVAE, else 'gaussian'. A prior
-    of the run that cannot serve this checkpoint (partly trained, or trained for the run's
-    newest checkpoint while an earlier one is asked for) is passed over with a note on stderr;
-    a prior of none of the run's checkpoints (copied from another run) is an error."""
-    state, _ = prior_state(run_dir, model)
-    path = prior_path(run_dir)
-    if state == "stale" and not _prior_of_newest_checkpoint(run_dir):
-        raise CvaeError(f"{path} is the prior of another CVAE (it fits none of this run's "
-                        f"checkpoints): use --prior gaussian, or delete it and train one with "
-                        f"'cvae prior train --checkpoint {run_dir}'")
-    why = {"partial": f"is partly trained (finish it: cvae prior train --checkpoint {run_dir} "
-                      f"--resume)",
-           "stale": "belongs to the run's newest checkpoint, not to this one"}.get(state)
-    if why:
-        print(f"cvae: note: {path} {why}; sampling from N(0, I)", file=sys.stderr, flush=True)
-    return "flow" if state == "complete" else "gaussian"
-
-
-def _prior_of_newest_checkpoint(run_dir):
-    """Whether RUN/prior.cvae was trained for the run's newest checkpoint."""
-    from cvae.checkpoint import latest_checkpoint
-    from cvae.model import model_from_checkpoint
-
-    newest = latest_checkpoint(run_dir)
-    if newest is None:
-        return False
-    return prior_state(run_dir, model_from_checkpoint(newest, max_batch=16)[0])[0] != "stale"
-
-
-def open_priors(choice, run_dir, model, threads=1, steps=DEFAULT_STEPS, method=DEFAULT_METHOD,
-                guidance=DEFAULT_GUIDANCE):
-    """The samplers for --prior: 'flow', 'gaussian', 'both' (flow first) or None (both when
-    default_prior is flow, else gaussian)."""
-    check_sampling(steps, method, guidance)
-    if choice is None:
-        choice = "both" if default_prior(run_dir, model) == "flow" else "gaussian"
-    if choice not in PRIORS + ("both",):
-        raise CvaeError(f"--prior must be flow, gaussian or both, got {choice!r}")
-    samplers = []
-    if choice in ("flow", "both"):
-        path = prior_path(run_dir)
-        if not os.path.isfile(path):
-            raise CvaeError(f"{run_dir} has no flow prior ({PRIOR_NAME}): train one with 'cvae "
-                            f"prior train --checkpoint {run_dir}', or use --prior gaussian")
-        prior, _ = load_prior(path, model, threads)
-        samplers.append(FlowSampler(prior, path, model.arch.latent, steps, method, guidance))
-    if choice in ("gaussian", "both"):
-        samplers.append(GaussianPrior(model.arch.latent))
-    return samplers
-
-
-def open_prior(choice, run_dir, model, threads=1, steps=DEFAULT_STEPS, method=DEFAULT_METHOD,
-               guidance=DEFAULT_GUIDANCE):
-    """The sampler for --prior: 'flow', 'gaussian' or None (default_prior)."""
-    if choice is None:
-        choice = default_prior(run_dir, model)
-    if choice not in PRIORS:
-        raise CvaeError(f"--prior must be flow or gaussian, got {choice!r}")
-    return open_priors(choice, run_dir, model, threads, steps, method, guidance)[0]
-
-
-# ---------------------------------------------------------------- training
-
-
-#: A latent dimension is active when its encoder mean varies over the training images by
-#: more than this (Burda et al. 2016's active units). The others hold N(0, 1) noise for
-#: every image, so N(0, 1) is already their distribution: the flow models the active ones.
-ACTIVE_VARIANCE = 0.01
-
-
-def active_dims(mu):
-    """The active dimensions of codes mu (n, latent); the most varied one if none is."""
-    variance = mu.var(axis=0, dtype=np.float64)
-    dims = np.flatnonzero(variance > ACTIVE_VARIANCE)
-    return tuple(int(d) for d in (dims if len(dims) else [int(np.argmax(variance))]))
-
-
-def in_dims(codes, dims):
-    """Each of the arrays in codes, (n, latent), restricted to the prior's dimensions."""
-    return tuple(np.ascontiguousarray(c[:, list(dims)]) for c in codes)
-
-
-def encode_codes(model, dataset):
-    """(mu, logvar) float32 (n, latent) of every image of dataset, in the model's batches."""
-    images, labels = dataset.images, dataset.labels
-    n, L = len(labels), model.arch.latent
-    mu, logvar = np.empty((n, L), np.float32), np.empty((n, L), np.float32)
-    for start in range(0, n, model.max_batch):
-        stop = min(start + model.max_batch, n)
-        mu[start:stop], logvar[start:stop] = model.encode(images[start:stop], labels[start:stop])
-    return mu, logvar
-
-
-@dataclass
-class PriorPlan:
-    """What determines a prior's training, and where it stands; stored in prior.cvae."""
-
-    arch: PriorArch
-    cvae_sha256: str
-    cvae_checkpoint: str
-    epochs: int
-    batch: int
-    lr: float
-    drop: float
-    seed: int
-    step: int = 0
-    loss_sum: float = 0.0   # of the epoch in progress
-    complete: bool = False
-
-    def meta(self, adam_t, losses):
-        return {"arch": self.arch.to_json(), "cvae_sha256": self.cvae_sha256,
-                "cvae_checkpoint": self.cvae_checkpoint, "epochs": self.epochs,
-                "batch": self.batch, "lr": self.lr, "drop": self.drop, "seed": self.seed,
-                "step": self.step, "adam_t": int(adam_t), "loss_sum": self.loss_sum,
-                "complete": self.complete, "epoch_losses": list(losses)}
-
-    @classmethod
-    def from_meta(cls, meta, source):
-        try:
-            plan = cls(arch=PriorArch.from_json(meta["arch"], source),
-                       cvae_sha256=str(meta["cvae_sha256"]),
-                       cvae_checkpoint=str(meta["cvae_checkpoint"]), epochs=int(meta["epochs"]),
-                       batch=int(meta["batch"]), lr=float(meta["lr"]),
-                       drop=float(meta["drop"]), seed=int(meta["seed"]),
-                       step=int(meta["step"]), loss_sum=float(meta["loss_sum"]),
-                       complete=bool(meta["complete"]))
-            losses = [float(x) for x in meta["epoch_losses"]]
-        except (KeyError, TypeError, ValueError):
-            raise CvaeError(f"{source}: its header lacks the prior's training position or "
-                            f"configuration") from None
-        if plan.epochs <= 0 or plan.batch <= 0 or plan.step < 0 or not 0 <= plan.drop < 1:
-            raise CvaeError(f"{source}: inconsistent prior training settings in its header")
-        return plan, losses
-
-
-class PriorTrainer:
-    """Trains a FlowPrior on a CVAE's training codes from plan.step to the end (or a stop);
-    saves prior.cvae after every epoch and when stopped."""
-
-    def __init__(self, path, plan, prior, codes, labels, losses=(), on_progress=None,
-                 on_epoch=None):
-        self.path, self.plan, self.prior = path, plan, prior
-        self.mu, self.logvar = codes
-        self.labels = np.ascontiguousarray(labels, dtype=np.uint8)
-        self.losses = list(losses)
-        self.per_epoch = -(-len(self.labels) // plan.batch)
-        self.total = plan.epochs * self.per_epoch
-        self.on_progress, self.on_epoch = on_progress, on_epoch
-        self.stop_signal = None
-        if plan.step > self.total or len(self.losses) != plan.step // self.per_epoch:
-            raise CvaeError(f"{path}: its position (step {plan.step}) does not fit "
-                            f"{len(self.labels):,} codes in batches of {plan.batch}: was the "
-                            f"data set changed?")
-
-    def request_stop(self, signum):
-        self.stop_signal = signum
-
-    def save(self):
-        save_checkpoint(self.path, KIND, self.plan.meta(self.prior.adam_t, self.losses),
-                        self.prior.state_sections())
-
-    def run(self):
-        """'complete' or 'interrupted'."""
-        plan, prior, n = self.plan, self.prior, len(self.labels)
-        b = plan.batch
-        mu_buf = np.empty((b, self.mu.shape[1]), np.float32)
-        logvar_buf = np.empty_like(mu_buf)
-        label_buf = np.empty(b, np.uint8)
-        while plan.step < self.total:
-            epoch, first = divmod(plan.step, self.per_epoch)
-            order = np.random.default_rng([plan.seed, epoch]).permutation(n)
-            start_time = time.perf_counter()
-            for k in range(first, self.per_epoch):
-                rows = order[k * b:(k + 1) * b]
-                m = len(rows)
-                np.take(self.mu, rows, axis=0, out=mu_buf[:m])
-                np.take(self.logvar, rows, axis=0, out=logvar_buf[:m])
-                np.take(self.labels, rows, out=label_buf[:m])
-                loss = prior.train_step(mu_buf[:m], logvar_buf[:m], label_buf[:m],
-                                        cosine_lr(plan.lr, plan.step, self.total), plan.seed,
-                                        plan.step, plan.drop)
-                if not math.isfinite(loss):
-                    raise CvaeError(f"the prior's training diverged at step {plan.step} (loss "
-                                    f"{loss}): try a lower --lr")
-                plan.step += 1
-                plan.loss_sum += loss * m
-                if self.on_progress is not None:
-                    self.on_progress(plan.step, loss, m / max(time.perf_counter() - start_time,
-                                                              1e-9) * (k + 1 - first))
-                if self.stop_signal is not None and k + 1 < self.per_epoch:
-                    self.save()
-                    return "interrupted"
-            self.losses.append(plan.loss_sum / n)
-            plan.loss_sum = 0.0
-            plan.complete = plan.step >= self.total
-            self.save()
-            if self.on_epoch is not None:
-                self.on_epoch(epoch + 1, self.losses[-1], time.perf_counter() - start_time)
-            if self.stop_signal is not None:
-                return "interrupted"
-        return "complete"
-
-
-def train_prior(model, train_set, path, arch=None, epochs=DEFAULT_EPOCHS, batch=DEFAULT_BATCH,
-                lr=DEFAULT_LR, drop=DEFAULT_DROP, seed=0, threads=1, checkpoint_name="",
-                on_progress=None, on_epoch=None, **arch_settings):
-    """A fresh PriorTrainer for `model` over the codes of train_set (prior.cvae at path).
-    Without arch, a PriorArch over the active dimensions (active_dims) with arch_settings
-    (hidden, blocks, n_freq, act)."""
-    codes = encode_codes(model, train_set)
-    if arch is None:
-        dims = active_dims(codes[0])
-        arch = PriorArch(latent=len(dims), dims=dims, **arch_settings)
-    plan = PriorPlan(arch=arch, cvae_sha256=cvae_digest(model), cvae_checkpoint=checkpoint_name,
-                     epochs=epochs, batch=batch, lr=lr, drop=drop, seed=seed)
-    prior = FlowPrior(arch, max_batch=max(batch, SAMPLE_BATCH), threads=threads)
-    prior.init_params(seed)
-    return PriorTrainer(path, plan, prior, in_dims(codes, arch.dims), train_set.labels,
-                        on_progress=on_progress,
-                        on_epoch=on_epoch)
-
-
-def resume_prior(model, train_set, path, threads=1, on_progress=None, on_epoch=None):
-    """A PriorTrainer continuing prior.cvae at path exactly where it stopped."""
-    meta, sections, _ = load_checkpoint(path, expected_kind=KIND)
-    plan, losses = PriorPlan.from_meta(meta, path)
-    if plan.cvae_sha256 != cvae_digest(model):
-        raise CvaeError(f"{path} is the prior of another CVAE (its parameters' digest differs "
-                        f"from this checkpoint's): remove it and train a new one")
-    if not any(name.startswith("adam_") for name in sections):
-        raise CvaeError(f"{path} has no optimizer state, so its training cannot continue")
-    prior = FlowPrior(plan.arch, max_batch=max(plan.batch, SAMPLE_BATCH), threads=threads)
-    prior.load_state_sections(sections, source=path)
-    prior.adam_t = int(meta.get("adam_t", 0))
-    if prior.adam_t != plan.step:
-        raise CvaeError(f"{path}: Adam's step count {prior.adam_t} does not match its step "
-                        f"{plan.step}")
-    if max(plan.arch.dims) >= model.arch.latent:
-        raise CvaeError(f"{path}: its latent dimensions do not fit this CVAE")
-    codes = in_dims(encode_codes(model, train_set), plan.arch.dims)
-    return PriorTrainer(path, plan, prior, codes, train_set.labels, losses, on_progress,
-                        on_epoch)
-
-
-# ---------------------------------------------------------------- a run's prior, trained
-
-
-def prior_progress(mode, total_steps, first_step, epochs):
-    """(on_progress, on_epoch, close) for mode 'rich' (a progress bar on stderr), 'json' (one
-    object per epoch on stdout) or 'quiet'."""
-    if mode == "json":
-        def on_epoch(epoch, loss, seconds):
-            print(json.dumps({"prior_epoch": epoch, "loss": loss, "seconds": seconds}), flush=True)
-        return None, on_epoch, lambda: None
-    if mode != "rich":
-        return None, None, lambda: None
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    bar = Progress(TextColumn("flow prior"), BarColumn(bar_width=30), MofNCompleteColumn(),
-                   TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn(), console=Console(stderr=True), refresh_per_second=4)
-    task = bar.add_task("steps", total=total_steps, completed=first_step, stats="")
-    bar.start()
-
-    def on_progress(step, loss, codes_per_s):
-        if step % 16 == 0:
-            bar.update(task, completed=step, stats=f"loss {loss:.4f} {codes_per_s:,.0f} codes/s")
-
-    def on_epoch(epoch, loss, seconds):
-        bar.update(task, completed=epoch * total_steps // epochs)
-        bar.console.print(f"prior epoch {epoch}: loss {loss:.4f} ({seconds:.1f} s)")
-
-    return on_progress, on_epoch, bar.stop
-
-
-def train_run_prior(run_dir, model, train_set, threads, checkpoint_name, settings=None,
-                    resume=False, mode="rich"):
-    """Train (or with resume, continue) RUN/prior.cvae for `model` on train_set's codes,
-    with a progress display and Ctrl-C/SIGTERM stopping after the current step with the prior
-    saved. settings: PriorArch fields hidden, blocks, n_freq, act and train_prior's epochs,
-    batch, lr, drop, seed (missing: defaults). Returns (status, trainer, seconds)."""
-    from cvae.train import stop_on_signals
-
-    path = prior_path(run_dir)
-    start = time.perf_counter()
-    settings = dict(settings or {})
-    if resume:
-        trainer = resume_prior(model, train_set, path, threads)
-    else:
-        trainer = train_prior(model, train_set, path, threads=threads,
-                              checkpoint_name=checkpoint_name, **settings)
-    trainer.on_progress, trainer.on_epoch, close = prior_progress(
-        mode, trainer.total, trainer.plan.step, trainer.plan.epochs)
-    say = (lambda text: print(text, file=sys.stderr, flush=True))
-    try:
-        with stop_on_signals(trainer, say):
-            status = trainer.run()
-    finally:
-        close()
-    return status, trainer, time.perf_counter() - start
-
-
-def stale_prior_error(run_dir):
-    """The error for a RUN/prior.cvae of other CVAE parameters than the run's newest."""
-    return CvaeError(f"{prior_path(run_dir)} is the prior of other CVAE parameters than the "
-                     f"run's newest checkpoint (an earlier checkpoint's?): delete it, and "
-                     f"'cvae train --resume {run_dir}' trains a new {PRIOR_NAME} for the "
-                     f"finished CVAE")
-
-
-def complete_run_prior(run_dir, model, train_set, threads, checkpoint_name, settings=None,
-                       mode="rich", replace_stale=False):
-    """Make RUN/prior.cvae a complete prior of `model`: nothing to do when it is one; a stopped
-    one is resumed, a missing one trained (with `settings`, see train_run_prior); one of other
-    CVAE parameters is trained anew in its place with replace_stale, else a CvaeError.
-    Returns (status, PriorTrainer or None when nothing was done, seconds, the state before)."""
-    state, _ = prior_state(run_dir, model)
-    if state == "complete":
-        return "complete", None, 0.0, state
-    if state == "stale" and not replace_stale:
-        raise stale_prior_error(run_dir)
-    status, trainer, seconds = train_run_prior(run_dir, model, train_set, threads,
-                                               checkpoint_name, settings,
-                                               resume=state == "partial", mode=mode)
-    return status, trainer, seconds, state
-
-
-def cmd_prior_train(args):
-    from cvae.atomic import check_writable
-    from cvae.cli import run_data_dir
-    from cvae.data import Dataset
-    from cvae.sample import checkpoint_digits, open_model, resolve_checkpoint
-
-    path, run_dir = resolve_checkpoint(args.checkpoint)
-    out = check_writable(prior_path(run_dir))
-    given = {k: getattr(args, k) for k in ("hidden", "blocks", "epochs", "batch", "lr", "drop",
-                                           "seed") if getattr(args, k) is not None}
-    if args.resume:
-        if not os.path.isfile(out):
-            raise CvaeError(f"--resume: {run_dir} has no {PRIOR_NAME} to continue")
-        if given:
-            raise CvaeError(f"--resume continues {out} with its own settings: leave out "
-                            + ", ".join(f"--{k}" for k in given))
-    elif os.path.exists(out):
-        raise CvaeError(f"{run_dir} already has a prior ({PRIOR_NAME}): continue it with "
-                        f"--resume, or delete it to train a new one")
-    model, meta = open_model(path, args)
-    digits = checkpoint_digits(meta, path)
-    train_set = Dataset.load(run_data_dir(args, run_dir), "train", digits)
-    trained_on = (meta.get("data") or {}).get("train_images")
-    if trained_on is not None and trained_on != len(train_set):
-        raise CvaeError(f"{path} was trained on {trained_on:,} training images, but the data "
-                        f"gives {len(train_set):,}: pass the run's --data")
-    mode = "json" if args.json else "quiet" if args.quiet else "rich"
-    status, trainer, seconds = train_run_prior(run_dir, model, train_set, model.threads,
-                                               os.path.basename(path), given, args.resume, mode)
-    return report_prior_training(status, trainer, seconds, mode, model.threads,
-                                 f"cvae prior train --checkpoint {run_dir} --resume",
-                                 resumed=args.resume)
-
-
-def report_prior_training(status, trainer, seconds, mode, threads, resume_command,
-                          resumed=False, cvae_seconds=None):
-    """Say how a prior's training ended and return the exit code: stopped (stderr: where it
-    was saved and resume_command; 130/143), or complete (one JSON object in mode 'json', a line
-    in 'rich', and with cvae_seconds the CVAE's training time beside the prior's)."""
-    from cvae.train import EXIT_SIGNAL
-
-    plan, out = trainer.plan, trainer.path
-    if status == "interrupted":
-        print(f"cvae: stopped the flow prior at step {plan.step:,} of {trainer.total:,}; saved "
-              f"{out}\ncvae: resume with: {resume_command}", file=sys.stderr, flush=True)
-        return EXIT_SIGNAL.get(trainer.stop_signal, 130)
-    loss = trainer.losses[-1] if trainer.losses else None
-    result = {"prior": os.path.abspath(out), "epochs": plan.epochs, "loss": loss,
-              "seconds": seconds, "resumed": resumed, "codes": len(trainer.labels),
-              "dims": list(plan.arch.dims), "params": plan.arch.n_params(), "threads": threads}
-    if cvae_seconds is not None:
-        result["cvae_seconds"] = cvae_seconds
-    if mode == "json":
-        print(json.dumps(result), flush=True)
-    elif mode == "rich":
-        here = " (resumed: this invocation's time)" if resumed else ""
-        print(f"flow prior: {plan.epochs} epoch{'s' * (plan.epochs != 1)} over "
-              f"{len(trainer.labels):,} codes ({plan.arch.latent} active latent dimensions), "
-              f"loss {loss:.4f}, {seconds:.1f} s{here} on {threads} threads -> {out}", flush=True)
-        if cvae_seconds:
-            print(f"training time: CVAE {cvae_seconds:.1f} s, flow prior {seconds:.1f} s "
-                  f"({seconds / cvae_seconds:.0%} of the CVAE's)", flush=True)
-    return 0
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_prior_options(p, both=False):
-    """--prior, --steps, --method, --guidance: which prior draws the codes, and how the flow
-    is solved (generate, eval, sweep)."""
-    choices = PRIORS + (("both",) if both else ())
-    p.add_argument("--prior", choices=choices, default=None,
-                   help="flow: the run's learned prior (prior.cvae); gaussian: z ~ N(0, T² I)"
-                        + ("; both: each, the flow's figures on top" if both else "")
-                        + " (default: " + ("both" if both else "flow")
-                        + " when the run has prior.cvae, else gaussian)")
-    p.add_argument("--steps", dest="ode_steps", type=int, default=DEFAULT_STEPS, metavar="N",
-                   help=f"ODE steps from t = 0 to 1 for the flow prior (default: {DEFAULT_STEPS})")
-    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
-                   help=f"ODE solver for the flow prior (default: {DEFAULT_METHOD})")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, metavar="W",
-                   help="classifier-free guidance for the flow prior: (1 + W)·v(z, t, y) - "
-                        f"W·v(z, t, none); 0 is none (default: {DEFAULT_GUIDANCE:g})")
-
-
-def register(subparsers):
-    from cvae.cli import (Formatter, Parser, _number_type, non_negative_int, positive_float,
-                          positive_int, probability)
-
-    blocks = _number_type(int, "an integer", lambda v: 1 <= v <= 8, "an integer from 1 to 8")
-
-    p = subparsers.add_parser(
-        "prior", formatter_class=Formatter,
-        help="train a run's flow-matching prior (better samples than N(0, I))",
-        description="A learned prior over a trained CVAE's latent codes: conditional flow "
-                    "matching, see the README's\n'The flow prior'. 'generate', 'eval' and "
-                    "'report' use it once the run has prior.cvae.")
-    sub = p.add_subparsers(dest="prior_command", metavar="ACTION", parser_class=Parser)
-    sub.required = True
-    q = sub.add_parser(
-        "train", formatter_class=Formatter, help="train RUN/prior.cvae",
-        description="Encode the run's training images once, then train the velocity network "
-                    "v(z_t, t, y) on\nz_t = (1 - t)·z0 + t·z1, target z1 - z0, z1 = mu + "
-                    "sigma·eps a code, z0 ~ N(0, I), t ~ U[0, 1),\nin the latent dimensions "
-                    "whose mu varies over the training images (the others are N(0, 1)\n"
-                    "noise for every image already).\nSaves RUN/prior.cvae after every epoch; "
-                    "Ctrl-C (or SIGTERM) saves and exits 130 (143); continue\nwith --resume.")
-    q.add_argument("--checkpoint", required=True, metavar="RUN",
-                   help="a run directory (its last.cvae) or a .cvae checkpoint; the prior is "
-                        "written beside it as prior.cvae")
-    q.add_argument("--data", metavar="DIR", default=None,
-                   help="MNIST directory (default: $CVAE_DATA, else the run's, else the cache)")
-    q.add_argument("--epochs", type=positive_int, default=None,
-                   help=f"passes over the codes (default: {DEFAULT_EPOCHS})")
-    q.add_argument("--batch", type=positive_int, default=None,
-                   help=f"codes per step (default: {DEFAULT_BATCH})")
-    q.add_argument("--lr", type=positive_float, default=None,
-                   help=f"peak learning rate, cosine decay to 0 (default: {DEFAULT_LR:g})")
-    q.add_argument("--hidden", type=positive_int, default=None,
-                   help=f"width of the velocity network (default: {DEFAULT_HIDDEN})")
-    q.add_argument("--blocks", type=blocks, default=None,
-                   help=f"residual blocks, 1 to 8 (default: {DEFAULT_BLOCKS})")
-    q.add_argument("--drop", type=probability, default=None,
-                   help="probability that a training label is replaced by the null label, for "
-                        f"--guidance (default: {DEFAULT_DROP:g})")
-    q.add_argument("--seed", type=non_negative_int, default=None,
-                   help="seed of the initialisation, order and noise (default: 0)")
-    q.add_argument("--threads", type=positive_int, default=None,
-                   help="OpenMP threads (default: the CPUs available to this process)")
-    q.add_argument("--resume", action="store_true",
-                   help="continue RUN/prior.cvae where it stopped, with its settings")
-    group = q.add_mutually_exclusive_group()
-    group.add_argument("--json", action="store_true", help="one JSON object per line")
-    group.add_argument("--quiet", action="store_true", help="print only errors")
-    q.set_defaults(func=cmd_prior_train)
-

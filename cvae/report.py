@@ -21,20 +21,26 @@ cannot be drawn, the page says why. The page has no time stamp: the same run dir
 the same bytes.
 """
 
-import argparse
 import base64
 import html
-import json
 import math
 import os
 import shlex
 import tempfile
 
+import cvae
+from cvae import rundir as R
+from cvae.atomic import check_writable, write_bytes_atomic
+from cvae.catalogue import EPOCH, EVAL, SAMPLE_METRICS, labels
+from cvae.data import has_mnist_files
 from cvae.errors import CvaeError
-from cvae.evaluate import EVAL_JSON, SAMPLE_METRICS
-from cvae.sample import FLOW_SAMPLES_NAME, flow_sheet_problem
+from cvae.fetch import resolve_data_dir
+from cvae.images import PNG_SIGNATURE, png_bytes, read_pgm, sidecar_path
+from cvae.plots import curves_png
+from cvae.prior import sampling_text
 
-REPORT_NAME = "report.html"
+FLOW_SAMPLES_NAME = R.FLOW_SAMPLES
+EVAL_JSON = R.EVAL
 
 # Sheets the trainer writes at the end of a run, shown first in this order; others follow
 # alphabetically.
@@ -46,58 +52,12 @@ RUN_SHEETS = ("samples", "samples-flow", "reconstructions", "interpolations",
 PRIOR_SHEETS = {"samples.pgm": "gaussian", FLOW_SAMPLES_NAME: "flow"}
 PRIOR_LABELS = {"gaussian": "N(0, I)", "flow": "flow prior"}
 
-#: Known eval.json keys: (label, description). Unknown keys are shown under their own name.
-EVAL_KEYS = {
-    "neg_elbo": ("negative ELBO", "nats per image at β = 1: rec + KL, one ε per image"),
-    "rec": ("reconstruction", "−log p(x|z): BCE over the 784 continuous pixels, nats per image"),
-    "kl": ("KL", "analytic KL(q(z|x,y) ‖ N(0, I)), nats per image"),
-    "iwae_nll": ("IWAE NLL", "importance-weighted bound on −log p(x|y), nats per image"),
-    "k": ("k", "importance samples per image of the IWAE bound"),
-    "ssim": ("SSIM", "of the reconstructions at z = μ against the originals"),
-    "ssim_per_digit": ("SSIM per digit", "the same, averaged over each digit's images"),
-    "prior": ("prior", "the prior that drew the generated digits of the figures below (flow: "
-                       "the run's prior.cvae; gaussian: N(0, I))"),
-    "prior_settings": ("prior settings", "how that prior drew the codes"),
-    "cond_accuracy": ("conditional accuracy",
-                      "share of generated digits a classifier recognises as their label"),
-    "cond_accuracy_per_digit": ("conditional accuracy per digit", "the same, for each label"),
-    "fid": ("FID", "Fréchet distance between generated and real test digits (lower is better)"),
-    "fid_test_floor": ("FID floor", "the same distance from the other half of the test digits "
-                                    "(same size, same digit mix): what real digits score"),
-    "diversity": ("diversity", "mean distance between two generated digits of the same label in "
-                               "the classifier's feature space"),
-    "diversity_per_digit": ("diversity per digit", "the same, for each label"),
-    "diversity_test": ("test digits' diversity", "the same distance between two test digits of "
-                                                 "a label: what real digits score"),
-    "diversity_test_per_digit": ("test digits' diversity per digit", "the same, for each label"),
-    "by_prior": ("by prior", "the generated digits' figures of each prior judged"),
-    "temperature": ("temperature", "standard deviation of z for the generated digits (for the "
-                                   "flow: of its starting draws)"),
-    "samples": ("samples", "generated digits per digit"),
-    "n_images": ("test images", "images of the trained digits in the test file"),
-    "digits": ("digits", "the checkpoint's trained digits"),
-    "seed": ("seed", "noise seed of the evaluation"),
-    "checkpoint": ("checkpoint", "the evaluated checkpoint"),
-    "threads": ("threads", ""),
-    "seconds": ("seconds", "time the evaluation took"),
-}
-
-#: metrics.jsonl keys (see cvae.train): (label, description).
-EPOCH_KEYS = {
-    "epoch": ("epoch", ""),
-    "step": ("step", "optimizer steps so far"),
-    "phase": ("phase", "of the β / learning-rate schedule"),
-    "beta": ("β", "weight of the KL term in the training loss"),
-    "lr": ("learning rate", "Adam"),
-    "train_loss": ("train loss", "rec + β·KL, mean over the epoch's batches, nats per image"),
-    "train_rec": ("train reconstruction", "mean over the epoch's batches, nats per image"),
-    "train_kl": ("train KL", "mean over the epoch's batches, nats per image"),
-    "test_neg_elbo": ("test negative ELBO", "at β = 1 after the epoch, nats per image"),
-    "test_rec": ("test reconstruction", "after the epoch, nats per image"),
-    "test_kl": ("test KL", "after the epoch, nats per image"),
-    "img_per_s": ("images per second", "training throughput of the epoch"),
-    "seconds": ("seconds", "the epoch's wall time, test ELBO included"),
-}
+#: Known eval.json and metrics.jsonl keys: (label, description). Unknown keys are shown under
+#: their own name.
+EVAL_KEYS = labels(EVAL)
+EPOCH_KEYS = labels(EPOCH)
+#: Keys whose values are paths: shown relative to the run directory.
+PATH_KEYS = ("checkpoint", "classifier", "prior_file", "data_dir", "eval_json")
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
@@ -157,10 +117,10 @@ def _is_scalar(value):
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def format_value(value):
+def format_value(value, per_row=10):
     """HTML for one value of a JSON document: None as an em dash, numbers by format_number,
-    dicts keyed by digits as a one-row table with the digits as headers, other dicts as a
-    key/value table, lists of scalars comma-separated."""
+    dicts keyed by digits as a table with the digits as headers (per_row digits a row), other
+    dicts as a key/value table, lists of scalars comma-separated."""
     if value is None:
         return "—"
     if isinstance(value, bool) or _is_number(value):
@@ -173,9 +133,13 @@ def format_value(value):
         keys = list(value)
         if all(str(k).isdigit() for k in keys) and all(_is_scalar(v) for v in value.values()):
             keys.sort(key=lambda k: int(k))
-            head = "".join(f"<th>{_e(k)}</th>" for k in keys)
-            cells = "".join(f'<td class="num">{format_value(value[k])}</td>' for k in keys)
-            return f'<table class="mini"><tr>{head}</tr><tr>{cells}</tr></table>'
+            rows = []
+            for start in range(0, len(keys), per_row):
+                part = keys[start:start + per_row]
+                rows.append("<tr>" + "".join(f"<th>{_e(k)}</th>" for k in part) + "</tr><tr>"
+                            + "".join(f'<td class="num">{format_value(value[k])}</td>'
+                                      for k in part) + "</tr>")
+            return f'<table class="mini">{"".join(rows)}</table>'
         rows = "".join(f"<tr><th>{_e(k)}</th><td{_num_class(v)}>{format_value(v)}</td></tr>"
                        for k, v in value.items())
         return f'<table class="mini">{rows}</table>'
@@ -219,8 +183,6 @@ def data_uri(png):
 
 def png_size(png):
     """(width, height) from a PNG's IHDR chunk, or None if it is not a PNG."""
-    from cvae.images import PNG_SIGNATURE
-
     if len(png) < 24 or not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
         return None
     return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
@@ -236,19 +198,6 @@ def _figure(png, alt, caption, css_class="", scale=1):
 # ---------------------------------------------------------------- reading the run
 
 
-def _read_json(path):
-    """(document, problem): (None, None) when the file does not exist."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f), None
-    except FileNotFoundError:
-        return None, None
-    except OSError as e:
-        return None, f"cannot read {os.path.basename(path)}: {e.strerror or e}"
-    except ValueError as e:
-        return None, f"{os.path.basename(path)} is not valid JSON ({e})"
-
-
 def _read_png(path):
     """The bytes of a PNG file, or (None, problem)."""
     try:
@@ -261,35 +210,35 @@ def _read_png(path):
     return data, None
 
 
-def _mtime(path):
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return None
+def _relative(document, run_dir):
+    """A JSON document of the run with its absolute paths (PATH_KEYS, at any depth) shown
+    relative to the run directory: the page names no machine's directories."""
+    if isinstance(document, dict):
+        return {k: (R.portable(v, run_dir) if k in PATH_KEYS and isinstance(v, str)
+                    and os.path.isabs(v) else _relative(v, run_dir))
+                for k, v in document.items()}
+    if isinstance(document, list):
+        return [_relative(v, run_dir) for v in document]
+    return document
 
 
 def check_run_dir(run_dir):
     """A CvaeError unless run_dir is a readable directory holding config.json or a checkpoint.
     Returns the checkpoint the latent picture would be drawn from (None without one)."""
-    from cvae.checkpoint import latest_checkpoint, list_checkpoints
-    from cvae.train import CONFIG_NAME
-
     if not os.path.exists(run_dir):
         raise CvaeError(f"run directory {run_dir} does not exist")
     if not os.path.isdir(run_dir):
         raise CvaeError(f"{run_dir} is not a directory: give a run directory (cvae train --out)")
-    checkpoints = list_checkpoints(run_dir)  # CvaeError when unreadable
-    if not checkpoints and not os.path.isfile(os.path.join(run_dir, CONFIG_NAME)):
-        raise CvaeError(f"{run_dir} is not a run directory: it holds neither {CONFIG_NAME} nor "
+    checkpoints = R.list_checkpoints(run_dir)  # CvaeError when unreadable
+    if not checkpoints and not os.path.isfile(R.path(run_dir, R.CONFIG)):
+        raise CvaeError(f"{run_dir} is not a run directory: it holds neither {R.CONFIG} nor "
                         f"a checkpoint (*.cvae)")
-    return latest_checkpoint(run_dir) or (checkpoints[-1] if checkpoints else None)
+    return R.latest_checkpoint(run_dir) or (checkpoints[-1] if checkpoints else None)
 
 
 def report_path(out, run_dir):
     """--out, else RUN_DIR/report.html; a CvaeError now if it cannot be written."""
-    from cvae.atomic import check_writable
-
-    return check_writable(os.fspath(out) if out else os.path.join(run_dir, REPORT_NAME))
+    return check_writable(os.fspath(out) if out else R.path(run_dir, R.REPORT))
 
 
 def _writable(directory):
@@ -299,9 +248,6 @@ def _writable(directory):
 def _test_data(data):
     """(data directory or None, its source): None when the test files are not there. With
     --data given, missing test files are an error (the user asked for that directory)."""
-    from cvae.data import has_mnist_files
-    from cvae.fetch import resolve_data_dir
-
     data_dir, source = resolve_data_dir(data)
     if has_mnist_files(data_dir, splits=("test",)):
         return data_dir, source
@@ -337,15 +283,13 @@ class Report:
 
     def save_picture(self, name, png):
         """Also keep a picture drawn for the page in the run directory, when it is writable."""
-        from cvae.atomic import write_bytes_atomic
-
         path = os.path.join(self.run_dir, name)
         if not _writable(self.run_dir):
             return "drawn for this page (the run directory is not writable, so it was not saved)"
         try:
             write_bytes_atomic(path, png)
-        except OSError as e:
-            return f"drawn for this page (not saved: {e.strerror or e})"
+        except CvaeError as e:
+            return f"drawn for this page (not saved: {e})"
         self.saved.append(path)
         return f"drawn for this page and saved as {name}"
 
@@ -428,13 +372,12 @@ def _prior_label(name):
 
 
 def _by_prior(evaluation):
-    """{prior: its figures} of eval.json's by_prior when the run's generated digits were judged
-    with a flow prior (or several priors); None for a run with N(0, I) only, whose by_prior
-    repeats the top level."""
+    """{prior: its figures} of eval.json's by_prior (cvae.rundir.read_eval) when the run's
+    generated digits were judged with a flow prior (or several priors); None for a run with
+    N(0, I) only, whose by_prior repeats the top level."""
     by_prior = evaluation.get("by_prior") if isinstance(evaluation, dict) else None
-    if not isinstance(by_prior, dict):
+    if not by_prior:
         return None
-    by_prior = {name: f for name, f in by_prior.items() if isinstance(f, dict)}
     return by_prior if "flow" in by_prior or len(by_prior) > 1 else None
 
 
@@ -442,8 +385,6 @@ def _prior_heading(name, figures):
     """A by-prior column's heading: the prior, and for the flow how its ODE was solved."""
     if name != "flow":
         return _prior_label(name)
-    from cvae.prior import sampling_text
-
     how = sampling_text(figures)
     return _prior_label(name) + (f" ({how})" if how else "")
 
@@ -456,7 +397,9 @@ def _by_prior_table(by_prior, evaluation):
     rows = []
     for key in SAMPLE_METRICS:
         label = EVAL_KEYS.get(key, (key, ""))[0]
-        cells = "".join(f"<td{_num_class(f.get(key))}>{format_value(f.get(key))}</td>"
+        # Per-digit figures five digits a row: two priors' ten digits side by side would not
+        # fit a 1280-pixel page.
+        cells = "".join(f"<td{_num_class(f.get(key))}>{format_value(f.get(key), per_row=5)}</td>"
                         for f in by_prior.values())
         rows.append(f"<tr><th title=\"{_e(key)}\">{_e(label)}</th>{cells}</tr>")
     for key in ("diversity_test", "diversity_test_per_digit"):
@@ -464,7 +407,7 @@ def _by_prior_table(by_prior, evaluation):
             value = evaluation[key]
             rows.append(f"<tr><th title=\"{_e(key)}\">{_e(EVAL_KEYS[key][0])}</th>"
                         f"<td{_num_class(value)} colspan=\"{len(by_prior)}\">"
-                        f"{format_value(value)}</td></tr>")
+                        f"{format_value(value, per_row=5)}</td></tr>")
     return ("<h3>generated digits by prior</h3><table><tr><th>metric</th>" + head + "</tr>"
             + "".join(rows) + "</table>")
 
@@ -481,12 +424,8 @@ def _prior_figures(evaluation, name, run_dir):
     again = f"run 'cvae eval --checkpoint {run_dir}'"
     if not isinstance(evaluation, dict):
         return f"{label}: " + _e(f"no figures yet: {again} (it judges each prior's samples)")
-    by_prior = evaluation.get("by_prior")
-    if isinstance(by_prior, dict):
-        figures = by_prior.get(name)
-    else:  # an eval.json from before the flow prior: its figures are N(0, I)'s
-        figures = evaluation if name == "gaussian" else None
-    if not isinstance(figures, dict):
+    figures = evaluation["by_prior"].get(name)
+    if not figures:
         return f"{label}: " + _e(f"eval.json has no figures of this prior: {again} again")
     accuracy = figures.get("cond_accuracy")
     if accuracy is None:
@@ -515,17 +454,13 @@ def _prior_figures(evaluation, name, run_dir):
 
 def _prior_row(run_dir):
     """The summary's line about RUN/prior.cvae (None without one)."""
-    from cvae.checkpoint import load_checkpoint
-    from cvae.prior import KIND, PriorPlan, prior_path
-
-    path = prior_path(run_dir)
-    if not os.path.isfile(path):
-        return None
     try:
-        meta, _, _ = load_checkpoint(path, expected_kind=KIND)
-        plan, losses = PriorPlan.from_meta(meta, path)
+        summary = R.prior_summary(run_dir)
     except CvaeError as e:
         return _e(f"prior.cvae: {e}")
+    if summary is None:
+        return None
+    plan, losses = summary
     arch = plan.arch
     what = (f"prior.cvae, {arch.n_params():,} parameters ({arch.blocks} residual blocks of "
             f"{arch.hidden}) over {arch.latent} active latent dimensions")
@@ -553,11 +488,8 @@ def _training_section(report, records):
 
 
 def _curves_section(report, records):
-    from cvae import plots
-    from cvae.train import METRICS_NAME
-
     run_dir = report.run_dir
-    path = os.path.join(run_dir, plots.CURVES_NAME)
+    path = R.path(run_dir, R.CURVES)
     caption = ("Per epoch: the test set's negative ELBO at β = 1, reconstruction and KL (train: "
                "mean over the epoch's batches at that epoch's β; test: after the epoch, at "
                "β = 1), β and the learning rate; shading marks the schedule's phases.")
@@ -565,19 +497,17 @@ def _curves_section(report, records):
     existing = os.path.exists(path)
     if existing:
         png, problem = _read_png(path)
-        stale = (_mtime(os.path.join(run_dir, METRICS_NAME)) or 0) > (_mtime(path) or 0)
+        stale = R.is_older(path, R.path(run_dir, R.METRICS))
         if png is not None and not (stale and records):
             return report.figure(png, "training curves", _e(caption + " (curves.png)"))
     if records:
         try:
-            png = plots.curves_png(records, title=f"{os.path.basename(os.path.abspath(run_dir))}"
-                                                  f": training curves (nats per image; test "
-                                                  f"figures at β = 1)")
+            png = curves_png(records, title=R.curves_title(run_dir))
         except CvaeError as e:  # no matplotlib here: the page goes on without the curves
             return report.note(f"No training curves: {e}")
         why = ("curves.png was older than metrics.jsonl" if existing and problem is None
                else problem or "the run has no curves.png")
-        saved = report.save_picture(plots.CURVES_NAME, png)
+        saved = report.save_picture(R.CURVES, png)
         return report.figure(png, "training curves", _e(f"{caption} ({why}: {saved}.)"))
     return report.note((problem + "; " if problem else "")
                        + "No training curves: metrics.jsonl is missing or has no finished "
@@ -585,10 +515,8 @@ def _curves_section(report, records):
 
 
 def _latent_section(report, checkpoint, data, threads):
-    from cvae import plots
-
     run_dir = report.run_dir
-    path = os.path.join(run_dir, plots.LATENT_NAME)
+    path = R.path(run_dir, R.LATENT)
     caption = ("The test set's latent means μ(x, y) (the encoder's output for each test image "
                "of the trained digits), projected onto their first two principal components, "
                "one colour per digit. In a conditional VAE the decoder is told the digit, so z "
@@ -597,7 +525,7 @@ def _latent_section(report, checkpoint, data, threads):
     old, problem = (None, None)
     if os.path.exists(path):
         old, problem = _read_png(path)
-        stale = checkpoint is not None and (_mtime(checkpoint) or 0) > (_mtime(path) or 0)
+        stale = checkpoint is not None and R.is_older(path, checkpoint)
         if old is not None and not stale:
             return report.figure(old, "latent means, PCA", _e(caption + " (latent.png)"))
     why = ("latent.png is older than the newest checkpoint" if old is not None
@@ -615,7 +543,7 @@ def _latent_section(report, checkpoint, data, threads):
             except CvaeError as e:
                 reason = f"drawing it failed: {e}"
             else:
-                saved = report.save_picture(plots.LATENT_NAME, png)
+                saved = report.save_picture(R.LATENT, png)
                 return report.figure(png, "latent means, PCA",
                                      _e(f"{caption} ({why}: {saved}, from "
                                         f"{os.path.basename(checkpoint)} and the test files in "
@@ -628,14 +556,9 @@ def _latent_section(report, checkpoint, data, threads):
 
 
 def _draw_latent(checkpoint, data_dir, threads):
-    from cvae import plots
-    from cvae.sample import checkpoint_digits, encode_mu, load_test, open_model
-
-    model, meta = open_model(checkpoint, argparse.Namespace(threads=threads))
-    digits = checkpoint_digits(meta, checkpoint)
-    dataset = load_test(argparse.Namespace(data=data_dir), digits).restrict(digits)
-    mu = encode_mu(model, dataset.images, dataset.labels)
-    return plots.latent_png(mu, dataset.labels)
+    model, meta = R.open_model(checkpoint, threads)
+    digits = R.checkpoint_digits(meta, checkpoint)
+    return R.latent_picture(model, R.load_test(data_dir, digits).restrict(digits))
 
 
 def _sheet_order(name):
@@ -645,17 +568,13 @@ def _sheet_order(name):
 
 def _load_sheet(path):
     """(pixels, sidecar or None, the sidecar's problem or None); a CvaeError for a bad PGM."""
-    from cvae.images import read_pgm, sidecar_path
-
     pixels = read_pgm(path)
-    sidecar, problem = _read_json(sidecar_path(path))
+    sidecar, problem = R.read_json(sidecar_path(path))
     return pixels, sidecar, problem
 
 
 def _sheet_figure(report, name, pixels, sidecar, problem, more=""):
     """A digit sheet's figure, captioned from its sidecar (then `more`, HTML)."""
-    from cvae.images import png_bytes
-
     extra = sidecar.get("extra") if isinstance(sidecar, dict) else None
     extra = extra if isinstance(extra, dict) else {}
     details = [f"<code>{_e(name)}</code>, {pixels.shape[1]}×{pixels.shape[0]} pixels"]
@@ -680,20 +599,17 @@ def _flow_sheet(report, checkpoint, threads):
     in the run directory when it is writable. Returns {} when there is nothing to draw, else
     "how" (the flow sheet's caption: how it was drawn, or why it may be out of date), "sheet"
     ((pixels, sidecar, problem) of a sheet drawn but not saved) or "note" (why none)."""
-    from cvae.images import sidecar_path
-    from cvae.prior import PRIOR_NAME, prior_path
-
     run_dir = report.run_dir
-    prior, path = prior_path(run_dir), os.path.join(run_dir, FLOW_SAMPLES_NAME)
+    prior, path = R.prior_path(run_dir), R.path(run_dir, FLOW_SAMPLES_NAME)
     exists = os.path.exists(path)
-    if not os.path.isfile(prior) or flow_sheet_problem(run_dir) is None:
+    if not os.path.isfile(prior) or R.flow_sheet_problem(run_dir) is None:
         return {}
-    why = (f"{FLOW_SAMPLES_NAME} was older than {PRIOR_NAME}" if exists
+    why = (f"{FLOW_SAMPLES_NAME} was older than {R.PRIOR}" if exists
            else f"the run had no {FLOW_SAMPLES_NAME}")
     if checkpoint is None:
         reason = "there is no checkpoint to decode its codes with"
     else:
-        source = f"from {os.path.basename(checkpoint)} and {PRIOR_NAME}"
+        source = f"from {os.path.basename(checkpoint)} and {R.PRIOR}"
         try:
             if _writable(run_dir):
                 drawn = _draw_flow_sheet(checkpoint, run_dir, run_dir, threads)
@@ -716,14 +632,11 @@ def _flow_sheet(report, checkpoint, threads):
 def _draw_flow_sheet(checkpoint, run_dir, directory, threads):
     """directory/samples-flow.pgm (and sidecar) of run_dir's flow prior, as the trainer draws
     it (cvae.sample.write_run_images: 10 per digit at T = 1, the run's seed); its path."""
-    from cvae.prior import open_prior
-    from cvae.sample import checkpoint_digits, open_model, write_flow_samples
-
-    model, meta = open_model(checkpoint, argparse.Namespace(threads=threads))
-    digits = checkpoint_digits(meta, checkpoint)
-    flow = open_prior("flow", run_dir, model, model.threads)
+    model, meta = R.open_model(checkpoint, threads)
+    digits = R.checkpoint_digits(meta, checkpoint)
+    flow = R.open_prior("flow", run_dir, model, model.threads)
     seed = meta.get("seed") if isinstance(meta.get("seed"), int) else 0
-    return write_flow_samples(model, run_dir, seed, digits, flow, directory)[0]
+    return R.write_flow_samples(model, run_dir, seed, digits, flow, directory)[0]
 
 
 def _sheets_section(report, evaluation=None, checkpoint=None, threads=None):
@@ -800,13 +713,12 @@ def _config_section(report, config, problem):
 def build_report(run_dir, data=None, threads=None, checkpoint=None):
     """(HTML text of the page, Report) for a run directory already checked by check_run_dir.
     data: (test data directory or None, its source), as _test_data gives."""
-    import cvae
-    from cvae.train import CONFIG_NAME, read_metrics
-
     report = Report(run_dir)
-    config, config_problem = _read_json(os.path.join(run_dir, CONFIG_NAME))
-    evaluation, eval_problem = _read_json(os.path.join(run_dir, EVAL_JSON))
-    records = read_metrics(run_dir)
+    config, config_problem = R.read_json(R.path(run_dir, R.CONFIG))
+    config = _relative(config, run_dir)
+    evaluation, eval_problem = R.read_eval(run_dir)
+    evaluation = _relative(evaluation, run_dir)
+    records = R.read_metrics(run_dir)
 
     report.add("summary", "Summary", _summary(config, records, evaluation, checkpoint, run_dir))
     report.add("metrics", "Test-set metrics (eval.json)",
@@ -828,7 +740,7 @@ def build_report(run_dir, data=None, threads=None, checkpoint=None):
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
         f"<title>cvae run report: {_e(name)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
         f"<h1>cvae run report: {_e(name)}</h1>\n"
-        f"<p class=\"path\">{_e(os.path.abspath(run_dir))}</p>\n<nav>{nav}</nav>\n"
+        f"<nav>{nav}</nav>\n"
         f"{sections}\n"
         f"<footer>Written by <code>cvae report</code> (cvae {_e(cvae.__version__)}) from the "
         f"files of the run directory. This page is self-contained: its {report.images} "
@@ -839,8 +751,6 @@ def build_report(run_dir, data=None, threads=None, checkpoint=None):
 
 def write_report(run_dir, out=None, data=None, threads=None):
     """Check the inputs, build the page and write it atomically; returns (path, Report)."""
-    from cvae.atomic import write_bytes_atomic
-
     run_dir = os.fspath(run_dir)
     checkpoint = check_run_dir(run_dir)
     path = report_path(out, run_dir)
@@ -848,49 +758,5 @@ def write_report(run_dir, out=None, data=None, threads=None):
         raise CvaeError(f"--threads must be a positive integer, got {threads}")
     test_data = _test_data(data)
     page, report = build_report(run_dir, data=test_data, threads=threads, checkpoint=checkpoint)
-    try:
-        write_bytes_atomic(path, page.encode("ascii", "xmlcharrefreplace"))
-    except OSError as e:
-        raise CvaeError(f"cannot write {path}: {e.strerror or e}") from None
+    write_bytes_atomic(path, page.encode("ascii", "xmlcharrefreplace"))
     return path, report
-
-
-def cmd_report(args):
-    path, report = write_report(args.run_dir, out=args.out, data=args.data, threads=args.threads)
-    for text in report.notes:
-        print(f"note: {text}")
-    print(f"report ({report.images} picture(s)) -> {path}\n"
-          f"open it in any browser, e.g.: xdg-open {shlex.quote(path)}")
-    return 0
-
-
-def register(subparsers):
-    p = subparsers.add_parser(
-        "report", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="one self-contained HTML page of a run: metrics, curves, latent space, digit sheets",
-        description="Write RUN_DIR/report.html: a summary, the test-set metrics of eval.json (from\n"
-                    "'cvae eval --checkpoint RUN_DIR'), the last epoch's training metrics, the\n"
-                    "training curves (curves.png), the latent means' PCA (latent.png), every digit\n"
-                    "sheet (*.pgm, captioned from its sidecar) and the configuration (config.json).\n"
-                    "A missing curves.png is drawn from metrics.jsonl; a missing latent.png from the\n"
-                    "newest checkpoint and the MNIST test files (--data, else $CVAE_DATA, else the\n"
-                    "cache), and both are saved in the run directory too. A run with a flow prior\n"
-                    "(prior.cvae) shows samples.pgm (N(0, I)) and samples-flow.pgm (the flow prior)\n"
-                    "side by side, each with its prior's figures from eval.json; a missing\n"
-                    "samples-flow.pgm is drawn from the newest checkpoint and prior.cvae.\n\n"
-                    "Open the report in any web browser, e.g.\n"
-                    "    xdg-open RUN_DIR/report.html      (or: firefox RUN_DIR/report.html)\n"
-                    "It is one self-contained file (pictures embedded as data: URIs, no scripts,\n"
-                    "nothing loaded from elsewhere), so it can be copied or mailed on its own.")
-    p.add_argument("run_dir", metavar="RUN_DIR",
-                   help="a run directory (cvae train --out): holds config.json or a checkpoint")
-    p.add_argument("--out", metavar="PATH", default=None,
-                   help="where to write the page (default: RUN_DIR/report.html)")
-    p.add_argument("--data", metavar="DIR", default=None,
-                   help="MNIST directory with the test files, to draw a missing latent.png "
-                        "(default: $CVAE_DATA, else the cache; without them the report says "
-                        "latent.png is missing)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="OpenMP threads for encoding the test set and drawing a missing "
-                        "samples-flow.pgm (default: the CPUs available to this process)")
-    p.set_defaults(func=cmd_report)

@@ -219,3 +219,9 @@ def parse_schedule_settings(items):
             raise CvaeError(f"--schedule-set {item!r}: expected KEY=VALUE, e.g. fast=0.2")
         out[key] = _number(key, value.strip())
     return out
+
+
+def cosine_lr(lr, step, total):
+    """Half a cosine from lr at step 0 to 0 at step total: the classifier's and the flow
+    prior's learning rate."""
+    return 0.5 * lr * (1.0 + math.cos(math.pi * step / total))

@@ -1,43 +1,35 @@
-"""The training loop: schedules, progress, per-epoch test ELBO, checkpoints, stop and resume.
+"""The CVAE's training loop: schedule, progress, per-epoch test ELBO, saves, stop and resume.
 
-A run directory holds ``config.json`` (what was asked for, including machine details),
-``metrics.jsonl`` (one object per completed epoch), ``epoch-NNNN.cvae`` after every epoch and
-``last.cvae`` (the newest state, possibly mid-epoch). Checkpoint metadata holds only what
-determines the computation (no wall-clock values, no thread count), so a run stopped and
-resumed, at an epoch end or mid-epoch, writes byte-identical checkpoints to an uninterrupted
-one: the model is deterministic across thread counts, batches are a pure function of
-(seed, epoch) and the schedule a pure function of the step.
+A Plan is everything that determines the computation; the Trainer runs it on a Model from the
+plan's position to the end, or to a stop (Ctrl-C, SIGTERM, --stop-after-epochs). It saves
+through a `store` (cvae.rundir.RunStore: checkpoints after every epoch and when stopped, the
+per-epoch metrics) and knows no file names. Checkpoint metadata holds only what determines
+the computation (no wall-clock values, no thread count), so a run stopped and resumed, at an
+epoch end or mid-epoch, writes byte-identical checkpoints to an uninterrupted one: the model
+is deterministic across thread counts, batches are a pure function of (seed, epoch) and the
+schedule a pure function of the step.
 """
 
-import contextlib
 import json
 import math
-import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
-import cvae
-from cvae.atomic import write_text_atomic
-from cvae.checkpoint import (
-    LAST_NAME,
-    latest_checkpoint,
-    list_checkpoints,
-    save_run_checkpoint,
-)
-from cvae.data import BatchStream, Dataset
+from cvae.data import BatchStream
 from cvae.errors import CvaeError
-from cvae.evaluate import EVAL_STEP, test_elbo  # noqa: F401  (EVAL_STEP: the test set's noise key)
-from cvae.model import Arch, Model, arch_from_json, model_from_sections
-from cvae.schedule import schedule_from_json
+from cvae.evaluate import test_elbo
+from cvae.model import VARIANTS, Arch, Model, arch_from_json, model_from_sections
+from cvae.progress import Bar
+from cvae.schedule import make_schedule, schedule_from_json
+from cvae.signals import exit_code, signal_name, stop_on_signals
 
 KIND = "cvae"
-CONFIG_NAME = "config.json"
-METRICS_NAME = "metrics.jsonl"
-
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+DEFAULT_VARIANT = "full"
+DEFAULT_EPOCHS = 30
+DEFAULT_BATCH = 64
+DEFAULT_LR = 1e-3
+DEFAULT_SCHEDULE = "progressive"
 
 
 # ---------------------------------------------------------------- run plan
@@ -116,6 +108,46 @@ class Plan:
         return meta
 
 
+def make_plan(variant=DEFAULT_VARIANT, hidden=None, latent=None, act=None, digits=None,
+              schedule=None, beta=None, schedule_settings=None, epochs=None, seed=None,
+              batch=None, lr=None):
+    """The Plan of a fresh run: the variant's sizes and digits unless overridden, the defaults
+    for everything left None. beta is for the constant schedule only."""
+    arch = Arch.variant(variant, act=act, hidden=hidden, latent=latent)
+    settings = dict(schedule_settings or {})
+    schedule_name = schedule or DEFAULT_SCHEDULE
+    if beta is not None:
+        if schedule_name != "constant":
+            raise CvaeError(f"--beta is for --schedule constant (the {schedule_name} schedule "
+                            f"sets β itself)")
+        settings["beta"] = beta
+    lr = DEFAULT_LR if lr is None else lr
+    return Plan(arch=arch, digits=tuple(digits or VARIANTS[variant]["digits"]),
+                schedule=make_schedule(schedule_name, lr, **settings),
+                epochs=DEFAULT_EPOCHS if epochs is None else epochs,
+                seed=0 if seed is None else seed,
+                batch=DEFAULT_BATCH if batch is None else batch, lr=lr, data={})
+
+
+def restore(meta, sections, source, threads):
+    """(model, plan) of a training checkpoint's header and sections, to continue exactly."""
+    plan = Plan.from_meta(meta, source)
+    if not any(name.startswith("adam_") for name in sections):
+        raise CvaeError(f"{source} has no optimizer state, so the run cannot continue exactly")
+    model = model_from_sections(meta, sections, source, threads=threads, max_batch=plan.batch)
+    if model.adam_t != plan.step:
+        raise CvaeError(f"{source}: Adam's step count {model.adam_t} does not match the run's "
+                        f"step {plan.step}")
+    return model, plan
+
+
+def new_model(plan, threads):
+    """A model for a fresh run, initialised from plan.seed."""
+    model = Model(plan.arch, max_batch=plan.batch, threads=threads)
+    model.init_params(plan.seed)
+    return model
+
+
 def data_description(train_set, test_set):
     return {"name": "MNIST", "train_images": len(train_set), "test_images": len(test_set)}
 
@@ -169,33 +201,16 @@ class JsonReporter(Reporter):
 
 
 class RichReporter(Reporter):
-    """A rich progress bar per epoch (loss, rec, KL, β, phase, img/s, ETA), a line per
-    finished epoch with its test ELBO, and a summary table at the end."""
+    """A progress bar per epoch (loss, rec, KL, β, phase, img/s, ETA) under one for the run, a
+    line per finished epoch with its test ELBO, and a summary table at the end."""
 
     def __init__(self, console=None):
-        from rich.console import Console
-
-        self.console = console or Console(highlight=False)
-        self._live = None
+        self.bar = Bar(console=console)
+        self.console = self.bar.console
+        self._live = False
         self.task = None
         self.run_task = None
         self.records = []
-
-    def _make_progress(self):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        return Progress(
-            TextColumn("{task.description}"),
-            BarColumn(bar_width=24),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            refresh_per_second=4,
-        )
 
     def start(self, trainer):
         plan = trainer.plan
@@ -209,47 +224,40 @@ class RichReporter(Reporter):
         if plan.step:
             self.console.print(f"resuming at epoch {plan.epoch + 1}, batch {plan.batch_in_epoch} "
                                f"(step {plan.step:,})", soft_wrap=True)
-        self._live = self._make_progress()
-        self._live.start()
-        total = plan.epochs * trainer.batches_per_epoch
-        self.run_task = self._live.add_task("run", total=total, completed=plan.step, stats="")
+        self.bar.start()
+        self._live = True
+        self.run_task = self.bar.add("run", plan.epochs * trainer.batches_per_epoch, plan.step)
 
     def epoch_start(self, epoch, epochs, start_batch, n_batches):
         self.epochs = epochs
         self._epoch_base = start_batch
-        self.task = self._live.add_task(f"epoch {epoch + 1}/{epochs}", total=n_batches,
-                                           completed=start_batch, stats="")
+        self.task = self.bar.add(f"epoch {epoch + 1}/{epochs}", n_batches, start_batch)
 
     def progress(self, done, loss, rec, kl, beta, phase, img_per_s):
         stats = (f"{phase} β={beta:.3g} loss {loss:.2f} rec {rec:.2f} KL {kl:.2f} "
                  f"{img_per_s:,.0f} img/s")
-        self._live.update(self.task, completed=done, stats=stats)
-        self._live.update(self.run_task, advance=done - self._epoch_base)
+        self.bar.update(self.task, completed=done, stats=stats)
+        self.bar.update(self.run_task, advance=done - self._epoch_base)
         self._epoch_base = done
 
     def epoch_end(self, record):
         self.records.append(record)
         if self.task is not None:
-            self._live.remove_task(self.task)
+            self.bar.remove(self.task)
             self.task = None
-        self._live.update(self.run_task, completed=record["step"])
-        self._live.console.print(
+        self.bar.update(self.run_task, completed=record["step"])
+        self.bar.print(
             f"epoch {record['epoch']}/{self.epochs} {record['phase']} β={record['beta']:.3g} "
             f"lr={record['lr']:.2g}  train {record['train_loss']:.2f}  test -ELBO "
             f"[bold]{record['test_neg_elbo']:.2f}[/bold] (rec {record['test_rec']:.2f}, "
             f"KL {record['test_kl']:.2f})  {record['img_per_s']:,.0f} img/s  "
-            f"{record['seconds']:.1f} s", soft_wrap=True)
+            f"{record['seconds']:.1f} s")
 
     def message(self, text):
-        if self._live is not None:
-            self._live.console.print(text, markup=False)
-        else:
-            self.console.print(text, markup=False)
+        self.bar.print(text, markup=False)
 
     def close(self):
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
+        self.bar.stop()
 
     def finish(self, trainer, result):
         self.close()
@@ -277,30 +285,6 @@ class RichReporter(Reporter):
 # ---------------------------------------------------------------- the trainer
 
 
-@contextlib.contextmanager
-def stop_on_signals(loop, say):
-    """Inside, SIGINT and SIGTERM call loop.request_stop(signum): the loop finishes its step,
-    saves and stops. A second signal, once loop.stop_signal is set, aborts at once
-    (KeyboardInterrupt): checkpoints are atomic, so the last one saved stays intact."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if loop.stop_signal is not None:
-            raise KeyboardInterrupt
-        loop.request_stop(signum)
-        say(f"{signal.Signals(signum).name}: finishing the current step and saving a checkpoint "
-            f"(send it again to abort without saving)")
-
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)
-
-
 @dataclass
 class Result:
     status: str          # "complete", "stopped" (--stop-after-epochs) or "interrupted"
@@ -313,10 +297,18 @@ class Result:
 
 
 class Trainer:
-    """Runs a Plan on a Model from the plan's position to the end (or a stop)."""
+    """Runs a Plan on a Model from the plan's position to the end (or a stop).
 
-    def __init__(self, run_dir, model, plan, train_set, test_set, reporter=None, after_step=None):
-        self.run_dir = os.fspath(run_dir)
+    store: where the run is kept (cvae.rundir.RunStore): store.path names it in messages,
+    store.save(kind, meta, sections, epoch) saves a checkpoint (epoch None: mid-epoch) and
+    returns its path, store.write_metrics(records) rewrites the per-epoch metrics,
+    store.has_checkpoint() says whether one was saved. records: the metrics of the epochs the
+    plan has done already."""
+
+    def __init__(self, store, model, plan, train_set, test_set, records=(), reporter=None,
+                 after_step=None):
+        self.store = store
+        self.run_dir = store.path
         self.model = model
         self.plan = plan
         self.train_set = train_set
@@ -328,7 +320,7 @@ class Trainer:
         self.batches_per_epoch = self.stream.batches_per_epoch
         self.total_steps = plan.epochs * self.batches_per_epoch
         self.stop_signal = None
-        self.records = read_metrics(self.run_dir, upto_epoch=plan.epoch)
+        self.records = [r for r in records if r["epoch"] <= plan.epoch]
         expected_step = plan.epoch * self.batches_per_epoch + plan.batch_in_epoch
         if plan.step != expected_step or plan.batch_in_epoch >= self.batches_per_epoch:
             raise CvaeError(
@@ -337,18 +329,14 @@ class Trainer:
                 f"({self.batches_per_epoch} batches per epoch): was the data set changed?")
 
     # -- stopping
-    def request_stop(self, signum=signal.SIGINT):
+    def request_stop(self, signum=2):  # SIGINT
         """Finish the current step, save a checkpoint and stop (what SIGINT/SIGTERM do)."""
         self.stop_signal = signum
 
     # -- saving
     def _save(self, epoch=None):
-        return save_run_checkpoint(self.run_dir, KIND, self.plan.meta(self.model.adam_t),
-                                   self.model.state_sections(), epoch=epoch)
-
-    def _write_metrics(self):
-        text = "".join(json.dumps(r) + "\n" for r in self.records)
-        _write_text(os.path.join(self.run_dir, METRICS_NAME), text)
+        return self.store.save(KIND, self.plan.meta(self.model.adam_t),
+                               self.model.state_sections(), epoch=epoch)
 
     # -- the loop
     def run(self, stop_after_epochs=None):
@@ -385,7 +373,7 @@ class Trainer:
                 loss, rec, kl = train_step(pixels, labels, lr, beta, seed, step)
                 if loss != loss or loss == math.inf:
                     saved = (f"the last good checkpoint is in {self.run_dir}"
-                             if list_checkpoints(self.run_dir) else "no checkpoint was saved yet")
+                             if self.store.has_checkpoint() else "no checkpoint was saved yet")
                     raise CvaeError(f"training diverged at epoch {e + 1}, step {step} (loss "
                                     f"{loss}); {saved}: try a lower --lr")
                 b = len(labels)
@@ -423,7 +411,7 @@ class Trainer:
             # Metrics first: resume drops records newer than its checkpoint, but could never
             # recreate one missing for an epoch the checkpoint says is done.
             self.records.append(record)
-            self._write_metrics()
+            self.store.write_metrics(self.records)
             path = self._save(epoch=e + 1)
             reporter.epoch_end(record)
             epochs_done_here += 1
@@ -435,7 +423,7 @@ class Trainer:
                                  f"{plan.epochs} done; continue with: cvae train --resume {self.run_dir}")
                 reporter.finish(self, result)
                 return result
-        result = self._result("complete", 0, os.path.join(self.run_dir, LAST_NAME))
+        result = self._result("complete", 0, self.store.last_checkpoint())
         reporter.finish(self, result)
         return result
 
@@ -445,175 +433,11 @@ class Trainer:
 
     def _stopped(self, path):
         p = self.plan
-        name = signal.Signals(self.stop_signal).name if self.stop_signal in EXIT_SIGNAL else "stop"
+        name = signal_name(self.stop_signal)
         where = (f"after epoch {p.epoch}" if not p.batch_in_epoch else
                  f"in epoch {p.epoch + 1} at batch {p.batch_in_epoch}/{self.batches_per_epoch}")
-        result = self._result("interrupted", EXIT_SIGNAL.get(self.stop_signal, 130), path)
+        result = self._result("interrupted", exit_code(self.stop_signal), path)
         self.reporter.finish(self, result)
         print(f"cvae: {name}: stopped {where} (step {p.step:,} of {self.total_steps:,}); saved {path}\n"
               f"cvae: resume with: cvae train --resume {self.run_dir}", file=sys.stderr, flush=True)
         return result
-
-
-# ---------------------------------------------------------------- metrics file
-
-
-def _write_text(path, text):
-    """Whole-file atomic rewrite: readers never see a half line."""
-    try:
-        write_text_atomic(path, text)
-    except OSError as e:
-        raise CvaeError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def read_metrics(run_dir, upto_epoch=None):
-    """The records of metrics.jsonl (epochs ≤ upto_epoch); unparsable lines are dropped."""
-    path = os.path.join(os.fspath(run_dir), METRICS_NAME)
-    records = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-                    if upto_epoch is None or record["epoch"] <= upto_epoch:
-                        records.append(record)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise CvaeError(f"cannot read {path}: {e.strerror or e}") from None
-    return records
-
-
-# ---------------------------------------------------------------- starting and resuming
-
-
-def check_fresh_run_dir(run_dir, create=True):
-    """Refuse a run_dir that already holds a run; create it (unless create=False)."""
-    run_dir = os.fspath(run_dir)
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise CvaeError(f"--out {run_dir} exists and is not a directory")
-    if os.path.isdir(run_dir) and list_checkpoints(run_dir):
-        raise CvaeError(f"{run_dir} already holds a run (it has checkpoints): continue it with "
-                        f"'cvae train --resume {run_dir}' or choose another --out")
-    for name in (CONFIG_NAME, METRICS_NAME):
-        if os.path.exists(os.path.join(run_dir, name)):
-            raise CvaeError(f"{run_dir} already holds a run's outputs ({name}): choose another "
-                            f"--out")
-    if not create:
-        return
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-    except OSError as e:
-        raise CvaeError(f"cannot create the run directory {run_dir}: {e.strerror or e}") from None
-
-
-def load_datasets(data_dir, digits):
-    train_set = Dataset.load(data_dir, "train", digits)
-    test_set = Dataset.load(data_dir, "test", digits)
-    return train_set, test_set
-
-
-def new_trainer(run_dir, plan, train_set, test_set, threads, reporter=None, after_step=None,
-                config_extra=None):
-    """A fresh run in run_dir (which must not hold one): model initialised from plan.seed,
-    config.json written."""
-    check_fresh_run_dir(run_dir)
-    model = Model(plan.arch, max_batch=plan.batch, threads=threads)
-    model.init_params(plan.seed)
-    from cvae.kernels import build_name
-
-    config = {"cvae_version": cvae.__version__, **plan.to_config(),
-              "n_params": plan.arch.n_params(), "threads": threads,
-              "kernels": build_name(), "isa": model.kernel_isa, **(config_extra or {})}
-    _write_config(run_dir, config)
-    return Trainer(run_dir, model, plan, train_set, test_set, reporter, after_step)
-
-
-def load_resume_point(run_dir, threads):
-    """(model, plan, checkpoint path) from a run directory's newest checkpoint."""
-    run_dir = os.fspath(run_dir)
-    if not os.path.isdir(run_dir):
-        raise CvaeError(f"--resume {run_dir}: no such run directory")
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise CvaeError(f"--resume {run_dir}: no checkpoint (*.cvae) in it to resume from")
-    from cvae.checkpoint import load_checkpoint
-
-    meta, sections, _ = load_checkpoint(path, expected_kind=KIND)
-    plan = Plan.from_meta(meta, path)
-    if not any(name.startswith("adam_") for name in sections):
-        raise CvaeError(f"{path} has no optimizer state, so the run cannot continue exactly")
-    model = model_from_sections(meta, sections, path, threads=threads, max_batch=plan.batch)
-    if model.adam_t != plan.step:
-        raise CvaeError(f"{path}: Adam's step count {model.adam_t} does not match the run's "
-                        f"step {plan.step}")
-    return model, plan, path
-
-
-def resume_trainer(run_dir, threads, data_dir, reporter=None, after_step=None, loaded=None):
-    from cvae.kernels import build_name
-
-    model, plan, path = loaded or load_resume_point(run_dir, threads)
-    started_with = recorded_config(run_dir).get("kernels")
-    if started_with and started_with != build_name():
-        print(f"cvae: warning: {run_dir} was started with the {started_with} kernels and "
-              f"continues with {build_name()}: the result will not be bit-identical to an "
-              f"uninterrupted run (CVAE_KERNELS={started_with} would be)", file=sys.stderr)
-    train_set, test_set = load_datasets(data_dir, plan.digits)
-    data = data_description(train_set, test_set)
-    if plan.data and plan.data != data:
-        raise CvaeError(f"{path} was trained on {plan.data}, but {data_dir} gives {data}")
-    return Trainer(run_dir, model, plan, train_set, test_set, reporter, after_step)
-
-
-def recorded_config(run_dir):
-    """The run's config.json as a dict ({} when missing or unreadable)."""
-    try:
-        with open(os.path.join(os.fspath(run_dir), CONFIG_NAME), encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
-def _write_config(run_dir, config):
-    _write_text(os.path.join(os.fspath(run_dir), CONFIG_NAME),
-                json.dumps(config, indent=2, default=str) + "\n")
-
-
-def recorded_prior(run_dir):
-    """The latent prior the run ends with: config.json's "prior" (`cvae train --prior`), else
-    gaussian (N(0, I): nothing to train)."""
-    from cvae.prior import PRIORS
-
-    prior = recorded_config(run_dir).get("prior")
-    return prior if prior in PRIORS else "gaussian"
-
-
-def record_prior(run_dir, prior):
-    """Set config.json's "prior" (a run without config.json is left as it is)."""
-    config = recorded_config(run_dir)
-    if config and config.get("prior") != prior:
-        _write_config(run_dir, {**config, "prior": prior})
-
-
-def recorded_data_dir(run_dir):
-    """The data directory config.json says the run was started with, if it still exists."""
-    data_dir = recorded_config(run_dir).get("data_dir")
-    return data_dir if isinstance(data_dir, str) and os.path.isdir(data_dir) else None
-
-
-def write_images(trainer, flow=None):
-    """The run's reconstructions, digit sheet and interpolations (with `flow`, a
-    cvae.prior.FlowSampler, also samples-flow.pgm: the same draws carried by the flow prior),
-    then its pictures: curves.png (the per-epoch metrics) and latent.png (the test set's latent
-    means by PCA)."""
-    from cvae import plots, sample
-
-    sample.write_run_images(trainer.model, trainer.test_set, trainer.run_dir,
-                            trainer.plan.seed, trainer.plan.digits, flow=flow)
-    plots.write_curves(trainer.run_dir, trainer.records)
-    plots.write_latent_pca(trainer.model, trainer.test_set, trainer.run_dir)

@@ -89,23 +89,27 @@ def flow_copy(flow_world, tmp_path):
     return target
 
 
-def sample_figures(accuracy, per_digit, fid, diversity, **more):
+def sample_figures(accuracy, per_digit, fid, diversity, digits=DIGITS, **more):
     return {**more, "cond_accuracy": accuracy,
-            "cond_accuracy_per_digit": dict(zip(map(str, DIGITS), per_digit)), "fid": fid,
+            "cond_accuracy_per_digit": dict(zip(map(str, digits), per_digit)), "fid": fid,
             "fid_test_floor": 1.379, "diversity": diversity,
-            "diversity_per_digit": {str(d): diversity + d / 10 for d in DIGITS}}
+            "diversity_per_digit": {str(d): diversity + d / 10 for d in digits}}
 
 
-def flow_eval():
+def flow_eval(digits=DIGITS):
     """An eval.json of a run with its flow prior, as `cvae eval` writes it (the test data here
-    has no classifier, so the figures are made up)."""
-    flow = sample_figures(0.82, [0.94, 0.9, 0.74, 0.7], 98.61, 4.941, prior="flow",
-                          steps=10, method="heun", guidance=0.0)
-    gaussian = sample_figures(0.34, [0.68, 0.0, 0.3, 0.38], 300.74, 10.32, prior="gaussian")
+    has no classifier, so the figures are made up). digits: whose per-digit figures it has
+    (all ten make the widest tables)."""
+    extra = [0.5] * (len(digits) - 4)
+    flow = sample_figures(0.82, [0.94, 0.9, 0.74, 0.7, *extra], 98.61, 4.941, digits,
+                          prior="flow", steps=10, method="heun", guidance=0.0,
+                          prior_file="/a/long/machine/path/of/the/run/prior.cvae")
+    gaussian = sample_figures(0.34, [0.68, 0.0, 0.3, 0.38, *extra], 300.74, 10.32, digits,
+                              prior="gaussian")
     return {"neg_elbo": 143.81, "k": 2, "samples": 50, "temperature": 1.0, "prior": "flow",
             "prior_settings": {k: flow[k] for k in ("prior", "steps", "method", "guidance")},
             **{k: flow[k] for k in gaussian if k != "prior"}, "diversity_test": 10.229,
-            "diversity_test_per_digit": {str(d): 10 + d / 10 for d in DIGITS},
+            "diversity_test_per_digit": {str(d): 10 + d / 10 for d in digits},
             "by_prior": {"flow": flow, "gaussian": gaussian}}
 
 
@@ -648,9 +652,16 @@ window.addEventListener("load", function () {
             height: img.naturalHeight, top: box.top, left: box.left};
   });
   var loaded = performance.getEntriesByType("resource").map(function (r) { return r.name; });
+  // Whatever reaches past the window's right edge (a table too wide for the page).
+  var overflow = Array.prototype.filter.call(document.querySelectorAll("table, figure, p"),
+    function (el) { return el.getBoundingClientRect().right > window.innerWidth + 1; })
+    .map(function (el) { return el.tagName + ": " + el.textContent.slice(0, 80); });
+  if (document.documentElement.scrollWidth > window.innerWidth) {
+    overflow.push("page: " + document.documentElement.scrollWidth + " px wide");
+  }
   var pre = document.createElement("pre");
   pre.id = "cvae-probe";
-  pre.textContent = JSON.stringify({images: found, resources: loaded});
+  pre.textContent = JSON.stringify({images: found, resources: loaded, overflow: overflow});
   document.body.appendChild(pre);
 });
 </script>
@@ -671,7 +682,8 @@ def test_report_renders_in_headless_chromium(run_copy, tmp_path, capsys):
 
 
 def test_report_with_a_flow_prior_renders_in_headless_chromium(flow_copy, tmp_path, capsys):
-    (flow_copy / "eval.json").write_text(json.dumps(flow_eval()))
+    # Ten digits' figures per prior: the widest tables the page has (they must fit 1280 px).
+    (flow_copy / "eval.json").write_text(json.dumps(flow_eval(digits=range(10))))
     seen = {img["alt"]: img for img in render_in_chromium(flow_copy, tmp_path, capsys)}
     assert list(seen) == ["training curves", "latent means, PCA", *FLOW_SHEETS]
     gaussian, flow = seen["samples.pgm"], seen["samples-flow.pgm"]
@@ -713,4 +725,5 @@ def render_in_chromium(run_dir, tmp_path, capsys):
     for img in seen["images"]:
         assert img["complete"] and img["width"] > 0 and img["height"] > 0, img
     assert seen["resources"] == []  # no fetch (data: and file: URIs are not listed; http is)
+    assert seen["overflow"] == []  # everything fits a 1280-pixel-wide window
     return seen["images"]

@@ -1,0 +1,234 @@
+"""Digit sheets: samples of a prior, reconstructions and latent interpolations of test digits.
+
+Every sheet is a PGM with a JSON sidecar (cvae.images.write_sheet): each cell has x, y, label
+and a "kind" (original, reconstruction, sample, interpolation, class, blank), and the
+sidecar's "extra" records the checkpoint, seed and settings that produced it.
+
+Encoding and decoding go through cvae.model's batched calls; the only Python loops are per
+batch or per sheet row, never per image.
+
+Conventions:
+  * Digits. A checkpoint was trained on meta["digits"]; asking for another digit is an error
+    (the one-hot input exists, but a class never seen in training decodes to noise).
+  * Reconstructions are the decoder's mean at z = mu: sigmoid(decoder(mu(x, y), y)).
+  * Interpolations use same-label pairs: row r takes two random test images of digit
+    digits[r % len(digits)], encodes both to mu and decodes the straight line between them
+    (endpoints included) with that label; the true originals frame the row. Keeping the label
+    fixed shows how the latent space varies style within a class, with no jump where a label
+    would switch.
+  * Class sheets fix z (the mu of a test image: its "style") for each row and decode it with
+    every trained digit along the row, after the original itself.
+  * Test-image "source" is the image's index in the MNIST test file (for write_run_images:
+    its row in the dataset it is given).
+"""
+
+import math
+import os
+import time
+
+import numpy as np
+
+from cvae.data import PIXELS_PER_IMAGE as N_PIXELS
+from cvae.data import digits_text
+from cvae.errors import CvaeError
+from cvae.images import write_sheet, write_sheets
+from cvae.model import decode_images, encode_all
+from cvae.prior import GaussianPrior
+
+DEFAULT_N = 64            # reconstruct: test digits (each shown beside its reconstruction)
+RECON_PAIRS_PER_ROW = 8   # reconstruct: original|reconstruction pairs per row
+DEFAULT_PER_DIGIT = 10
+MAX_AUTO_COLS = 20        # generate: per-digit samples fill one row up to this many columns
+DEFAULT_MAX_ROWS = 50
+DEFAULT_STEPS = 10
+DEFAULT_PAIRS = 5
+DEFAULT_BATCH = 256       # rows per kernel call for the commands' model
+
+
+# ---------------------------------------------------------------- test digit selection
+
+
+def pick_balanced(dataset, digits, n, rng):
+    """Up to n dataset indices spread evenly over digits (round-robin over shuffled per-digit
+    lists), ordered by label then index."""
+    labels = np.asarray(dataset.labels)
+    candidates = rng.permutation(dataset.rows_of(digits))
+    if len(candidates) == 0:
+        raise CvaeError(f"{dataset.name} has no images of digits {digits_text(digits)}")
+    # Rank of each candidate among the shuffled candidates of its digit: taking ranks 0, 1, ...
+    # in turn gives every digit its share even when some digits have few images.
+    cand_labels = labels[candidates]
+    order = np.argsort(cand_labels, kind="stable")
+    sorted_labels = cand_labels[order]
+    first = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = np.empty(len(candidates), dtype=np.int64)
+    rank[order] = np.arange(len(candidates)) - first
+    chosen = candidates[np.lexsort((cand_labels, rank))[:n]]
+    return chosen[np.lexsort((chosen, labels[chosen]))]
+
+
+def pick_pairs(dataset, digits, pairs, rng):
+    """(starts, ends): for row r two distinct random images of digit digits[r % len(digits)]
+    (the same image twice only if that digit has a single one)."""
+    labels = np.asarray(dataset.labels)
+    starts, ends = [], []
+    by_digit = {d: np.flatnonzero(labels == d) for d in digits}
+    for d, found in by_digit.items():
+        if len(found) == 0:
+            raise CvaeError(f"{dataset.name} has no images of digit {d}")
+    for r in range(pairs):  # per row, not per image
+        found = by_digit[digits[r % len(digits)]]
+        if len(found) == 1:
+            a = b = found[0]
+        else:
+            a, b = rng.choice(found, size=2, replace=False)
+        starts.append(a)
+        ends.append(b)
+    return np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
+
+
+# ---------------------------------------------------------------- the sheets
+
+
+def reconstruction_sheet(model, dataset, digits, path, n=DEFAULT_N, seed=0, extra=None):
+    """Write test digits beside their reconstructions: pairs of columns original|reconstruction,
+    RECON_PAIRS_PER_ROW pairs per row. Returns ([path], number of test digits shown)."""
+    rng = np.random.default_rng(seed)
+    chosen = pick_balanced(dataset, digits, n, rng)
+    pixels = np.take(np.asarray(dataset.images), chosen, axis=0)
+    labels = np.asarray(dataset.labels)[chosen].astype(np.uint8)
+    recon = decode_images(model, encode_all(model, pixels, labels)[0], labels)
+    k = len(chosen)
+    images = np.empty((2 * k, N_PIXELS), dtype=np.uint8)
+    images[0::2] = pixels
+    images[1::2] = recon
+    cell_labels = np.repeat(labels, 2).tolist()
+    sources = np.repeat(chosen, 2).tolist()
+    kinds = [{"kind": "original"}, {"kind": "reconstruction"}] * k
+    cols = 2 * min(RECON_PAIRS_PER_ROW, k)
+    write_sheet(path, images, cell_labels, cols, sources=sources, cell_extras=kinds,
+                extra={"what": "pairs of columns: a test digit, then its reconstruction at "
+                               "z = mu", "seed": seed, "digits": list(digits),
+                       **(extra or {})})
+    return [os.fspath(path)], k
+
+
+def sample_layout(digits, per_digit, cols):
+    """Cell labels for `per_digit` samples of each digit, each digit starting a new row.
+
+    Returns (labels (cells,) int array with -1 for blank padding cells, sample number within
+    its digit (-1 for blanks)).
+    """
+    block = math.ceil(per_digit / cols) * cols
+    position = np.arange(block)
+    real = np.tile(position < per_digit, len(digits))
+    labels = np.where(real, np.repeat(np.asarray(digits, dtype=np.int64), block), -1)
+    number = np.where(real, np.tile(position, len(digits)), -1)
+    return labels, number
+
+
+def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=1.0, seed=0,
+                  cols=None, max_rows=DEFAULT_MAX_ROWS, extra=None, prior=None):
+    """Class-conditional samples of `prior` (cvae.prior: GaussianPrior, z ~ N(0, T² I), by
+    default, or FlowSampler) from numpy default_rng(seed) draws in cell order, decoded with
+    their digit's label; one row per digit when per_digit <= cols.
+
+    cols defaults to min(per_digit, MAX_AUTO_COLS). Every digit starts on a new row; a digit's
+    unfilled last row is padded with blank cells (black, label null, kind "blank"). More than
+    max_rows rows are split into numbered sheets (NAME-0001.pgm, ...).
+    Returns (paths, digits generated, seconds spent sampling and decoding).
+    """
+    cols = cols or min(per_digit, MAX_AUTO_COLS)
+    labels, number = sample_layout(digits, per_digit, cols)
+    real = labels >= 0
+    n = int(real.sum())
+    start = time.perf_counter()
+    if prior is None:
+        prior = GaussianPrior(model.arch.latent)
+    z = prior.draw(labels[real], np.random.default_rng(seed), temperature)
+    decoded = decode_images(model, z, labels[real])
+    seconds = time.perf_counter() - start
+    if n == len(labels):
+        images = decoded
+    else:
+        images = np.zeros((len(labels), N_PIXELS), dtype=np.uint8)
+        images[real] = decoded
+    cell_labels = [None if label < 0 else label for label in labels.tolist()]
+    cell_extras = [{"kind": "blank"} if k < 0 else {"kind": "sample", "sample": k}
+                   for k in number.tolist()]
+    paths = write_sheets(path, images, cell_labels, cols, max_rows, cell_extras=cell_extras,
+                         extra={"what": f"class-conditional samples of the {prior.name} prior "
+                                        "at the temperature, one digit per row block",
+                                "temperature": temperature, "seed": seed, "digits": list(digits),
+                                "per_digit": per_digit,
+                                **prior.describe(os.path.dirname(os.path.abspath(path))),
+                                **(extra or {})})
+    return paths, n, seconds
+
+
+def interpolation_sheets(model, dataset, digits, path, classes_path, steps=DEFAULT_STEPS,
+                         pairs=DEFAULT_PAIRS, seed=0, extra=None):
+    """Two sheets, one row per pair (see the module docstring for the choices):
+
+    path: original A | `steps` decodings of (1 - t)·mu_A + t·mu_B, t = 0 .. 1 | original B,
+    all with the pair's (shared) label.
+    classes_path: original A | z = mu_A decoded as each digit in `digits`.
+    Returns the two paths.
+    """
+    rng = np.random.default_rng(seed)
+    starts, ends = pick_pairs(dataset, digits, pairs, rng)
+    images_all, labels_all = np.asarray(dataset.images), np.asarray(dataset.labels)
+    ends_pixels = np.take(images_all, ends, axis=0)
+    start_pixels = np.take(images_all, starts, axis=0)
+    row_labels = labels_all[starts].astype(np.uint8)
+    mu, _ = encode_all(model, np.concatenate([start_pixels, ends_pixels]),
+                       np.concatenate([row_labels, labels_all[ends].astype(np.uint8)]))
+    mu_a, mu_b = mu[:pairs], mu[pairs:]
+
+    t = np.linspace(0.0, 1.0, steps, dtype=np.float32)
+    z = (mu_a[:, None, :] * (1 - t)[None, :, None] + mu_b[:, None, :] * t[None, :, None])
+    path_images = decode_images(model, z.reshape(pairs * steps, -1), np.repeat(row_labels, steps))
+    cols = steps + 2
+    images = np.empty((pairs, cols, N_PIXELS), dtype=np.uint8)
+    images[:, 0] = start_pixels
+    images[:, 1:-1] = path_images.reshape(pairs, steps, N_PIXELS)
+    images[:, -1] = ends_pixels
+    cell_labels = np.repeat(row_labels, cols).tolist()
+    sources, cell_extras = [], []
+    t_values = [round(float(v), 6) for v in t]
+    for a, b in zip(starts.tolist(), ends.tolist()):  # per row
+        sources += [a] + [None] * steps + [b]
+        cell_extras += ([{"kind": "original"}]
+                        + [{"kind": "interpolation", "t": v, "from": a, "to": b} for v in t_values]
+                        + [{"kind": "original"}])
+    common = {"seed": seed, "digits": list(digits), **(extra or {})}
+    write_sheet(path, images.reshape(-1, N_PIXELS), cell_labels, cols, sources=sources,
+                cell_extras=cell_extras,
+                extra={"what": "latent interpolation between two test digits of the same label "
+                               "(z = mu), framed by the originals", "steps": steps,
+                       "pairs": pairs, **common})
+
+    n_classes = len(digits)
+    class_labels = np.tile(np.asarray(digits, dtype=np.uint8), pairs)
+    class_images = decode_images(model, np.repeat(mu_a, n_classes, axis=0), class_labels)
+    cols = n_classes + 1
+    grid = np.empty((pairs, cols, N_PIXELS), dtype=np.uint8)
+    grid[:, 0] = start_pixels
+    grid[:, 1:] = class_images.reshape(pairs, n_classes, N_PIXELS)
+    cell_labels, sources, cell_extras = [], [], []
+    for a, label in zip(starts.tolist(), row_labels.tolist()):  # per row
+        cell_labels += [label] + list(digits)
+        sources += [a] * cols
+        cell_extras += [{"kind": "original"}] + [{"kind": "class"}] * n_classes
+    write_sheet(classes_path, grid.reshape(-1, N_PIXELS), cell_labels, cols, sources=sources,
+                cell_extras=cell_extras,
+                extra={"what": "z fixed per row (mu of the test digit in the first column, its "
+                               "source) decoded as every trained digit", "pairs": pairs,
+                       **common})
+    return [os.fspath(path), os.fspath(classes_path)]
+
+
+def classes_path_for(path):
+    """`interpolate.pgm` -> `interpolate-classes.pgm`."""
+    stem, suffix = os.path.splitext(os.fspath(path))
+    return f"{stem}-classes{suffix}"

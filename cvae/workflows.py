@@ -1,0 +1,363 @@
+"""Workflows over a run directory: start or resume a run, finish it (its flow prior, its images,
+its evaluation), evaluate a checkpoint, and draw sheets from one. `cvae train`, `cvae prior
+train`, `cvae eval`, `cvae generate` ... and `cvae sweep` all go through these, so a run is
+finished the same way whoever finishes it.
+
+Functions here take values (paths, numbers, flags), never argparse Namespaces, and print
+nothing themselves but progress: what happened comes back as values for the command layer to
+print.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import cvae
+from cvae.classifier import classifier_for
+from cvae.data import Dataset, digits_text
+from cvae.errors import CvaeError
+from cvae.evaluate import (DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_TEMPERATURE, evaluate_model,
+                           evaluation_work)
+from cvae.fetch import ensure_data
+from cvae.kernels import build_name
+from cvae.prior import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS
+from cvae.progress import Bar, counter
+from cvae import rundir as R
+from cvae.sheets import (DEFAULT_N, classes_path_for, interpolation_sheets, reconstruction_sheet,
+                         sample_sheets)
+from cvae.signals import stop_on_signals
+from cvae.train import Trainer, data_description, new_model, restore
+from cvae.train_prior import resume_prior, train_prior
+
+
+def _stderr(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- starting and resuming
+
+
+def load_datasets(data_dir, digits):
+    return Dataset.load(data_dir, "train", digits), Dataset.load(data_dir, "test", digits)
+
+
+def start_run(out, plan, data, threads, reporter=None, config_extra=None, say=None,
+              notice=None, after_step=None):
+    """A fresh run of `plan` in `out` (which must not hold one): loads the data (an empty
+    cache is fetched first), writes config.json; returns the Trainer."""
+    R.check_fresh_run_dir(out, create=False)  # before any data work: fail fast on a clobber
+    data_dir, source = ensure_data(data, say=say, notice=notice)
+    train_set, test_set = load_datasets(data_dir, plan.digits)
+    plan.data = data_description(train_set, test_set)
+    R.check_fresh_run_dir(out)
+    model = new_model(plan, threads)
+    config = {"cvae_version": cvae.__version__, **plan.to_config(),
+              "n_params": plan.arch.n_params(), "threads": threads, "kernels": build_name(),
+              "isa": model.kernel_isa, "data_dir": os.path.abspath(data_dir),
+              "data_source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              **(config_extra or {})}
+    R.write_config(out, config)
+    return Trainer(R.RunStore(out), model, plan, train_set, test_set, (), reporter, after_step)
+
+
+def load_resume_point(run_dir, threads):
+    """(model, plan, checkpoint path) from a run directory's newest checkpoint."""
+    meta, sections, path = R.read_training_checkpoint(run_dir)
+    model, plan = restore(meta, sections, path, threads)
+    return model, plan, path
+
+
+def resume_run(run_dir, threads, data_dir, reporter=None, after_step=None, loaded=None):
+    """The Trainer continuing the run in run_dir exactly where its newest checkpoint stopped
+    (loaded: load_resume_point's result, when the caller has it)."""
+    model, plan, path = loaded or load_resume_point(run_dir, threads)
+    started_with = R.read_config(run_dir).get("kernels")
+    if started_with and started_with != build_name():
+        _stderr(f"cvae: warning: {run_dir} was started with the {started_with} kernels and "
+                f"continues with {build_name()}: the result will not be bit-identical to an "
+                f"uninterrupted run (CVAE_KERNELS={started_with} would be)")
+    train_set, test_set = load_datasets(data_dir, plan.digits)
+    data = data_description(train_set, test_set)
+    if plan.data and plan.data != data:
+        raise CvaeError(f"{path} was trained on {plan.data}, but {data_dir} gives {data}")
+    records = R.read_metrics(run_dir, upto_epoch=plan.epoch)
+    return Trainer(R.RunStore(run_dir), model, plan, train_set, test_set, records, reporter,
+                   after_step)
+
+
+# ---------------------------------------------------------------- the flow prior of a run
+
+
+def prior_progress(mode, total_steps, first_step, epochs):
+    """(on_progress, on_epoch, close) for mode 'rich' (a progress bar on stderr), 'json' (one
+    object per epoch on stdout) or 'quiet'."""
+    if mode == "json":
+        def on_epoch(epoch, loss, seconds):
+            print(json.dumps({"prior_epoch": epoch, "loss": loss, "seconds": seconds}),
+                  flush=True)
+        return None, on_epoch, lambda: None
+    if mode != "rich":
+        return None, None, lambda: None
+    bar = Bar(stderr=True, bar_width=30)
+    task = bar.add("flow prior", total_steps, first_step)
+    bar.start()
+
+    def on_progress(step, loss, codes_per_s):
+        if step % 16 == 0:
+            bar.update(task, completed=step, stats=f"loss {loss:.4f} {codes_per_s:,.0f} codes/s")
+
+    def on_epoch(epoch, loss, seconds):
+        bar.update(task, completed=epoch * total_steps // epochs)
+        bar.print(f"prior epoch {epoch}: loss {loss:.4f} ({seconds:.1f} s)")
+
+    return on_progress, on_epoch, bar.stop
+
+
+def train_run_prior(run_dir, model, train_set, threads, checkpoint_name, settings=None,
+                    resume=False, mode="rich"):
+    """Train (or with resume, continue) RUN/prior.cvae for `model` on train_set's codes, with
+    a progress display and Ctrl-C/SIGTERM stopping after the current step with the prior
+    saved. settings: PriorArch fields hidden, blocks, n_freq, act and train_prior's epochs,
+    batch, lr, drop, seed (missing: defaults). Returns (status, trainer, seconds)."""
+    start = time.perf_counter()
+    save = R.prior_saver(run_dir)
+    if resume:
+        meta, sections, path = R.read_prior(run_dir)
+        trainer = resume_prior(model, train_set, meta, sections, path, save, threads)
+    else:
+        trainer = train_prior(model, train_set, save, threads=threads,
+                              checkpoint_name=checkpoint_name, **dict(settings or {}))
+    trainer.path = R.prior_path(run_dir)
+    trainer.on_progress, trainer.on_epoch, close = prior_progress(
+        mode, trainer.total, trainer.plan.step, trainer.plan.epochs)
+    try:
+        with stop_on_signals(trainer, _stderr):
+            status = trainer.run()
+    finally:
+        close()
+    return status, trainer, time.perf_counter() - start
+
+
+def complete_run_prior(run_dir, model, train_set, threads, checkpoint_name, settings=None,
+                       mode="rich", replace_stale=False):
+    """Make RUN/prior.cvae a complete prior of `model`: nothing to do when it is one; a stopped
+    one is resumed, a missing one trained (with `settings`, see train_run_prior); one of other
+    CVAE parameters is trained anew in its place with replace_stale, else a CvaeError.
+    Returns (status, PriorTrainer or None when nothing was done, seconds, the state before)."""
+    state, _ = R.prior_state(run_dir, model)
+    if state == "complete":
+        return "complete", None, 0.0, state
+    if state == "stale" and not replace_stale:
+        raise R.stale_prior_error(run_dir)
+    status, trainer, seconds = train_run_prior(run_dir, model, train_set, threads,
+                                               checkpoint_name, settings,
+                                               resume=state == "partial", mode=mode)
+    return status, trainer, seconds, state
+
+
+# ---------------------------------------------------------------- finishing a run
+
+
+@dataclass
+class Finish:
+    """What a run whose CVAE is complete still needs (cvae train, cvae sweep)."""
+
+    prior: bool = False          # its flow prior, trained or resumed (prior.cvae)
+    images: bool = True          # its sheets and pictures (write_run_images)
+    flow_sheet: bool = False     # samples-flow.pgm (with images: beside them)
+    evaluate: dict = None        # run_eval's options, or None for no evaluation
+    prior_settings: dict = None  # train_run_prior's settings of a new prior
+    replace_stale: bool = False  # a prior of another checkpoint is trained anew, not an error
+
+
+@dataclass
+class Finished:
+    code: int = 0                # non-zero: stopped by a signal, the exit code
+    prior_trainer: object = None # the PriorTrainer that ran (None: nothing to train)
+    prior_seconds: float = 0.0
+    prior_before: str = None     # the prior's state before: none, stale, partial, complete
+    evaluation: dict = None
+
+
+def finish_run(trainer, needs, mode="rich"):
+    """Give the complete run of `trainer` what `needs` says, in this order: the flow prior
+    (for the run's final checkpoint, opened as 'cvae prior train' opens it), the images (with
+    the flow prior's sheet), the evaluation. mode: the prior's progress ('rich', 'json',
+    'quiet')."""
+    run_dir, threads = trainer.run_dir, trainer.model.threads
+    done = Finished()
+    if needs.prior:
+        final = R.latest_checkpoint(run_dir)
+        model, _ = R.open_model(final, threads)
+        status, prior_trainer, seconds, before = complete_run_prior(
+            run_dir, model, trainer.train_set, threads, os.path.basename(final),
+            needs.prior_settings, mode=mode, replace_stale=needs.replace_stale)
+        done.prior_trainer, done.prior_seconds, done.prior_before = prior_trainer, seconds, before
+        if status != "complete":
+            done.code = prior_trainer.exit_code()
+            return done
+    flow = None
+    if needs.flow_sheet:
+        flow = R.open_prior("flow", run_dir, trainer.model, threads)
+    plan = trainer.plan
+    if needs.images:
+        R.write_run_images(trainer.model, trainer.test_set, run_dir, plan.seed, plan.digits,
+                           trainer.records, flow=flow)
+    elif flow is not None:
+        R.write_flow_samples(trainer.model, run_dir, plan.seed, plan.digits, flow)
+    if needs.evaluate is not None:
+        done.evaluation = run_eval(run_dir, **needs.evaluate)
+    return done
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
+             temperature=DEFAULT_TEMPERATURE, seed=0, threads=None, classifier=None,
+             progress=False, prior=None, steps=None, method=None, guidance=None):
+    """Evaluate a checkpoint (a .cvae file or a run directory) on its digits' test images;
+    write eval.json beside it (atomically) and return the result dict (with absolute paths,
+    and "eval_json"). `cvae eval` without the printing; `cvae sweep` calls it for every run.
+
+    prior: 'flow', 'gaussian', 'both' (flow first), or None: both when the run has a flow
+    prior, else gaussian. steps, method, guidance: the flow's sampling (None: defaults)."""
+    if k is None or k <= 0:
+        raise CvaeError(f"--k must be a positive integer, got {k}")
+    if samples is None or samples <= 0:
+        raise CvaeError(f"--samples must be a positive integer, got {samples}")
+    if temperature is None or not math.isfinite(temperature) or temperature < 0:
+        raise CvaeError(f"--temperature must be a finite number >= 0, got {temperature}")
+    if seed < 0:
+        raise CvaeError(f"--seed must be a non-negative integer, got {seed}")
+    path, run_dir = R.resolve_checkpoint(checkpoint)
+    out = R.eval_path(path)
+    model, meta = R.open_model(path, threads)
+    priors = R.open_priors(prior, run_dir, model, model.threads,
+                           DEFAULT_STEPS if steps is None else steps, method or DEFAULT_METHOD,
+                           DEFAULT_GUIDANCE if guidance is None else guidance)
+    digits = R.checkpoint_digits(meta, path)
+    test_set = R.load_test(data, digits)
+    judge, judge_meta, judge_source = classifier_for(test_set, classifier, model.threads)
+    dataset = test_set.restrict(digits)
+    if judge is not None and len(dataset) < 4:
+        raise CvaeError(f"the FID needs at least 4 test images of digits "
+                        f"{digits_text(digits)}; the data has {len(dataset)}")
+
+    start = time.perf_counter()
+    options = dict(classifier=judge, samples=samples, temperature=temperature, priors=priors,
+                   relative_to=os.path.dirname(out))
+    if progress:
+        bar, advance = counter(evaluation_work(len(dataset), k, samples, len(digits),
+                                               len(priors), judge is not None),
+                               "evaluating (forward passes)")
+        with bar:
+            metrics = evaluate_model(model, dataset, digits, seed, k, advance=advance, **options)
+    else:
+        metrics = evaluate_model(model, dataset, digits, seed, k, **options)
+    seconds = time.perf_counter() - start
+
+    result = {**metrics, "seed": seed, "checkpoint": os.path.abspath(path),
+              "digits": list(digits), "threads": model.threads, "seconds": seconds}
+    if judge is not None:
+        result["classifier"] = os.path.abspath(judge_source)
+        result["classifier_test_accuracy"] = judge_meta.get("test_accuracy")
+    else:
+        result["classifier"] = None
+        result["classifier_note"] = judge_source
+    R.write_eval(out, result, classifier_shipped=judge is not None and classifier is None)
+    result["eval_json"] = out
+    return result
+
+
+# ---------------------------------------------------------------- sheets of a checkpoint
+
+
+def _positive(value, option):
+    if value is None or value <= 0:
+        raise CvaeError(f"{option} must be a positive integer, got {value}")
+    return value
+
+
+def _open(checkpoint, out, default_name, threads, seed):
+    """(checkpoint path, run dir, output sheet, model, meta) for a sheet command."""
+    if seed < 0:
+        raise CvaeError(f"--seed must be a non-negative integer, got {seed}")
+    if threads is not None:
+        _positive(threads, "--threads")
+    path, run_dir = R.resolve_checkpoint(checkpoint)
+    out = R.sheet_path(out, run_dir, default_name)
+    model, meta = R.open_model(path, threads)
+    return path, run_dir, out, model, meta
+
+
+@dataclass
+class Sheets:
+    """What a sheet command wrote: its paths, the checkpoint, and how many digits."""
+
+    paths: list
+    checkpoint: str
+    digits: tuple
+    count: int = 0
+    seconds: float = 0.0          # sampling and decoding
+    total_seconds: float = 0.0    # with writing the sheets
+    threads: int = 1
+    prior: object = None
+
+
+def generate(checkpoint, out=None, digits=None, per_digit=10, temperature=1.0, cols=None,
+             max_rows=50, seed=0, threads=None, prior=None, steps=None, method=None,
+             guidance=None):
+    """`cvae generate`: class-conditional sample sheets of the checkpoint's prior (see
+    sheets.sample_sheets)."""
+
+    _positive(per_digit, "--per-digit")
+    if temperature is None or not math.isfinite(temperature) or temperature < 0:
+        raise CvaeError(f"--temperature must be a finite number >= 0, got {temperature}")
+    if cols is not None:
+        _positive(cols, "--cols")
+    _positive(max_rows, "--max-rows")
+    path, run_dir, out, model, meta = _open(checkpoint, out, "generate.pgm", threads, seed)
+    sampler = R.open_prior(prior, run_dir, model, model.threads,
+                           DEFAULT_STEPS if steps is None else steps, method or DEFAULT_METHOD,
+                           DEFAULT_GUIDANCE if guidance is None else guidance)
+    trained = R.checkpoint_digits(meta, path)
+    if digits is not None:
+        R.check_digits(digits, trained, path)
+    digits = trained if digits is None else tuple(digits)
+    start = time.perf_counter()
+    paths, n, seconds = sample_sheets(
+        model, digits, out, per_digit=per_digit, temperature=temperature, seed=seed, cols=cols,
+        max_rows=max_rows, extra={"checkpoint": R.portable(path, os.path.dirname(out))},
+        prior=sampler)
+    return Sheets(paths, path, digits, n, seconds, time.perf_counter() - start, model.threads,
+                  sampler)
+
+
+def reconstruct(checkpoint, out=None, n=DEFAULT_N, seed=0, threads=None, data=None):
+    """`cvae reconstruct`: test digits beside their reconstructions."""
+    _positive(n, "--n")
+    path, run_dir, out, model, meta = _open(checkpoint, out, "reconstruct.pgm", threads, seed)
+    digits = R.checkpoint_digits(meta, path)
+    dataset = R.load_test(data, digits)
+    paths, k = reconstruction_sheet(model, dataset, digits, out, n=n, seed=seed,
+                                    extra={"checkpoint": R.portable(path, os.path.dirname(out))})
+    return Sheets(paths, path, digits, k, threads=model.threads)
+
+
+def interpolate(checkpoint, out=None, steps=10, pairs=5, seed=0, threads=None, data=None):
+    """`cvae interpolate`: latent walks between test digits, and one z across every digit."""
+    _positive(steps, "--steps")
+    if steps < 2:
+        raise CvaeError(f"--steps must be at least 2 (the two endpoints), got {steps}")
+    _positive(pairs, "--pairs")
+    path, run_dir, out, model, meta = _open(checkpoint, out, "interpolate.pgm", threads, seed)
+    digits = R.checkpoint_digits(meta, path)
+    dataset = R.load_test(data, digits)
+    paths = interpolation_sheets(model, dataset, digits, out, classes_path_for(out),
+                                 steps=steps, pairs=pairs, seed=seed,
+                                 extra={"checkpoint": R.portable(path, os.path.dirname(out))})
+    return Sheets(paths, path, digits, pairs, threads=model.threads)
