@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .conftest import write_split
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGING = REPO / "packaging"
 BINARY = REPO / "dist" / "cvae"
@@ -126,13 +128,6 @@ def _read_idx_gz(path):
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def _write_idx(path, array):
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
 def _synthetic(n, rng):
     """Zeros as rings and ones as strokes, with jitter: enough for a training smoke test."""
     yy, xx = np.mgrid[0:28, 0:28]
@@ -165,9 +160,7 @@ def write_tiny_mnist(directory, n_train=256, n_test=64):
             sets[split] = (images[keep], labels[keep])
         else:
             sets[split] = _synthetic(n, np.random.default_rng(7 if split == "train" else 8))
-        images, labels = sets[split]
-        _write_idx(directory / f"{prefix}-images-idx3-ubyte", images)
-        _write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels)
+        write_split(directory, prefix, *sets[split])
 
 
 def read_pgm(path):
@@ -297,7 +290,7 @@ def test_pictures_and_report(root):
     import io
 
     from PIL import Image
-    from test_report import RUN_SHEETS, assert_self_contained, images_of, parse
+    from .test_report import RUN_SHEETS, assert_self_contained, images_of, parse
 
     _train(root, "run-report", 2)
     run = host_path(root, f"{IN_ROOT}/run-report")

@@ -22,6 +22,8 @@ from cvae.checkpoint import (
 )
 from cvae.errors import CvaeError
 
+from .conftest import leftover_temp_files
+
 
 def sample_sections():
     rng = np.random.default_rng(0)
@@ -46,10 +48,6 @@ def saved(tmp_path):
     path = tmp_path / "model.cvae"
     save_checkpoint(path, "cvae", SAMPLE_META, sample_sections())
     return path
-
-
-def leftover_temp_files(directory):
-    return [name for name in os.listdir(directory) if name.endswith(".tmp")]
 
 
 def reseal(data):

@@ -11,20 +11,15 @@
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as R  # noqa: E402
-
-from cvae import cli  # noqa: E402
-from cvae import classifier as C  # noqa: E402
-from cvae.data import Dataset  # noqa: E402
-from idx_files import image_idx, label_idx  # noqa: E402
-
-REAL = os.environ.get("CVAE_DATA")
+from cvae import cli
+from cvae import classifier as C
+from cvae.data import Dataset
+from . import reference as R
+from .conftest import REAL, needs_real_data, params64, write_split
 TINY = C.ClassifierArch(h1=24, h2=20, act="elu")  # not multiples of 16
 
 
@@ -34,10 +29,6 @@ def make_classifier(arch, max_batch, threads=1, seed=0):
     for k, v in R.classifier_init_params(arch.h1, arch.h2, seed=seed + 1).items():
         model.params[k][...] = v
     return model
-
-
-def params64(model):
-    return {k: np.array(v, dtype=np.float64) for k, v in model.params.items()}
 
 
 # ---------------------------------------------------------------- the reference itself
@@ -168,7 +159,7 @@ def test_shifts_match_a_per_image_version():
 
 
 def synthetic_set(n, seed):
-    from test_evaluate import synthetic_digits
+    from .test_evaluate import synthetic_digits
 
     labels = np.arange(n) % 10
     images, labels = synthetic_digits(labels, np.random.default_rng(seed))
@@ -210,7 +201,7 @@ def test_the_shipped_classifier_is_small_and_loads():
     assert meta["test_accuracy"] >= 0.985 and len(meta["test_digest"]) == 64
 
 
-@pytest.mark.skipif(not REAL, reason="needs the real MNIST files (CVAE_DATA)")
+@needs_real_data
 def test_the_shipped_classifier_reaches_98_5_percent_on_mnist():
     test = Dataset.load(REAL, "test")
     model, meta = C.load_classifier(C.SHIPPED, threads=2)
@@ -234,11 +225,8 @@ def idx_dir(tmp_path):
     train, test = synthetic_set(320, 0), synthetic_set(100, 1)
     d = tmp_path / "data"
     d.mkdir()
-    (d / "train-images-idx3-ubyte").write_bytes(image_idx(train.images))
-    (d / "train-labels-idx1-ubyte").write_bytes(label_idx(train.labels))
-    (d / "t10k-images-idx3-ubyte").write_bytes(image_idx(test.images))
-    (d / "t10k-labels-idx1-ubyte").write_bytes(label_idx(test.labels))
-    return d
+    write_split(d, "train", train.images, train.labels)
+    return write_split(d, "t10k", test.images, test.labels)
 
 
 def test_train_and_eval_commands(idx_dir, tmp_path, capsys):

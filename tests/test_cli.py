@@ -8,20 +8,14 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import write_mnist_dir  # noqa: E402
+import cvae
+from cvae.checkpoint import load_checkpoint
+from .conftest import (REAL, assert_one_line_error, needs_real_data, run_cli, subprocess_env,
+                       write_mnist_dir)
 
-import cvae  # noqa: E402
-from cvae.checkpoint import load_checkpoint  # noqa: E402
-from cli_helpers import assert_one_line_error, no_real_data, run_cli  # noqa: E402,F401 (fixture)
+pytestmark = pytest.mark.usefixtures("no_real_data")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ["--hidden", "32,16", "--latent", "4", "--batch", "16", "--threads", "1", "--no-images"]
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    return write_mnist_dir(tmp_path / "mnist")
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -97,10 +91,7 @@ def test_data_verify(capsys, data_dir):
     assert "Traceback" not in err
 
 
-REAL = os.environ.get("CVAE_DATA")  # read before the autouse fixture hides it
-
-
-@pytest.mark.skipif(not REAL, reason="CVAE_DATA not set (real MNIST)")
+@needs_real_data
 def test_data_verify_real(capsys):
     code, out, _ = run_cli(capsys, "data", "verify", "--data", REAL)
     assert code == 0 and "match" in out
@@ -200,15 +191,9 @@ def test_default_out(capsys, tmp_path, data_dir, monkeypatch):
     assert name.startswith("full-") and (tmp_path / "runs" / name / "last.cvae").is_file()
 
 
-def _env():
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("CVAE_DATA", None)
-    return env
-
-
 def test_subprocess_error_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "cvae", "train", "--epochs", "0"],
-                          capture_output=True, text=True, env=_env(), timeout=60)
+                          capture_output=True, text=True, env=subprocess_env(), timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("cvae: error: ") and "Traceback" not in proc.stderr
@@ -218,7 +203,7 @@ def test_subprocess_sigint_saves_and_resumes(tmp_path, data_dir):
     run = tmp_path / "run"
     argv = [sys.executable, "-m", "cvae", "train", *TINY_ARGS, "--epochs", "400", "--data", str(data_dir),
             "--out", str(run), "--json"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
     try:
         first = proc.stdout.readline()  # epoch 1 done: the handlers are in place
         assert json.loads(first)["epoch"] == 1
@@ -234,7 +219,7 @@ def test_subprocess_sigint_saves_and_resumes(tmp_path, data_dir):
 
     proc = subprocess.run([sys.executable, "-m", "cvae", "train", "--resume", str(run), "--threads", "1",
                            "--stop-after-epochs", "1", "--json"],
-                          capture_output=True, text=True, env=_env(), timeout=60)
+                          capture_output=True, text=True, env=subprocess_env(), timeout=60)
     assert proc.returncode == 0, proc.stderr
     (line,) = proc.stdout.splitlines()
     assert json.loads(line)["epoch"] == meta["epoch"] + 1

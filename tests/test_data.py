@@ -14,7 +14,7 @@ from cvae.data import (
     read_idx_labels,
 )
 from cvae.errors import CvaeError
-from idx_files import image_idx, label_idx
+from .conftest import image_idx, label_idx, write_split
 
 
 
@@ -32,9 +32,7 @@ def make_split(directory, n=23, split="train", gz=False, seed=0):
     images[:, 1] = np.arange(n) // 256
     labels = (np.arange(n) % 10).astype(np.uint8)
     prefix = "train" if split == "train" else "t10k"
-    suffix = ".gz" if gz else ""
-    write(directory / f"{prefix}-images-idx3-ubyte{suffix}", image_idx(images), gz)
-    write(directory / f"{prefix}-labels-idx1-ubyte{suffix}", label_idx(labels), gz)
+    write_split(directory, prefix, images, labels, gz)
     return images, labels
 
 
@@ -283,15 +281,8 @@ def test_batch_stream_rejects_bad_arguments(tiny, kwargs):
 # ---------------------------------------------------------------- real MNIST
 
 
-def real_mnist_dir():
-    data_dir = os.environ.get("CVAE_DATA")
-    if not data_dir or not os.path.isdir(data_dir):
-        pytest.skip("set CVAE_DATA to a directory holding the MNIST files")
-    return data_dir
-
-
-def test_real_mnist():
-    data_dir = real_mnist_dir()
+def test_real_mnist(real_data):
+    data_dir = real_data
     train = Dataset.load(data_dir, "train")
     test = Dataset.load(data_dir, "test")
     assert (len(train), len(test)) == (60000, 10000)

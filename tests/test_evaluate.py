@@ -11,13 +11,10 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from cvae import cli
 from cvae import evaluate as E
 from cvae.data import Dataset
 from cvae.model import Arch, Model
-from idx_files import checkpoint_world, image_idx, label_idx
-
-REAL = os.environ.get("CVAE_DATA")
+from .conftest import REAL, checkpoint_world, image_idx, label_idx, needs_real_data, run_cli
 
 
 # ---------------------------------------------------------------- synthetic digits
@@ -79,7 +76,7 @@ def test_ssim_equals_scikit_image_on_synthetic_digits():
     np.testing.assert_allclose(E.ssim(x, x), 1.0, atol=1e-12)
 
 
-@pytest.mark.skipif(not REAL, reason="CVAE_DATA not set (real MNIST)")
+@needs_real_data
 def test_ssim_equals_scikit_image_on_real_digits():
     test = Dataset.load(REAL, "test")
     check_against_skimage(np.asarray(test.images[:100]))
@@ -229,12 +226,6 @@ def world(tmp_path):
     model.init_params(0)
     images, labels = synthetic_digits(np.arange(N_TEST) % 10, np.random.default_rng(2))
     return checkpoint_world(tmp_path, model, TRAINED_DIGITS, images, labels)
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 KEYS = {"neg_elbo", "rec", "kl", "iwae_nll", "k", "ssim", "ssim_per_digit", "seed",

@@ -55,9 +55,9 @@ def test_resolve_data_dir_precedence(clean_env, tmp_path):
 # ---------------------------------------------------------------- verification on real files
 
 
-def test_verify_real_mnist():
-    data_dir = os.environ.get("CVAE_DATA")
-    if not data_dir or not all(
+def test_verify_real_mnist(real_data):
+    data_dir = real_data
+    if not all(
         any(os.path.exists(os.path.join(data_dir, name + sfx)) for sfx in ("", ".gz")) for name in MNIST_FILES
     ):
         pytest.skip("set CVAE_DATA to a directory holding the four MNIST files")

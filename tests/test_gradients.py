@@ -6,16 +6,13 @@
 - the kernels' gradients match finite differences of the kernels' own float32 loss.
 """
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as R  # noqa: E402
+from cvae.model import Arch, Model  # (not importable = failure, never a skip)
 
-from cvae.model import Arch, Model  # noqa: E402  (not importable = failure, never a skip)
+from . import reference as R
+from .conftest import params64
 
 TINY = dict(h1=24, h2=16, latent=8)  # deliberately not multiples of 16
 SEED = 1234
@@ -32,10 +29,6 @@ def make_model(arch, max_batch, threads=1, seed=0, random_biases=True):
             if k.endswith(".b"):
                 v[...] = rng.normal(0, 0.1, v.shape)
     return model
-
-
-def params64(model):
-    return {k: np.array(v, dtype=np.float64) for k, v in model.params.items()}
 
 
 def kernel_step(model, pixels, labels, beta, seed, step):

@@ -20,15 +20,13 @@ from cvae.images import (
     write_sheets,
 )
 
+from .conftest import leftover_temp_files
+
 
 def distinct_digits(n, seed=0):
     """n random 28x28 uint8 images, each different, so a misplaced cell cannot go unnoticed."""
     rng = np.random.default_rng(seed)
     return rng.integers(1, 256, size=(n, 784), dtype=np.uint8)
-
-
-def leftover_temp_files(directory):
-    return [name for name in os.listdir(directory) if name.endswith(".tmp")]
 
 
 def test_pgm_header_is_exact_and_pixels_follow_row_major(tmp_path):

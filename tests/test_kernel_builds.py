@@ -1,19 +1,16 @@
 """Every kernel build this CPU can run (baseline, x86-64-v3, x86-64-v4) matches the reference,
 and CVAE_KERNELS picks the build."""
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as R  # noqa: E402
-from test_gradients import TINY, check_against_reference, make_model  # noqa: E402
+from cvae import kernels
+from cvae.errors import CvaeError
+from cvae.model import Arch
 
-from cvae import kernels  # noqa: E402
-from cvae.errors import CvaeError  # noqa: E402
-from cvae.model import Arch  # noqa: E402
+from . import reference as R
+from .conftest import params64
+from .test_gradients import TINY, check_against_reference, make_model
 
 
 def runnable_builds():
@@ -49,9 +46,9 @@ def test_build_matches_reference(build, forced_build):
 
 @pytest.mark.parametrize("build", ["baseline", "v3", "v4"])
 def test_build_classifier_matches_reference(build, forced_build):
-    from test_classifier import make_classifier, params64
-
     from cvae.classifier import ClassifierArch
+
+    from .test_classifier import make_classifier
 
     if build not in runnable_builds():
         pytest.skip(f"this CPU or installation has no {build} build")

@@ -20,20 +20,18 @@ CVAE's latent codes.
   a CVAE checkpoint passed as the prior are one-line CvaeErrors; the fallback to N(0, T² I).
 """
 
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as R  # noqa: E402
+from cvae import prior as P
+from cvae.checkpoint import load_checkpoint, save_checkpoint
+from cvae.data import Dataset
+from cvae.errors import CvaeError
+from cvae.model import Arch, Model, model_from_checkpoint
 
-from cvae import prior as P  # noqa: E402
-from cvae.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from cvae.data import Dataset  # noqa: E402
-from cvae.errors import CvaeError  # noqa: E402
-from cvae.model import Arch, Model, model_from_checkpoint  # noqa: E402
+from . import reference as R
+from .conftest import make_digits, params64
 
 TINY = P.PriorArch(latent=5, hidden=20, blocks=2, n_freq=3, act="elu")  # not multiples of 16
 REALISTIC = P.PriorArch(latent=128, hidden=256, blocks=3, n_freq=8)
@@ -58,10 +56,6 @@ def make_prior(arch, max_batch, threads=1, seed=0):
     for k, v in ref.items():
         prior.params[k][...] = v
     return prior
-
-
-def params64(prior):
-    return {k: np.array(v, dtype=np.float64) for k, v in prior.params.items()}
 
 
 def copy_params(src, dst):
@@ -473,9 +467,7 @@ SMALL = P.PriorArch(latent=4, hidden=24, blocks=2, n_freq=3)
 
 
 def tiny_digits(n, seed):
-    """test_train's digit-like images as a Dataset."""
-    from test_train import make_digits
-
+    """conftest's digit-like images (make_digits) as a Dataset."""
     return Dataset(*make_digits(n, seed), "synthetic")
 
 

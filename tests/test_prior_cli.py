@@ -21,16 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import write_mnist_dir  # noqa: E402
+from cvae import cli
+from cvae.checkpoint import load_checkpoint
+from cvae.classifier import SHIPPED
+from cvae import prior as P
+from .conftest import assert_one_line_error, run_cli, subprocess_env, write_mnist_dir
 
-from cvae import cli  # noqa: E402
-from cvae.checkpoint import load_checkpoint  # noqa: E402
-from cvae.classifier import SHIPPED  # noqa: E402
-from cvae import prior as P  # noqa: E402
-from cli_helpers import assert_one_line_error, no_real_data, run_cli  # noqa: E402,F401 (fixture)
+pytestmark = pytest.mark.usefixtures("no_real_data")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CVAE_ARGS = ["--hidden", "32,16", "--latent", "4", "--batch", "16", "--threads", "1",
              "--no-images", "--epochs", "1", "--quiet"]
 PRIOR_ARGS = ["--hidden", "16", "--blocks", "1", "--epochs", "2", "--batch", "32",
@@ -320,12 +318,6 @@ def test_checkpoint_that_does_not_exist(capsys, world, tmp_path, command):
     assert os.listdir(empty) == []
 
 
-def _env():
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("CVAE_DATA", None)
-    return env
-
-
 def test_subprocess_errors_are_one_line(world, tmp_path):
     run = copy_run(world["a"], tmp_path / "run")
     before = snapshot(run)
@@ -333,7 +325,7 @@ def test_subprocess_errors_are_one_line(world, tmp_path):
                  ["prior", "train", "--checkpoint", str(run)],
                  ["generate", "--checkpoint", str(run), "--steps", "0"]):
         proc = subprocess.run([sys.executable, "-m", "cvae", *argv], capture_output=True,
-                              text=True, env=_env(), timeout=60)
+                              text=True, env=subprocess_env(), timeout=60)
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert proc.stderr.startswith("cvae: error: ") and "Traceback" not in proc.stderr
@@ -463,7 +455,7 @@ def test_sigint_saves_the_prior_and_resume_completes_it(capsys, world, tmp_path)
     argv = [sys.executable, "-m", "cvae", "prior", "train", "--checkpoint", str(run), *settings,
             "--json"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env())
+                            env=subprocess_env())
     try:
         first = proc.stdout.readline()  # epoch 1 done: the handlers are in place
         assert json.loads(first)["prior_epoch"] == 1, first
@@ -484,7 +476,7 @@ def test_sigint_saves_the_prior_and_resume_completes_it(capsys, world, tmp_path)
     # asked for.
     proc = subprocess.run([sys.executable, "-m", "cvae", "generate", "--checkpoint", str(run),
                            "--threads", "1", "--per-digit", "2", "--prior", "flow"],
-                          capture_output=True, text=True, env=_env(), timeout=60)
+                          capture_output=True, text=True, env=subprocess_env(), timeout=60)
     assert proc.returncode == 2 and "partly trained" in proc.stderr and "--resume" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (run / "generate.pgm").exists()
     expect_error(capsys, run, evaluate(world, run, "--prior", "flow"), "partly trained")
@@ -493,7 +485,7 @@ def test_sigint_saves_the_prior_and_resume_completes_it(capsys, world, tmp_path)
 
     proc = subprocess.run([sys.executable, "-m", "cvae", "prior", "train", "--checkpoint",
                            str(run), "--resume", "--threads", "1", "--json"],
-                          capture_output=True, text=True, env=_env(), timeout=120)
+                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["prior_epoch"] for r in records[:-1]] == list(

@@ -21,10 +21,10 @@ from cvae import cli, plots, report
 from cvae import prior as P
 from cvae.errors import CvaeError
 from cvae.images import png_bytes, read_pgm
-from idx_files import image_idx, label_idx
-from cli_helpers import assert_one_line_error  # noqa: E402
+from .conftest import REPO, assert_one_line_error, run_cli, write_split
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The report draws a missing latent.png from $CVAE_DATA or the cache: never the real ones.
+pytestmark = pytest.mark.usefixtures("no_real_data")
 DIGITS = (0, 1, 2, 3)
 TINY = ["--hidden", "32,16", "--latent", "4", "--batch", "16", "--threads", "1"]
 RUN_SHEETS = ["samples.pgm", "reconstructions.pgm", "interpolations.pgm",
@@ -38,17 +38,8 @@ def write_data(directory, n_train=160, n_test=40, seed=0):
     rng = np.random.default_rng(seed)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         labels = (np.arange(n) % 10).astype(np.uint8)
-        images = rng.integers(0, 256, size=(n, 784), dtype=np.uint8)
-        (directory / f"{prefix}-images-idx3-ubyte").write_bytes(image_idx(images))
-        (directory / f"{prefix}-labels-idx1-ubyte").write_bytes(label_idx(labels))
+        write_split(directory, prefix, rng.integers(0, 256, size=(n, 784), dtype=np.uint8), labels)
     return directory
-
-
-@pytest.fixture(autouse=True)
-def no_real_data(monkeypatch, tmp_path):
-    # The report draws a missing latent.png from $CVAE_DATA or the cache: never the real ones.
-    monkeypatch.delenv("CVAE_DATA", raising=False)
-    monkeypatch.setenv("CVAE_CACHE", str(tmp_path / "empty-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +112,6 @@ def text_of(fragment):
 
 def section(path, anchor):
     return open(path, encoding="ascii").read().split(f'id="{anchor}"')[1].split("</section>")[0]
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def open_png(data):

@@ -15,7 +15,7 @@ from cvae.data import Dataset
 from cvae.errors import CvaeError
 from cvae.images import read_pgm, to_uint8
 from cvae.model import Arch, Model, model_from_checkpoint
-from idx_files import checkpoint_world
+from .conftest import checkpoint_world
 
 TRAINED = [0, 1, 2, 3]
 N_TEST = 40  # labels i % 10: digits 4-9 are in the test file but not trained

@@ -12,37 +12,18 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import write_mnist_dir  # noqa: E402
+from cvae import cli
+from cvae import prior as P
+from cvae import sweep as S
+from cvae import train as T
+from cvae.checkpoint import load_checkpoint
+from .conftest import REAL, REPO, assert_one_line_error, run_cli, write_mnist_dir
 
-from cvae import cli  # noqa: E402
-from cvae import prior as P  # noqa: E402
-from cvae import sweep as S  # noqa: E402
-from cvae import train as T  # noqa: E402
-from cvae.checkpoint import load_checkpoint  # noqa: E402
-from cli_helpers import assert_one_line_error  # noqa: E402
+pytestmark = pytest.mark.usefixtures("no_real_data")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["latent4-h32x16-elu-progressive", "latent8-h32x16-elu-progressive"]
 SHARED = ["--hidden", "32x16", "--epochs", "2", "--batch", "16", "--threads", "1", "--k", "3"]
 GRID = ["--latent", "4,8"]
-
-
-@pytest.fixture(autouse=True)
-def no_real_data(monkeypatch, tmp_path):
-    monkeypatch.delenv("CVAE_DATA", raising=False)
-    monkeypatch.setenv("CVAE_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    return write_mnist_dir(tmp_path / "mnist")
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def sweep(capsys, data_dir, out, *extra, grid=GRID):
@@ -424,7 +405,6 @@ def test_a_classifier_judges_every_run_and_another_one_means_a_new_evaluation(ca
 
 # ---------------------------------------------------------------- the prior axis
 
-REAL = os.environ.get("CVAE_DATA")  # read before the autouse fixture hides it
 FLOW_NAMES = ["latent4-h32x16-elu-progressive", "latent8-h32x16-elu-progressive"]
 FLOW_ARGS = ["--hidden", "32x16", "--digits", "0,1", "--epochs", "1", "--k", "2", "--samples", "20",
              "--threads", "1"]

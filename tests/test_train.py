@@ -14,43 +14,9 @@ from cvae.checkpoint import load_checkpoint, list_checkpoints
 from cvae.errors import CvaeError
 from cvae.model import Arch, model_from_checkpoint
 from cvae.schedule import make_schedule
-from idx_files import image_idx, label_idx
+from .conftest import REAL, needs_real_data, write_mnist_dir
 
 TINY = Arch(h1=32, h2=16, latent=4)
-
-
-# ---------------------------------------------------------------- synthetic data
-
-
-
-
-def make_digits(n, seed):
-    """Digit-like images: a per-class template (a bright bar at a class-specific place) plus noise."""
-    rng = np.random.default_rng(seed)
-    labels = (np.arange(n) % 10).astype(np.uint8)
-    rng.shuffle(labels)
-    images = np.zeros((n, 28, 28), dtype=np.float64)
-    for k, d in enumerate(labels):
-        r = 3 + 2 * int(d)
-        images[k, r:r + 3, 4:24] = 1.0
-        images[k, 4:24, r:r + 2] = 0.7
-    images += rng.normal(0, 0.15, images.shape)
-    images = np.clip(images * 255, 0, 255).astype(np.uint8).reshape(n, 784)
-    return images, labels
-
-
-def write_mnist_dir(directory, n_train=200, n_test=60, seed=0):
-    directory.mkdir(parents=True, exist_ok=True)
-    for prefix, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
-        images, labels = make_digits(n, s)
-        (directory / f"{prefix}-images-idx3-ubyte").write_bytes(image_idx(images))
-        (directory / f"{prefix}-labels-idx1-ubyte").write_bytes(label_idx(labels))
-    return directory
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    return write_mnist_dir(tmp_path / "mnist")
 
 
 def make_plan(epochs=2, batch=16, digits=tuple(range(10)), schedule="progressive", lr=3e-3, seed=7):
@@ -244,10 +210,9 @@ def test_rich_and_json_reporters_render(tmp_path, data_dir, capsys):
 
 # ---------------------------------------------------------------- real MNIST
 
-REAL = os.environ.get("CVAE_DATA")
 
 
-@pytest.mark.skipif(not REAL, reason="CVAE_DATA not set (real MNIST)")
+@needs_real_data
 def test_mini_on_real_mnist(tmp_path):
     from cvae.model import VARIANTS
 

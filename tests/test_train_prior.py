@@ -6,27 +6,20 @@ with its default settings on 200 codes, one step per epoch."""
 import json
 import os
 import signal
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import write_mnist_dir  # noqa: E402
+from cvae import cli
+from cvae import prior as P
+from cvae.checkpoint import load_checkpoint
+from cvae.images import read_pgm
+from cvae.model import model_from_checkpoint
+from .conftest import run_cli, write_mnist_dir
 
-from cvae import cli  # noqa: E402
-from cvae import prior as P  # noqa: E402
-from cvae.checkpoint import load_checkpoint  # noqa: E402
-from cvae.images import read_pgm  # noqa: E402
-from cvae.model import model_from_checkpoint  # noqa: E402
-from cli_helpers import no_real_data, run_cli  # noqa: E402,F401
+pytestmark = pytest.mark.usefixtures("no_real_data")
 
 TINY = ["--hidden", "32,16", "--latent", "4", "--batch", "16", "--threads", "1", "--seed", "3"]
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    return write_mnist_dir(tmp_path / "mnist")
 
 
 

@@ -1,17 +1,14 @@
 """The optimizer step, determinism across thread counts, memory discipline, odd batch sizes."""
 
-import os
-import sys
 import tracemalloc
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as R  # noqa: E402
-from test_gradients import TINY, make_model  # noqa: E402
+from cvae.model import Arch, Model  # (not importable = failure, never a skip)
 
-from cvae.model import Arch, Model  # noqa: E402  (not importable = failure, never a skip)
+from . import reference as R
+from .test_gradients import TINY, make_model
 
 SEED = 4321
 
