@@ -637,11 +637,11 @@ def write_latent(model, test_dataset, run_dir):
     return write_bytes_atomic(path(run_dir, LATENT), latent_picture(model, test_dataset))
 
 
-def write_run_images(model, test_dataset, run_dir, seed, digits, records, flow=None):
-    """A complete run's images in run_dir: reconstructions.pgm, samples.pgm (one row of 10 per
-    digit, temperature 1, N(0, I)), with a flow prior sampler samples-flow.pgm (the same draws
-    carried by the flow), interpolations.pgm and interpolations-classes.pgm, each with its
-    sidecar; then curves.png (from records) and latent.png. Returns the paths."""
+def write_run_sheets(model, test_dataset, run_dir, seed, digits, flow=None):
+    """A complete run's digit sheets in run_dir: reconstructions.pgm, samples.pgm (one row of
+    10 per digit, temperature 1, N(0, I)), with a flow prior sampler samples-flow.pgm (the
+    same draws carried by the flow), interpolations.pgm and interpolations-classes.pgm, each
+    with its sidecar. Returns their paths."""
     run_dir = os.fspath(run_dir)
     digits = tuple(int(d) for d in digits)
     extra = {"run_dir": "."}
@@ -655,9 +655,13 @@ def write_run_images(model, test_dataset, run_dir, seed, digits, records, flow=N
     interp = path(run_dir, INTERPOLATIONS)
     paths += interpolation_sheets(model, test_dataset, digits, interp, classes_path_for(interp),
                                   pairs=max(DEFAULT_PAIRS, len(digits)), seed=seed, extra=extra)
-    paths.append(write_curves(run_dir, records))
-    paths.append(write_latent(model, test_dataset, run_dir))
     return paths
+
+
+def write_run_images(model, test_dataset, run_dir, seed, digits, records, flow=None):
+    """write_run_sheets, then curves.png (from the per-epoch records) and latent.png."""
+    paths = write_run_sheets(model, test_dataset, run_dir, seed, digits, flow)
+    return paths + [write_curves(run_dir, records), write_latent(model, test_dataset, run_dir)]
 
 
 def has_pictures(run_dir):

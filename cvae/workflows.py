@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 import cvae
-from cvae.classifier import classifier_for
+from cvae.classifier import SHIPPED, classifier_for
 from cvae.data import Dataset, digits_text
 from cvae.errors import CvaeError
 from cvae.evaluate import (DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_TEMPERATURE, evaluate_model,
@@ -268,7 +268,8 @@ def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
     else:
         result["classifier"] = None
         result["classifier_note"] = judge_source
-    R.write_eval(out, result, classifier_shipped=judge is not None and classifier is None)
+    shipped = judge is not None and os.path.abspath(judge_source) == os.path.abspath(SHIPPED)
+    R.write_eval(out, result, classifier_shipped=shipped)
     result["eval_json"] = out
     return result
 

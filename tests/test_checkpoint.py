@@ -11,15 +11,9 @@ import pytest
 
 import cvae
 from cvae import checkpoint
-from cvae.checkpoint import (
-    MAGIC,
-    epoch_checkpoint_path,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    save_run_checkpoint,
-)
+from cvae.checkpoint import MAGIC, load_checkpoint, save_checkpoint
+from cvae.rundir import (epoch_checkpoint_path, latest_checkpoint, list_checkpoints,
+                         save_run_checkpoint)
 from cvae.errors import CvaeError
 
 from .conftest import leftover_temp_files

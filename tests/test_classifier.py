@@ -18,6 +18,8 @@ import pytest
 from cvae import cli
 from cvae import classifier as C
 from cvae.data import Dataset
+from cvae import rundir as RD
+from cvae import train_classifier as TC
 from . import reference as R
 from .conftest import REAL, needs_real_data, params64, write_split
 TINY = C.ClassifierArch(h1=24, h2=20, act="elu")  # not multiples of 16
@@ -151,7 +153,7 @@ def slow_shift(pixels, dy, dx):
 
 def test_shifts_match_a_per_image_version():
     pixels = R.digit_like_pixels(12, seed=3)
-    got = C.shifted(pixels, np.random.default_rng(5))
+    got = TC.shifted(pixels, np.random.default_rng(5))
     dy, dx = np.random.default_rng(5).integers(-2, 3, size=(2, 12, 1, 1))
     for i in range(12):
         assert np.array_equal(got[i], slow_shift(pixels[i], int(dy[i, 0, 0]), int(dx[i, 0, 0])))
@@ -170,11 +172,11 @@ def test_training_is_deterministic_for_any_thread_count_and_learns():
     train = synthetic_set(640, 0)
     test = synthetic_set(200, 1)
     arch = C.ClassifierArch(h1=64, h2=32)
-    a = C.train_classifier(train, epochs=3, batch=32, lr=3e-3, seed=3, threads=1,
+    a = TC.train_classifier(train, epochs=3, batch=32, lr=3e-3, seed=3, threads=1,
                            arch=arch)
-    b = C.train_classifier(train, epochs=3, batch=32, lr=3e-3, seed=3, threads=2,
+    b = TC.train_classifier(train, epochs=3, batch=32, lr=3e-3, seed=3, threads=2,
                            arch=arch)
-    c = C.train_classifier(train, epochs=3, batch=32, lr=3e-3, seed=4, threads=2,
+    c = TC.train_classifier(train, epochs=3, batch=32, lr=3e-3, seed=4, threads=2,
                            arch=arch)
     for k in a.params:
         assert np.array_equal(a.params[k], b.params[k]), k

@@ -143,11 +143,11 @@ def test_rich_display_and_quiet(capsys, tmp_path, data_dir):
 
 
 def test_variant_digits_default_and_images_hook(capsys, tmp_path, data_dir, monkeypatch):
-    from cvae import sample
+    from cvae import rundir
 
     calls = []
-    monkeypatch.setattr(sample, "write_run_images",
-                        lambda model, test, run_dir, seed, digits, flow=None:
+    monkeypatch.setattr(rundir, "write_run_images",
+                        lambda model, test, run_dir, seed, digits, records, flow=None:
                         calls.append((test, run_dir, seed, digits, flow)))
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", "--variant", "mini", "--hidden", "32,16", "--latent", "4",

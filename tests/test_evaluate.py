@@ -14,6 +14,7 @@ import pytest
 from cvae import evaluate as E
 from cvae.data import Dataset
 from cvae.model import Arch, Model
+from cvae import train_classifier as TC
 from .conftest import REAL, checkpoint_world, image_idx, label_idx, needs_real_data, run_cli
 
 
@@ -244,8 +245,12 @@ def test_eval_json_prints_one_object_and_writes_eval_json(world, capsys):
     assert result["n_images"] == 9  # digits 0, 1, 2 of 30 images labelled i % 10
     assert set(result["ssim_per_digit"]) == {"0", "1", "2"}
     assert result["checkpoint"] == os.path.abspath(world["ckpt"])
+    assert result["eval_json"] == os.path.abspath(world["run"] / "eval.json")
     written = json.loads((world["run"] / "eval.json").read_text())
-    assert written == result
+    # The file names the checkpoint beside it, with no machine path; the rest as printed.
+    assert written["checkpoint"] == "last.cvae"
+    assert written == {**{k: v for k, v in result.items() if k != "eval_json"},
+                       "checkpoint": "last.cvae"}
     # The same figures as the library on the trained digits' rows, in file order.
     rows = np.flatnonzero(np.isin(world["labels"], TRAINED_DIGITS))
     data = Dataset(world["images"][rows], world["labels"][rows])
@@ -275,7 +280,7 @@ def one_line_error(capsys, *argv, fragment):
 @pytest.mark.parametrize("k", [0, -3])
 def test_k_not_positive_is_one_line_exit_2(world, capsys, k):
     one_line_error(capsys, "eval", "--checkpoint", world["run"], "--data", world["data"],
-                   "--k", k, fragment="--k must be a positive integer")
+                   "--k", k, fragment="--k: must be a positive integer")
     assert not (world["run"] / "eval.json").exists()
 
 
@@ -436,7 +441,7 @@ def trained_judge(world, tmp_path):
     from cvae import classifier as C
 
     images, labels = synthetic_digits(np.arange(300) % 10, np.random.default_rng(5))
-    model = C.train_classifier(Dataset(images, labels, "synthetic"), epochs=2, batch=32,
+    model = TC.train_classifier(Dataset(images, labels, "synthetic"), epochs=2, batch=32,
                                seed=0, arch=C.ClassifierArch(h1=32, h2=16))
     path = tmp_path / "judge.cvae"
     C.save_classifier(path, model, {"test_accuracy": 0.5})
@@ -478,10 +483,10 @@ def test_eval_with_a_classifier_at_two_temperatures(world, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("option,value,fragment", [
-    ("--samples", 0, "--samples must be a positive integer"),
-    ("--samples", -5, "--samples must be a positive integer"),
-    ("--temperature", -1, "--temperature must be a finite number"),
-    ("--temperature", "nan", "--temperature must be a finite number"),
+    ("--samples", 0, "--samples: must be a positive integer"),
+    ("--samples", -5, "--samples: must be a positive integer"),
+    ("--temperature", -1, "--temperature: must be a non-negative number"),
+    ("--temperature", "nan", "--temperature: must be a non-negative number"),
 ])
 def test_samples_and_temperature_out_of_range(world, capsys, option, value, fragment):
     one_line_error(capsys, "eval", "--checkpoint", world["run"], "--data", world["data"],

@@ -28,7 +28,9 @@ from cvae import prior as P
 from cvae.checkpoint import load_checkpoint, save_checkpoint
 from cvae.data import Dataset
 from cvae.errors import CvaeError
-from cvae.model import Arch, Model, model_from_checkpoint
+from cvae.model import Arch, Model, encode_all, model_from_checkpoint
+from cvae import rundir as RD
+from cvae import train_prior as TP
 
 from . import reference as R
 from .conftest import make_digits, params64
@@ -482,8 +484,18 @@ def cvae_world():
     return tiny_cvae(), tiny_digits(150, 0)   # 150 codes in batches of 32: 5 steps an epoch
 
 
+def saver(path):
+    """train_prior's save(meta, sections): the prior file at path."""
+    return lambda meta, sections: save_checkpoint(path, P.KIND, meta, sections)
+
+
+def resume(model, data, path):
+    meta, sections, _ = load_checkpoint(path, expected_kind=P.KIND)
+    return TP.resume_prior(model, data, meta, sections, str(path), saver(path))
+
+
 def start(model, data, path, **kwargs):
-    return P.train_prior(model, data, str(path), arch=SMALL, epochs=3, batch=32, lr=3e-3,
+    return TP.train_prior(model, data, saver(path), arch=SMALL, epochs=3, batch=32, lr=3e-3,
                          drop=0.2, seed=5, checkpoint_name="last.cvae", **kwargs)
 
 
@@ -499,7 +511,7 @@ def stop_at(trainer, step):
 def test_a_stopped_and_resumed_prior_is_byte_identical(tmp_path, cvae_world, stops):
     """Steps 3 and 7 are mid-epoch, step 10 is the end of the second of three epochs."""
     model, data = cvae_world
-    straight = tmp_path / "straight" / P.PRIOR_NAME
+    straight = tmp_path / "straight" / RD.PRIOR
     straight.parent.mkdir()
     trainer = start(model, data, straight)
     assert (trainer.per_epoch, trainer.total) == (5, 15)
@@ -508,7 +520,7 @@ def test_a_stopped_and_resumed_prior_is_byte_identical(tmp_path, cvae_world, sto
     assert meta["complete"] and meta["step"] == meta["adam_t"] == 15
     assert len(meta["epoch_losses"]) == 3 and meta["cvae_sha256"] == P.cvae_digest(model)
 
-    path = tmp_path / "stopped" / P.PRIOR_NAME
+    path = tmp_path / "stopped" / RD.PRIOR
     path.parent.mkdir()
     trainer = start(model, data, path)
     for k, step in enumerate(stops):
@@ -518,7 +530,7 @@ def test_a_stopped_and_resumed_prior_is_byte_identical(tmp_path, cvae_world, sto
         assert (meta["step"], meta["complete"]) == (step, False)
         assert len(meta["epoch_losses"]) == step // 5
         assert (meta["loss_sum"] == 0) == (step % 5 == 0)
-        trainer = P.resume_prior(model, data, str(path))
+        trainer = resume(model, data, path)
         assert trainer.plan.step == step
     assert trainer.run() == "complete"
     assert path.read_bytes() == straight.read_bytes()
@@ -528,8 +540,8 @@ def test_a_prior_loads_and_samples(tmp_path, cvae_world):
     model, data = cvae_world
     run = tmp_path / "run"
     run.mkdir()
-    assert start(model, data, P.prior_path(run)).run() == "complete"
-    prior, meta = P.load_prior(P.prior_path(run), model)
+    assert start(model, data, RD.prior_path(run)).run() == "complete"
+    prior, meta = P.load_prior(RD.prior_path(run), model)
     assert prior.arch == SMALL and meta["complete"]
     # the digest is of the parameters alone: the CVAE saved and loaded (another max_batch,
     # threads) is the same CVAE
@@ -537,15 +549,15 @@ def test_a_prior_loads_and_samples(tmp_path, cvae_world):
                     model.state_sections())
     loaded, _ = model_from_checkpoint(run / "last.cvae", threads=2, max_batch=16)
     assert P.cvae_digest(loaded) == P.cvae_digest(model) == meta["cvae_sha256"]
-    again, _ = P.load_prior(P.prior_path(run), loaded)
+    again, _ = P.load_prior(RD.prior_path(run), loaded)
     assert state_bytes(again) == state_bytes(prior)
-    sampler = P.open_prior(None, run, model, steps=3, method="midpoint", guidance=0.5)
+    sampler = RD.open_prior(None, run, model, steps=3, method="midpoint", guidance=0.5)
     assert isinstance(sampler, P.FlowSampler) and sampler.describe()["steps"] == 3
     labels = (np.arange(20) % 10).astype(np.uint8)
     z = sampler.draw(labels, np.random.default_rng(0), 0.8)
     z0 = P.GaussianPrior(4).draw(labels, np.random.default_rng(0), 0.8)
     np.testing.assert_array_equal(z, prior.integrate(z0, labels, 3, "midpoint", 0.5))
-    assert isinstance(P.open_prior("gaussian", run, model), P.GaussianPrior)
+    assert isinstance(RD.open_prior("gaussian", run, model), P.GaussianPrior)
 
 
 def test_active_dims_are_those_whose_means_vary():
@@ -553,20 +565,20 @@ def test_active_dims_are_those_whose_means_vary():
     mu = rng.normal(0, 0.02, (5000, 6)).astype(np.float32)   # variance 4e-4: inactive
     mu[:, 1] = rng.normal(0, 1.0, 5000)
     mu[:, 4] = rng.normal(0, 0.2, 5000)                       # variance 0.04 > 0.01
-    assert P.active_dims(mu) == (1, 4)
-    assert P.active_dims(mu[:, [0, 2]]) in ((0,), (1,))      # none active: the most varied
+    assert TP.active_dims(mu) == (1, 4)
+    assert TP.active_dims(mu[:, [0, 2]]) in ((0,), (1,))      # none active: the most varied
 
 
 def test_a_prior_over_some_dims_moves_only_those(tmp_path, cvae_world):
     model, data = cvae_world
     arch = P.PriorArch(latent=2, hidden=24, blocks=1, n_freq=3, dims=(1, 3))
     path = tmp_path / "prior.cvae"
-    trainer = P.train_prior(model, data, str(path), arch=arch, epochs=1, batch=32)
-    mu, logvar = P.encode_codes(model, data)
+    trainer = TP.train_prior(model, data, saver(path), arch=arch, epochs=1, batch=32)
+    mu, logvar = encode_all(model, data.images, data.labels)
     np.testing.assert_array_equal(trainer.mu, mu[:, [1, 3]])
     np.testing.assert_array_equal(trainer.logvar, logvar[:, [1, 3]])
     assert trainer.run() == "complete"
-    sampler = P.open_prior("flow", tmp_path, model, steps=2, method="euler")
+    sampler = RD.open_prior("flow", tmp_path, model, steps=2, method="euler")
     labels = (np.arange(30) % 10).astype(np.uint8)
     z = sampler.draw(labels, np.random.default_rng(1), 1.0)
     z0 = P.GaussianPrior(4).draw(labels, np.random.default_rng(1), 1.0)
@@ -574,9 +586,9 @@ def test_a_prior_over_some_dims_moves_only_those(tmp_path, cvae_world):
     np.testing.assert_array_equal(z[:, [1, 3]],
                                   trainer.prior.integrate(z0[:, [1, 3]], labels, 2, "euler"))
     # Chosen by the codes when no architecture is given: the tiny CVAE's active dimensions.
-    fresh = P.train_prior(model, data, str(tmp_path / "other.cvae"), epochs=1, batch=32,
+    fresh = TP.train_prior(model, data, saver(tmp_path / "other.cvae"), epochs=1, batch=32,
                           hidden=16, blocks=1)
-    assert fresh.prior.arch.dims == P.active_dims(mu) and fresh.prior.arch.hidden == 16
+    assert fresh.prior.arch.dims == TP.active_dims(mu) and fresh.prior.arch.hidden == 16
 
 
 # ---------------------------------------------------------------- load_prior and open_prior errors
@@ -598,29 +610,30 @@ def trained(tmp_path_factory, cvae_world):
     run.mkdir()
     save_checkpoint(run / "last.cvae", "cvae", {"arch": model.arch.to_json(), "adam_t": 0},
                     model.state_sections())
-    trainer = P.train_prior(model, data, P.prior_path(run), arch=SMALL, epochs=1, batch=64)
+    trainer = TP.train_prior(model, data, saver(RD.prior_path(run)), arch=SMALL, epochs=1,
+                             batch=64)
     assert trainer.run() == "complete"
     return run
 
 
 def test_another_cvaes_prior_is_refused(trained, cvae_world):
     model, _ = cvae_world
-    P.load_prior(P.prior_path(trained), model)  # its own CVAE: fine
+    P.load_prior(RD.prior_path(trained), model)  # its own CVAE: fine
     other = tiny_cvae()
     other.params["dec3.b"][5] += np.float32(1e-3)   # one parameter differs
     with pytest.raises(CvaeError) as e:
-        P.load_prior(P.prior_path(trained), other)
-    one_line_error(e, P.prior_path(trained), "another CVAE")
+        P.load_prior(RD.prior_path(trained), other)
+    one_line_error(e, RD.prior_path(trained), "another CVAE")
     with pytest.raises(CvaeError) as e:
-        P.open_prior("flow", trained, other)
+        RD.open_prior("flow", trained, other)
     one_line_error(e, "another CVAE")
 
 
 def test_a_damaged_prior_is_refused(tmp_path, trained, cvae_world):
     model, _ = cvae_world
-    data = bytearray(open(P.prior_path(trained), "rb").read())
+    data = bytearray(open(RD.prior_path(trained), "rb").read())
     data[len(data) // 2] ^= 0x10
-    path = tmp_path / P.PRIOR_NAME
+    path = tmp_path / RD.PRIOR
     path.write_bytes(bytes(data))
     with pytest.raises(CvaeError) as e:
         P.load_prior(str(path), model)
@@ -629,7 +642,7 @@ def test_a_damaged_prior_is_refused(tmp_path, trained, cvae_world):
 
 def test_a_partly_trained_prior_is_refused(tmp_path, cvae_world):
     model, data = cvae_world
-    path = tmp_path / P.PRIOR_NAME
+    path = tmp_path / RD.PRIOR
     trainer = start(model, data, path)
     stop_at(trainer, 2)
     assert trainer.run() == "interrupted"
@@ -648,9 +661,9 @@ def test_a_cvae_checkpoint_is_not_a_prior(trained, cvae_world):
 def test_open_prior_without_a_prior_file(tmp_path, cvae_world):
     model, _ = cvae_world
     with pytest.raises(CvaeError) as e:
-        P.open_prior("flow", tmp_path, model)
+        RD.open_prior("flow", tmp_path, model)
     one_line_error(e, str(tmp_path), "no flow prior", "--prior gaussian")
-    fallback = P.open_prior(None, tmp_path, model)
+    fallback = RD.open_prior(None, tmp_path, model)
     assert isinstance(fallback, P.GaussianPrior) and not isinstance(fallback, P.FlowSampler)
     assert fallback.describe() == {"prior": "gaussian"}
     z = fallback.draw(np.zeros(6, np.uint8), np.random.default_rng(2), 0.5)

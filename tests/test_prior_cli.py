@@ -384,7 +384,8 @@ def test_generate_defaults_to_flow_and_gaussian_is_the_n01_sheet(capsys, world, 
     assert "flow prior: midpoint, 2 steps, guidance 2" in out
     extra = sidecar_extra(flow)
     assert extra["prior"] == "flow"
-    assert os.path.samefile(extra["prior_file"], run / "prior.cvae")
+    # relative to the sheet's directory: no machine paths in the sidecar
+    assert os.path.samefile(flow.parent / extra["prior_file"], run / "prior.cvae")
     assert (extra["steps"], extra["method"], extra["guidance"]) == (
         P.DEFAULT_STEPS, P.DEFAULT_METHOD, P.DEFAULT_GUIDANCE) == (2, "midpoint", 2.0)
 
@@ -506,7 +507,11 @@ def test_eval_scores_both_priors(capsys, world, tmp_path, monkeypatch):
     code, out, err = run_cli(capsys, *evaluate(world, run, "--classifier", SHIPPED, "--json"))
     assert code == 0, err
     both = json.loads(out)
-    assert json.loads((run / "eval.json").read_text()) == both
+    # The file as printed, but with no machine paths: the checkpoint beside it, the classifier
+    # named (the shipped one), no path of its own.
+    assert json.loads((run / "eval.json").read_text()) == {
+        **{k: v for k, v in both.items() if k != "eval_json"}, "checkpoint": "last.cvae",
+        "classifier": "shipped"}
     assert list(both["by_prior"]) == ["flow", "gaussian"]
     flow, gauss = both["by_prior"]["flow"], both["by_prior"]["gaussian"]
     for entry in (flow, gauss):
@@ -515,7 +520,7 @@ def test_eval_scores_both_priors(capsys, world, tmp_path, monkeypatch):
     assert flow["prior"] == "flow"
     assert (flow["steps"], flow["method"], flow["guidance"]) == (
         P.DEFAULT_STEPS, P.DEFAULT_METHOD, P.DEFAULT_GUIDANCE)
-    assert os.path.samefile(flow["prior_file"], run / "prior.cvae")
+    assert os.path.samefile(run / flow["prior_file"], run / "prior.cvae")
     assert gauss["prior"] == "gaussian" and "steps" not in gauss
     assert both["prior"] == "flow" and both["prior_settings"]["prior"] == "flow"
     assert both["cond_accuracy"] == flow["cond_accuracy"] and both["fid"] == flow["fid"]

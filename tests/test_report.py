@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvae import cli, plots, report
+from cvae import cli, plots, report, rundir
 from cvae import prior as P
 from cvae.errors import CvaeError
 from cvae.images import png_bytes, read_pgm
@@ -191,16 +191,14 @@ def test_a_finished_run_has_curves_and_latent_pictures(world):
 
 
 def test_curves_are_deterministic_and_need_metrics(world, tmp_path):
-    from cvae.train import read_metrics
-
-    records = read_metrics(world["run"])
+    records = rundir.read_metrics(world["run"])
     assert [r["epoch"] for r in records] == [1, 2]
     assert plots.curves_png(records) == plots.curves_png(records)
-    path = plots.write_curves(tmp_path, records)
+    path = rundir.write_curves(tmp_path, records)
     assert path == os.path.join(tmp_path, "curves.png")
     assert open_png(open(path, "rb").read()).size == (1300, 750)
     with pytest.raises(CvaeError, match="no per-epoch metrics"):
-        plots.write_curves(tmp_path / "nothing-here")
+        rundir.write_curves(tmp_path / "nothing-here")
 
 
 def test_curves_survive_odd_records():
@@ -231,20 +229,19 @@ def test_pca_2d_of_a_one_dimensional_latent():
 
 
 def test_latent_picture_encodes_the_test_set_in_one_batched_call(world, tmp_path, monkeypatch):
-    from cvae import sample
     from cvae.data import Dataset
     from cvae.model import model_from_checkpoint
 
     model, _ = model_from_checkpoint(world["run"] / "last.cvae", threads=1, max_batch=16)
     dataset = Dataset.load(world["data"], "test", DIGITS)
     calls = []
-    real = sample.encode_mu
-    monkeypatch.setattr(sample, "encode_mu", lambda m, x, y: calls.append(len(y)) or real(m, x, y))
-    path = plots.write_latent_pca(model, dataset, tmp_path)
-    assert calls == [len(dataset)]  # the whole set at once; encode_mu batches it for the kernels
+    real = rundir.encode_all
+    monkeypatch.setattr(rundir, "encode_all", lambda m, x, y: calls.append(len(y)) or real(m, x, y))
+    path = rundir.write_latent(model, dataset, tmp_path)
+    assert calls == [len(dataset)]  # the whole set at once; encode_all batches it for the kernels
     image = open_png(open(path, "rb").read())
     assert image.size == (800, 650)
-    assert plots.latent_png(real(model, dataset.images, dataset.labels), dataset.labels) == \
+    assert plots.latent_png(real(model, dataset.images, dataset.labels)[0], dataset.labels) == \
         open(path, "rb").read()
 
 

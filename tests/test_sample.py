@@ -1,6 +1,5 @@
 """cvae reconstruct / generate / interpolate and write_run_images, on a tiny untrained model."""
 
-import argparse
 import json
 import os
 import shutil
@@ -9,12 +8,14 @@ import time
 import numpy as np
 import pytest
 
-from cvae import sample
+from cvae.cli import build_parser
 from cvae.checkpoint import save_checkpoint
 from cvae.data import Dataset
 from cvae.errors import CvaeError
 from cvae.images import read_pgm, to_uint8
 from cvae.model import Arch, Model, model_from_checkpoint
+from cvae import rundir as R
+from cvae import sheets
 from .conftest import checkpoint_world
 
 TRAINED = [0, 1, 2, 3]
@@ -40,9 +41,8 @@ def out_dir(tmp_path):
 
 
 def run(*argv):
-    parser = argparse.ArgumentParser(prog="cvae")
-    sample.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([str(a) for a in argv])
+    """A sheet command, in-process; a bad option or input raises CvaeError."""
+    args = build_parser().parse_args([str(a) for a in argv])
     return args.func(args)
 
 
@@ -84,7 +84,8 @@ def test_generate_one_row_per_digit_matches_direct_decoding(world, out_dir, caps
     assert [c["sample"] for c in doc["cells"]] == list(range(7)) * 4
     extra = doc["extra"]
     assert extra["temperature"] == 0.8 and extra["seed"] == 5
-    assert extra["checkpoint"] == os.path.abspath(world["ckpt"])
+    # Recorded relative to the sheet's directory: no machine paths in the file.
+    assert extra["checkpoint"] == os.path.relpath(world["ckpt"], os.path.dirname(out))
     assert (extra["sheet"], extra["sheets"]) == (1, 1)
     # z ~ N(0, T^2 I) from default_rng(seed), in cell order, decoded with the cell's label.
     model = reference_model(world)
@@ -151,7 +152,7 @@ def test_generate_defaults_into_the_run_directory(world, tmp_path):
     run("generate", "--checkpoint", run_dir, "--threads", 1)  # no last.cvae: the latest epoch
     image, doc = load_sheet(run_dir / "generate.pgm")
     check_geometry(image, doc, rows=4, cols=10)
-    assert doc["extra"]["checkpoint"] == os.path.abspath(run_dir / "epoch-0002.cvae")
+    assert doc["extra"]["checkpoint"] == "epoch-0002.cvae"  # beside the sheet
 
 
 # ---------------------------------------------------------------- reconstruct
@@ -244,7 +245,7 @@ def test_interpolate_same_label_paths_and_class_rows(world, out_dir):
 def test_write_run_images(world, tmp_path):
     model = reference_model(world)
     test_set = Dataset.load(world["data"], "test", TRAINED)
-    paths = sample.write_run_images(model, test_set, tmp_path, 0, TRAINED)
+    paths = R.write_run_sheets(model, test_set, tmp_path, 0, TRAINED)
     names = ["reconstructions.pgm", "samples.pgm", "interpolations.pgm", "interpolations-classes.pgm"]
     assert paths == [os.path.join(tmp_path, n) for n in names]
     for path in paths:
@@ -277,7 +278,7 @@ def test_errors_write_nothing(world, tmp_path):
     ckpt, data = world["ckpt"], world["data"]
     out = tmp_path / "x.pgm"
     gen = ("generate", "--checkpoint", ckpt, "--threads", 1, "--out", out)
-    assert "trained on digits 0,1,2,3 only, not 5,7" in error(*gen, "--digits", "5,7,1")
+    assert "trained on digits 0-3 only, not 5,7" in error(*gen, "--digits", "5,7,1")
     assert "--per-digit" in error(*gen, "--per-digit", 0)
     assert "--temperature" in error(*gen, "--temperature", -0.5)
     assert "--temperature" in error(*gen, "--temperature", "nan")
@@ -321,7 +322,7 @@ def test_cli_main_runs_the_commands(world, tmp_path, capsys):
     assert out.exists()
     assert cli.main(["generate", "--checkpoint", str(world["ckpt"]), "--digits", "9",
                      "--out", str(out)]) == 2
-    assert "trained on digits 0,1,2,3 only" in capsys.readouterr().err
+    assert "trained on digits 0-3 only" in capsys.readouterr().err
     for command in ("reconstruct", "generate", "interpolate"):
         assert cli.main([command, "--help"]) == 0
         assert "--checkpoint" in capsys.readouterr().out
@@ -334,7 +335,7 @@ def test_generate_speed_report(world, tmp_path, capsys):
     model = Model(Arch(h1=32, h2=16, latent=8), max_batch=256, threads=1)
     model.init_params(0)
     start = time.perf_counter()
-    paths, n, seconds = sample.sample_sheets(model, TRAINED, tmp_path / "speed.pgm", per_digit=500,
+    paths, n, seconds = sheets.sample_sheets(model, TRAINED, tmp_path / "speed.pgm", per_digit=500,
                                              seed=0, max_rows=100)
     total = time.perf_counter() - start
     assert n == 2000 and len(paths) == 1

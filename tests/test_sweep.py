@@ -17,6 +17,10 @@ from cvae import prior as P
 from cvae import sweep as S
 from cvae import train as T
 from cvae.checkpoint import load_checkpoint
+from cvae import rundir as R
+from cvae import workflows as W
+from cvae import train_prior as TP
+from cvae import train_classifier as TC
 from .conftest import REAL, REPO, assert_one_line_error, run_cli, write_mnist_dir
 
 pytestmark = pytest.mark.usefixtures("no_real_data")
@@ -133,7 +137,7 @@ def test_a_partial_run_is_resumed_exactly(capsys, tmp_path, data_dir):
     assert f"{NAMES[1]}: training (2 epochs)" in stdout
     for name in NAMES:
         assert_finished(out / name)
-    assert len(T.read_metrics(out / NAMES[0])) == 2
+    assert len(R.read_metrics(out / NAMES[0])) == 2
 
     straight = tmp_path / "straight"
     code, _, err = sweep(capsys, data_dir, straight, "--quiet")
@@ -205,19 +209,19 @@ def test_a_signal_during_evaluation_stops_at_once(capsys, tmp_path, data_dir, mo
     from cvae import evaluate
 
     out = tmp_path / "sw"
-    original = evaluate.run_eval
+    original = W.run_eval
 
     @functools.wraps(original)
     def killed(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("the signal should have stopped the sweep")
 
-    monkeypatch.setattr(evaluate, "run_eval", killed)
+    monkeypatch.setattr(W, "run_eval", killed)
     code, _, err = sweep(capsys, data_dir, out, "--quiet")
     assert code == 143, err
     assert "SIGTERM" in err and "sweep stopped" in err and "Traceback" not in err
     assert not (out / NAMES[0] / "eval.json").exists() and not (out / NAMES[1]).exists()
-    monkeypatch.setattr(evaluate, "run_eval", original)
+    monkeypatch.setattr(W, "run_eval", original)
     code, stdout, err = sweep(capsys, data_dir, out)
     assert code == 0, err
     assert f"{NAMES[0]}: trained; no eval.json: evaluating" in stdout
@@ -383,7 +387,7 @@ def test_a_classifier_judges_every_run_and_another_one_means_a_new_evaluation(ca
     from cvae import classifier as C
     from cvae.data import Dataset
 
-    judge = C.train_classifier(Dataset.load(data_dir, "train"), epochs=1, batch=32, seed=0,
+    judge = TC.train_classifier(Dataset.load(data_dir, "train"), epochs=1, batch=32, seed=0,
                                arch=C.ClassifierArch(h1=32, h2=16))
     C.save_classifier(tmp_path / "judge.cvae", judge, {"test_accuracy": 0.5})
     out = tmp_path / "sw"
@@ -423,7 +427,7 @@ def flow_data(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("flowdata")
     data_dir = write_mnist_dir(base / "mnist")
-    judge = C.train_classifier(Dataset.load(data_dir, "train"), epochs=1, batch=32, seed=0,
+    judge = TC.train_classifier(Dataset.load(data_dir, "train"), epochs=1, batch=32, seed=0,
                                arch=C.ClassifierArch(h1=32, h2=16))
     C.save_classifier(base / "judge.cvae", judge, {"test_accuracy": 0.5})
     return ["--data", data_dir], ["--classifier", base / "judge.cvae"]
@@ -574,7 +578,7 @@ def test_a_flow_prior_with_other_settings_is_refused(capsys, tmp_path, flow_data
 def test_a_signal_during_the_prior_saves_it_and_a_rerun_finishes_it(capsys, tmp_path, flow_data,
                                                                    flow_done, monkeypatch):
     out = tmp_path / "sw"
-    original = P.PriorTrainer.run
+    original = TP.PriorTrainer.run
     sent = []
 
     def run_with_a_signal(self):
@@ -589,7 +593,7 @@ def test_a_signal_during_the_prior_saves_it_and_a_rerun_finishes_it(capsys, tmp_
         self.on_progress = progress
         return original(self)
 
-    monkeypatch.setattr(P.PriorTrainer, "run", run_with_a_signal)
+    monkeypatch.setattr(TP.PriorTrainer, "run", run_with_a_signal)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     steps = []
     for signum, expected in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
@@ -604,7 +608,7 @@ def test_a_signal_during_the_prior_saves_it_and_a_rerun_finishes_it(capsys, tmp_
         assert not (out / FLOW_NAMES[0] / "eval.json").exists() and not (out / "sweep.md").exists()
     assert f"{FLOW_NAMES[0]}: flow prior: resuming at step {steps[0]}" in stdout
 
-    monkeypatch.setattr(P.PriorTrainer, "run", original)
+    monkeypatch.setattr(TP.PriorTrainer, "run", original)
     code, stdout, err = flow_sweep(capsys, flow_data, out, latent="4")
     assert code == 0, err
     assert f"{FLOW_NAMES[0]}: trained; prior.cvae is partly trained (step {steps[1]})" in stdout
@@ -681,9 +685,9 @@ def test_collect_reads_an_evaluation_from_before_the_flow_prior(tmp_path):
     assert row["diversity"] is None and row["diversity_test"] is None
     (flow,) = S.read_rows(tmp_path, run, ["flow"])  # asked for: no figures of it
     assert flow["cond_accuracy"] is None and flow["neg_elbo"] == 3.0
-    assert S.eval_problem(run, 1, priors=("gaussian",)) is None
-    assert S.eval_problem(run, 1, priors=("gaussian", "flow")) == "eval.json does not judge the flow prior"
+    assert R.eval_problem(run, 1, priors=("gaussian",)) is None
+    assert R.eval_problem(run, 1, priors=("gaussian", "flow")) == "eval.json does not judge the flow prior"
     # one without a classifier judged nothing: a flow evaluation stands for both
-    assert S.judged_priors({"by_prior": {}, "prior": "flow"}) == ["flow", "gaussian"]
-    assert S.judged_priors({"by_prior": {}, "prior": "gaussian"}) == ["gaussian"]
-    assert S.judged_priors({"by_prior": {"gaussian": {}, "flow": {}}}) == ["flow", "gaussian"]
+    assert R.judged_priors({"by_prior": {}, "prior": "flow"}) == ["flow", "gaussian"]
+    assert R.judged_priors({"by_prior": {}, "prior": "gaussian"}) == ["gaussian"]
+    assert R.judged_priors({"by_prior": {"gaussian": {}, "flow": {}}}) == ["flow", "gaussian"]

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 
 from cvae import train as T
-from cvae.checkpoint import load_checkpoint, list_checkpoints
+from cvae.checkpoint import load_checkpoint
 from cvae.errors import CvaeError
 from cvae.model import Arch, model_from_checkpoint
 from cvae.schedule import make_schedule
+from cvae import rundir as R
+from cvae import workflows as W
+from cvae import evaluate as E
 from .conftest import REAL, needs_real_data, write_mnist_dir
 
 TINY = Arch(h1=32, h2=16, latent=4)
@@ -25,14 +28,11 @@ def make_plan(epochs=2, batch=16, digits=tuple(range(10)), schedule="progressive
 
 
 def fresh(run_dir, data_dir, plan=None, threads=1, **kwargs):
-    plan = plan or make_plan()
-    train_set, test_set = T.load_datasets(data_dir, plan.digits)
-    plan.data = T.data_description(train_set, test_set)
-    return T.new_trainer(run_dir, plan, train_set, test_set, threads, **kwargs)
+    return W.start_run(run_dir, plan or make_plan(), data_dir, threads, **kwargs)
 
 
 def files(run_dir):
-    return {os.path.basename(p): open(p, "rb").read() for p in list_checkpoints(run_dir)}
+    return {os.path.basename(p): open(p, "rb").read() for p in R.list_checkpoints(run_dir)}
 
 
 TIMING = ("img_per_s", "seconds")
@@ -78,7 +78,7 @@ def test_run_writes_metrics_checkpoints_and_config(tmp_path, data_dir):
 
     model, meta2 = model_from_checkpoint(run / "epoch-0003.cvae", max_batch=16)
     assert meta2 == meta
-    neg_elbo, _, _ = T.test_elbo(model, T.load_datasets(data_dir, meta["digits"])[1], 7)
+    neg_elbo, _, _ = E.test_elbo(model, W.load_datasets(data_dir, meta["digits"])[1], 7)
     assert neg_elbo == pytest.approx(records[-1]["test_neg_elbo"], rel=1e-12)
 
 
@@ -90,11 +90,11 @@ def test_resume_after_an_epoch_is_byte_identical(tmp_path, data_dir):
     result = fresh(split, data_dir).run(stop_after_epochs=1)
     assert (result.status, result.exit_code, result.epoch) == ("stopped", 0, 1)
     assert sorted(files(split)) == ["epoch-0001.cvae", "last.cvae"]
-    result = T.resume_trainer(split, threads=2, data_dir=data_dir).run()  # other thread count too
+    result = W.resume_run(split, threads=2, data_dir=data_dir).run()  # other thread count too
     assert result.status == "complete"
 
     assert files(split) == files(straight)
-    assert untimed(T.read_metrics(split)) == untimed(T.read_metrics(straight))
+    assert untimed(R.read_metrics(split)) == untimed(R.read_metrics(straight))
 
 
 @pytest.mark.parametrize("stop_step", [5, 13, 14])  # mid-epoch, at the epoch's last step, first of the next
@@ -116,11 +116,11 @@ def test_mid_epoch_stop_and_resume_is_byte_identical(tmp_path, data_dir, stop_st
     assert (meta["epoch"], meta["batch_in_epoch"]) == divmod(stop_step, 13)
     if stop_step % 13:
         assert "epoch_sums" in meta
-        assert len(T.read_metrics(split)) == stop_step // 13
+        assert len(R.read_metrics(split)) == stop_step // 13
 
-    T.resume_trainer(split, threads=1, data_dir=data_dir).run()
+    W.resume_run(split, threads=1, data_dir=data_dir).run()
     assert files(split) == files(straight)
-    assert untimed(T.read_metrics(split)) == untimed(T.read_metrics(straight))
+    assert untimed(R.read_metrics(split)) == untimed(R.read_metrics(straight))
 
 
 def test_a_real_signal_stops_cleanly(tmp_path, data_dir):
@@ -153,15 +153,15 @@ def test_resuming_a_changed_data_set_is_refused(tmp_path, data_dir):
     fresh(run, data_dir, make_plan(epochs=2)).run(stop_after_epochs=1)
     other = write_mnist_dir(tmp_path / "other", n_train=150)
     with pytest.raises(CvaeError, match="trained on"):
-        T.resume_trainer(run, threads=1, data_dir=other)
+        W.resume_run(run, threads=1, data_dir=other)
 
 
 def test_resume_needs_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CvaeError, match="no checkpoint"):
-        T.load_resume_point(tmp_path / "empty", 1)
+        W.load_resume_point(tmp_path / "empty", 1)
     with pytest.raises(CvaeError, match="no such run directory"):
-        T.load_resume_point(tmp_path / "missing", 1)
+        W.load_resume_point(tmp_path / "missing", 1)
 
 
 def test_digit_subset_and_partial_batches(tmp_path, data_dir):
@@ -170,7 +170,7 @@ def test_digit_subset_and_partial_batches(tmp_path, data_dir):
     trainer = fresh(run, data_dir, plan)
     assert set(np.unique(trainer.train_set.labels)) == {3, 5}
     assert trainer.run().status == "complete"
-    (record,) = T.read_metrics(run)
+    (record,) = R.read_metrics(run)
     assert record["phase"] == "CONSTANT" and record["step"] == -(-len(trainer.train_set) // 7)
 
 
@@ -227,9 +227,8 @@ def test_mini_on_real_mnist(tmp_path):
             losses.append(loss)
 
     run = tmp_path / "run"
-    train_set, test_set = T.load_datasets(REAL, plan.digits)
-    plan.data = T.data_description(train_set, test_set)
-    trainer = T.new_trainer(run, plan, train_set, test_set, threads=1, reporter=Recorder())
+    trainer = W.start_run(run, plan, REAL, threads=1, reporter=Recorder())
+    train_set, test_set = trainer.train_set, trainer.test_set
     assert trainer.run().status == "complete"
     assert len(train_set) == 12665 and len(test_set) == 2115
     (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -242,7 +241,7 @@ def test_mini_on_real_mnist(tmp_path):
 def test_a_directory_with_a_runs_outputs_but_no_checkpoint_is_not_clobbered(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
     with pytest.raises(CvaeError, match="metrics.jsonl"):
-        T.check_fresh_run_dir(tmp_path)
+        R.check_fresh_run_dir(tmp_path)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
 
 

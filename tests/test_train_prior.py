@@ -15,6 +15,9 @@ from cvae import prior as P
 from cvae.checkpoint import load_checkpoint
 from cvae.images import read_pgm
 from cvae.model import model_from_checkpoint
+from cvae import rundir as R
+from cvae import workflows as W
+from cvae import sheets
 from .conftest import run_cli, write_mnist_dir
 
 pytestmark = pytest.mark.usefixtures("no_real_data")
@@ -40,7 +43,7 @@ def sidecar_extra(path):
 
 def stop_prior_at(monkeypatch, epoch, signum):
     """Send ourselves `signum` when the prior finishes `epoch` (a real signal, as Ctrl-C)."""
-    real = P.prior_progress
+    real = W.prior_progress
 
     def progress(mode, total, first, epochs):
         on_progress, on_epoch, close = real(mode, total, first, epochs)
@@ -53,7 +56,7 @@ def stop_prior_at(monkeypatch, epoch, signum):
 
         return on_progress, epoch_end, close
 
-    monkeypatch.setattr(P, "prior_progress", progress)
+    monkeypatch.setattr(W, "prior_progress", progress)
 
 
 def test_train_with_the_flow_prior_writes_it_and_its_sheet(capsys, tmp_path, data_dir):
@@ -85,11 +88,9 @@ def test_train_with_the_flow_prior_writes_it_and_its_sheet(capsys, tmp_path, dat
     assert flow_pixels.shape == gaussian_pixels.shape and not np.array_equal(flow_pixels,
                                                                               gaussian_pixels)
     # The sheet is the run's prior's: open_prior gives the same samples.
-    from cvae import sample
-
     again = tmp_path / "again.pgm"
-    sample.sample_sheets(model, tuple(range(10)), again, per_digit=10, seed=3, cols=10,
-                         prior=P.open_prior("flow", run, model))
+    sheets.sample_sheets(model, tuple(range(10)), again, per_digit=10, seed=3, cols=10,
+                         prior=R.open_prior("flow", run, model))
     np.testing.assert_array_equal(read_pgm(again), flow_pixels)
 
 
