@@ -161,6 +161,11 @@ class SlabModel:
             self.group_block(group)[...] = 0.0
         self.adam_t = 0
 
+    def finite(self):
+        """Whether every parameter is finite: checked before any save, so that no checkpoint
+        of a diverged network is ever written."""
+        return bool(np.isfinite(self.group_block("param")).all())
+
     def adam_update(self, lr):
         """Plain Adam from ``grads`` (the unfused path)."""
         self.adam_t += 1

@@ -718,12 +718,15 @@ def build_report(run_dir, data=None, threads=None, checkpoint=None):
     config = _relative(config, run_dir)
     evaluation, eval_problem = R.read_eval(run_dir)
     evaluation = _relative(evaluation, run_dir)
-    records = R.read_metrics(run_dir)
+    damaged = []  # lines of metrics.jsonl left out, each named in a note
+    records = R.read_metrics(run_dir, problems=damaged)
 
     report.add("summary", "Summary", _summary(config, records, evaluation, checkpoint, run_dir))
     report.add("metrics", "Test-set metrics (eval.json)",
                _metrics_section(report, evaluation, eval_problem, run_dir))
-    report.add("training", "Training metrics (metrics.jsonl)", _training_section(report, records))
+    report.add("training", "Training metrics (metrics.jsonl)",
+               "".join(report.note(problem) for problem in damaged)
+               + _training_section(report, records))
     report.add("curves", "Training curves", _curves_section(report, records))
     report.add("latent", "Latent space", _latent_section(report, checkpoint, data or (None, "cache"),
                                                          threads))

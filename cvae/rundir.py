@@ -22,14 +22,19 @@ than STALE_SECONDS (the slack lets a run directory copied without preserved time
 any order, still count as fresh): `is_older`.
 """
 
+import contextlib
+import fcntl
+import glob
 import json
 import os
 import re
 import shutil
+import socket
 import sys
+import time
 
 from cvae.atomic import atomic_open, check_writable, write_bytes_atomic, write_text_atomic
-from cvae.catalogue import SAMPLE_METRICS
+from cvae.catalogue import EPOCH, SAMPLE_METRICS
 from cvae.checkpoint import SUFFIX, load_checkpoint, save_checkpoint
 from cvae.classifier import SHIPPED
 from cvae.data import NUM_DIGITS, Dataset, digits_text, has_mnist_files
@@ -60,6 +65,9 @@ INTERPOLATIONS = "interpolations.pgm"
 CURVES = "curves.png"
 LATENT = "latent.png"
 REPORT = "report.html"
+LOCK = ".lock"
+#: Epoch checkpoints a run keeps besides last.cvae (cvae train --keep).
+DEFAULT_KEEP = 3
 #: What a complete run's images are (write_run_images): all of them, or it gets them again.
 RUN_PICTURES = (SAMPLES, RECONSTRUCTIONS, INTERPOLATIONS, classes_path_for(INTERPOLATIONS),
                 CURVES, LATENT)
@@ -213,14 +221,32 @@ def read_training_checkpoint(run_dir):
     return meta, sections, newest
 
 
-class RunStore:
-    """Where a Trainer (cvae.train) keeps its run: checkpoints and the per-epoch metrics."""
+def prune_checkpoints(run_dir, keep):
+    """Delete all but the newest `keep` epoch checkpoints (None: keep them all); last.cvae
+    and every other file stay. Returns the paths deleted."""
+    if keep is None:
+        return []
+    epochs = [p for p in list_checkpoints(run_dir) if _EPOCH_NAME.match(os.path.basename(p))]
+    old = epochs[:max(0, len(epochs) - keep)]
+    for file in old:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(file)
+    return old
 
-    def __init__(self, run_dir):
+
+class RunStore:
+    """Where a Trainer (cvae.train) keeps its run: checkpoints (the newest `keep` epoch files
+    besides last.cvae; None keeps all) and the per-epoch metrics."""
+
+    def __init__(self, run_dir, keep=DEFAULT_KEEP):
         self.path = os.fspath(run_dir)
+        self.keep = keep
 
     def save(self, kind, meta, sections, epoch=None):
-        return save_run_checkpoint(self.path, kind, meta, sections, epoch=epoch)
+        last = save_run_checkpoint(self.path, kind, meta, sections, epoch=epoch)
+        if epoch is not None:
+            prune_checkpoints(self.path, self.keep)
+        return last
 
     def write_metrics(self, records):
         write_metrics(self.path, records)
@@ -230,6 +256,88 @@ class RunStore:
 
     def last_checkpoint(self):
         return last_checkpoint_path(self.path)
+
+
+# ---------------------------------------------------------------- the lock and healing
+
+
+@contextlib.contextmanager
+def training_lock(run_dir, what):
+    """Hold RUN/.lock while `what` (a command line) changes the run: a second process that
+    would train the same run stops with one line naming this one. The lock is an flock, so
+    the kernel releases it when its process dies however it dies: a lock left by a killed
+    process is taken over by the next. Reading commands never take it. The run directory is
+    made when missing, and removed again when nothing but the lock went into it; the lock
+    file is removed on release, so a command that failed leaves the directory as it was."""
+    run_dir = os.fspath(run_dir)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise CvaeError(f"{run_dir} exists and is not a directory")
+    created = not os.path.exists(run_dir)
+    lock = path(run_dir, LOCK)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        fd = _take_lock(lock)
+    except OSError as e:
+        raise CvaeError(f"cannot lock the run directory {run_dir}: {e.strerror or e}") from None
+    if fd is None:
+        try:
+            with open(lock, encoding="utf-8", errors="replace") as f:
+                holder = f.read().strip()
+        except OSError:
+            holder = ""
+        raise CvaeError(f"{run_dir} is being trained by {holder or 'another process'}: wait "
+                        f"for it to finish or stop it (Ctrl-C or SIGTERM save a checkpoint) "
+                        f"before you start another training of this run")
+    try:
+        os.write(fd, (f"process {os.getpid()} on {socket.gethostname()} ({what}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n").encode("utf-8", "replace"))
+        yield
+    finally:
+        # Unlink first, then release: a process that opened the old file meanwhile finds
+        # it no longer at the path (_take_lock) and takes a new one.
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(run_dir)  # only when nothing went into it
+
+
+def _take_lock(lock):
+    """An fd holding an exclusive flock on the file at `lock`, or None when another process
+    holds it. Retries when the file it locked was removed (released) in between."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            return fd
+        os.close(fd)
+
+
+def heal(run_dir, note):
+    """Before a run continues (under its lock): remove the temporary files a killed write left
+    (atomic writes go through hidden *.tmp files), and rewrite metrics.jsonl without lines that
+    are not records (a crash during an append cuts one short). note(text) says what was done.
+    Nothing a complete file holds is ever changed."""
+    for stray in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), ".*.tmp"))):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stray)
+            note(f"cvae: note: removed {stray}, the remains of an interrupted write")
+    problems = []
+    records = read_metrics(run_dir, problems=problems)
+    if problems:
+        write_metrics(run_dir, records)
+        for problem in problems:
+            note(f"cvae: note: {run_dir}: {problem} (repaired)")
 
 
 # ---------------------------------------------------------------- config.json and metrics.jsonl
@@ -293,20 +401,53 @@ def run_data_dir(data, run_dir, say=None, notice=None):
     return ensure_data(data, say=say, notice=notice)[0]
 
 
-def read_metrics(run_dir, upto_epoch=None):
-    """The records of metrics.jsonl (epochs ≤ upto_epoch); unparsable lines are dropped."""
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def metrics_record_problem(record):
+    """Why a metrics.jsonl line is not an epoch's record cvae wrote, or None. Every figure
+    of the catalogue's EPOCH must be a number (NaN and infinities aside, which a diverged run
+    can record), the phase a string."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if type(record.get("epoch")) is not int or record["epoch"] < 1:
+        return "no epoch number"
+    for key in EPOCH:
+        if key not in record or record[key] is None:
+            continue
+        value = record[key]
+        if key == "phase":
+            if not isinstance(value, str):
+                return f"its phase is {value!r}"
+        elif not _is_number(value):
+            return f"its {key} is {value!r}, not a number"
+    return None
+
+
+def read_metrics(run_dir, upto_epoch=None, problems=None):
+    """The records of metrics.jsonl (epochs ≤ upto_epoch). A line that is not a record
+    (cut short by a crash, or edited into something else) is dropped, and when a list is
+    given as `problems`, said there (line number and why)."""
     file = path(run_dir, METRICS)
     records = []
     try:
-        with open(file, encoding="utf-8") as f:
-            for line in f:
+        with open(file, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
                 try:
                     record = json.loads(line)
                 except ValueError:
+                    why = "not valid JSON" + ("" if line.endswith("\n") else " (cut short)")
+                else:
+                    why = metrics_record_problem(record)
+                if why is not None:
+                    if problems is not None:
+                        problems.append(f"{METRICS} line {number}: {why}; left out")
                     continue
-                if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-                    if upto_epoch is None or record["epoch"] <= upto_epoch:
-                        records.append(record)
+                if upto_epoch is None or record["epoch"] <= upto_epoch:
+                    records.append(record)
     except FileNotFoundError:
         pass
     except OSError as e:

@@ -510,13 +510,14 @@ def write_table(table_dir, rows, title):
 
 
 def collect(directory):
-    """(rows of the finished runs, [(run_dir, why unfinished)]) of the subdirectories of
-    directory that hold a run (config.json or a checkpoint)."""
+    """(rows of the finished runs, [(run_dir, why unfinished)], [notes on damaged lines of
+    metrics.jsonl left out]) of the subdirectories of directory that hold a run (config.json
+    or a checkpoint)."""
     try:
         names = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
     except OSError as e:
         raise CvaeError(f"cannot read --collect {directory}: {e.strerror or e}") from None
-    rows, unfinished = [], []
+    rows, unfinished, notes = [], [], []
     for name in names:
         run_dir = os.path.join(directory, name)
         has_config = os.path.isfile(R.path(run_dir, R.CONFIG))
@@ -538,7 +539,9 @@ def collect(directory):
             if why is None:
                 epochs = config.get("epochs")
                 if state == "none":  # results kept without checkpoints: go by the metrics
-                    done = R.read_metrics(run_dir)
+                    damaged = []
+                    done = R.read_metrics(run_dir, problems=damaged)
+                    notes += [f"{run_dir}: {problem}" for problem in damaged]
                     if not isinstance(epochs, int) or not done or done[-1]["epoch"] < epochs:
                         why = "training not complete"
                 elif state == "partial":
@@ -551,17 +554,18 @@ def collect(directory):
             rows += read_rows(directory, run_dir)
         else:
             unfinished.append((run_dir, why))
-    return rows, unfinished
+    return rows, unfinished, notes
 
 
 def collect_table(directory):
     """`cvae sweep --collect DIR`: DIR/sweep.jsonl and DIR/sweep.md from the finished runs
-    under DIR; returns (rows sorted, [(run_dir, why unfinished)], jsonl path, md path)."""
+    under DIR; returns (rows sorted, [(run_dir, why unfinished)], notes, jsonl path,
+    md path)."""
     if not os.path.exists(directory):
         raise CvaeError(f"--collect {directory}: no such directory")
     if not os.path.isdir(directory):
         raise CvaeError(f"--collect {directory} is not a directory")
-    rows, unfinished = collect(directory)
+    rows, unfinished, notes = collect(directory)
     if not rows:
         extra = f" ({len(unfinished)} unfinished)" if unfinished else ""
         raise CvaeError(f"--collect {directory}: no finished runs in it (a subdirectory with "
@@ -570,7 +574,7 @@ def collect_table(directory):
         raise CvaeError(f"cannot write the table into {directory}: not writable")
     jsonl, md = write_table(directory, rows,
                             f"cvae sweep: {os.path.basename(os.path.abspath(directory))}")
-    return sorted(rows, key=_sort_key), unfinished, jsonl, md
+    return sorted(rows, key=_sort_key), unfinished, notes, jsonl, md
 
 
 # ---------------------------------------------------------------- cvae sweep
@@ -720,8 +724,13 @@ def say_stopped(text):
 
 
 def _do_run(run, sweep, tag, say, threads, data_dir, evaluate, priors=DEFAULT_PRIORS):
-    """Train / resume / finish one run (with the flow prior asked, its prior too); (exit code,
-    status). A non-zero code: interrupted."""
+    """Train / resume / finish one run (with the flow prior asked, its prior too), holding its
+    lock; (exit code, status). A non-zero code: interrupted."""
+    with R.training_lock(run.run_dir, "cvae sweep " + shlex.join(sweep.argv)):
+        return _do_locked_run(run, sweep, tag, say, threads, data_dir, evaluate, priors)
+
+
+def _do_locked_run(run, sweep, tag, say, threads, data_dir, evaluate, priors):
     quiet = sweep.mode != "rich"
     reporter = Reporter() if quiet else RichReporter()
     result = None

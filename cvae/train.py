@@ -335,6 +335,13 @@ class Trainer:
 
     # -- saving
     def _save(self, epoch=None):
+        if not self.model.finite():
+            p = self.plan
+            saved = (f"the last good checkpoint is in {self.run_dir}"
+                     if self.store.has_checkpoint() else "no checkpoint was saved yet")
+            raise CvaeError(f"training diverged by step {p.step} (epoch {p.epoch + 1}): a "
+                            f"parameter is not finite; nothing was saved, {saved}: try a lower "
+                            f"--lr")
         return self.store.save(KIND, self.plan.meta(self.model.adam_t),
                                self.model.state_sections(), epoch=epoch)
 

@@ -52,8 +52,15 @@ def train_classifier(train_set, epochs=DEFAULT_EPOCHS, batch=DEFAULT_BATCH, lr=D
             rows = np.sort(order[b * batch:(b + 1) * batch])
             x = shifted(np.take(images, rows, axis=0), rng)
             y = np.ascontiguousarray(np.take(labels, rows))
-            loss_sum += model.train_step(x, y, cosine_lr(lr, step, total))
+            loss = model.train_step(x, y, cosine_lr(lr, step, total))
+            if not np.isfinite(loss):
+                raise CvaeError(f"the classifier's training diverged at epoch {epoch}, step "
+                                f"{step} (loss {loss}): try a lower --lr")
+            loss_sum += loss
             step += 1
         if on_epoch is not None:
             on_epoch(epoch, loss_sum / per_epoch)
+    if not model.finite():
+        raise CvaeError("the classifier's training diverged: a parameter is not finite; try a "
+                        "lower --lr")
     return model

@@ -108,6 +108,9 @@ class PriorTrainer:
         return exit_code(self.stop_signal)
 
     def save(self):
+        if not self.prior.finite():
+            raise CvaeError(f"the prior's training diverged by step {self.plan.step}: a "
+                            f"parameter is not finite; nothing was saved: try a lower --lr")
         self._save(self.plan.meta(self.prior.adam_t, self.losses), self.prior.state_sections())
 
     def run(self):

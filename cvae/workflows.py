@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 
 import cvae
+from cvae.atomic import check_writable
+from cvae.checkpoint import load_checkpoint, save_checkpoint
 from cvae.classifier import SHIPPED, classifier_for
 from cvae.data import Dataset, digits_text
 from cvae.errors import CvaeError
@@ -24,11 +26,13 @@ from cvae.evaluate import (DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_TEMPERATURE, eval
 from cvae.fetch import ensure_data
 from cvae.kernels import build_name
 from cvae.prior import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS
+from cvae.prior import KIND as PRIOR_KIND
 from cvae.progress import Bar, counter
 from cvae import rundir as R
 from cvae.sheets import (DEFAULT_N, classes_path_for, interpolation_sheets, reconstruction_sheet,
                          sample_sheets)
 from cvae.signals import stop_on_signals
+from cvae.train import KIND as CVAE_KIND
 from cvae.train import Trainer, data_description, new_model, restore
 from cvae.train_prior import resume_prior, train_prior
 
@@ -45,9 +49,11 @@ def load_datasets(data_dir, digits):
 
 
 def start_run(out, plan, data, threads, reporter=None, config_extra=None, say=None,
-              notice=None, after_step=None):
+              notice=None, after_step=None, keep=None):
     """A fresh run of `plan` in `out` (which must not hold one): loads the data (an empty
-    cache is fetched first), writes config.json; returns the Trainer."""
+    cache is fetched first), writes config.json; returns the Trainer. keep: the epoch
+    checkpoints kept besides last.cvae, a number or 'all' (None: the default)."""
+    keep = _keep(R.DEFAULT_KEEP if keep is None else keep)
     R.check_fresh_run_dir(out, create=False)  # before any data work: fail fast on a clobber
     data_dir, source = ensure_data(data, say=say, notice=notice)
     train_set, test_set = load_datasets(data_dir, plan.digits)
@@ -58,9 +64,19 @@ def start_run(out, plan, data, threads, reporter=None, config_extra=None, say=No
               "n_params": plan.arch.n_params(), "threads": threads, "kernels": build_name(),
               "isa": model.kernel_isa, "data_dir": os.path.abspath(data_dir),
               "data_source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              **(config_extra or {})}
+              "keep": keep, **(config_extra or {})}
     R.write_config(out, config)
-    return Trainer(R.RunStore(out), model, plan, train_set, test_set, (), reporter, after_step)
+    return Trainer(R.RunStore(out, keep), model, plan, train_set, test_set, (), reporter,
+                   after_step)
+
+
+def _keep(keep):
+    """RunStore's keep: a positive number, or None for 'all'."""
+    if keep == "all":
+        return None
+    if type(keep) is not int or keep <= 0:
+        raise CvaeError(f"--keep must be a positive number or 'all', got {keep!r}")
+    return keep
 
 
 def load_resume_point(run_dir, threads):
@@ -70,11 +86,24 @@ def load_resume_point(run_dir, threads):
     return model, plan, path
 
 
-def resume_run(run_dir, threads, data_dir, reporter=None, after_step=None, loaded=None):
+def resume_run(run_dir, threads, data_dir, reporter=None, after_step=None, loaded=None,
+               keep=None):
     """The Trainer continuing the run in run_dir exactly where its newest checkpoint stopped
-    (loaded: load_resume_point's result, when the caller has it)."""
+    (loaded: load_resume_point's result, when the caller has it). What a killed process left
+    half-written is repaired first (rundir.heal). keep: as start_run's; None: the run's own
+    (config.json), else the default; a keep given is recorded."""
     model, plan, path = loaded or load_resume_point(run_dir, threads)
-    started_with = R.read_config(run_dir).get("kernels")
+    R.heal(run_dir, _stderr)
+    config = R.read_config(run_dir)
+    if keep is None:
+        recorded = config.get("keep", R.DEFAULT_KEEP)
+        keep = recorded if recorded is None or (type(recorded) is int and recorded > 0) \
+            else R.DEFAULT_KEEP
+    else:
+        keep = _keep(keep)
+        if config and config.get("keep") != keep:
+            R.write_config(run_dir, {**config, "keep": keep})
+    started_with = config.get("kernels")
     if started_with and started_with != build_name():
         _stderr(f"cvae: warning: {run_dir} was started with the {started_with} kernels and "
                 f"continues with {build_name()}: the result will not be bit-identical to an "
@@ -84,8 +113,8 @@ def resume_run(run_dir, threads, data_dir, reporter=None, after_step=None, loade
     if plan.data and plan.data != data:
         raise CvaeError(f"{path} was trained on {plan.data}, but {data_dir} gives {data}")
     records = R.read_metrics(run_dir, upto_epoch=plan.epoch)
-    return Trainer(R.RunStore(run_dir), model, plan, train_set, test_set, records, reporter,
-                   after_step)
+    return Trainer(R.RunStore(run_dir, keep), model, plan, train_set, test_set, records,
+                   reporter, after_step)
 
 
 # ---------------------------------------------------------------- the flow prior of a run
@@ -362,3 +391,40 @@ def interpolate(checkpoint, out=None, steps=10, pairs=5, seed=0, threads=None, d
                                  steps=steps, pairs=pairs, seed=seed,
                                  extra={"checkpoint": R.portable(path, os.path.dirname(out))})
     return Sheets(paths, path, digits, pairs, threads=model.threads)
+
+
+# ---------------------------------------------------------------- export
+
+
+def export(checkpoint, out, with_prior=False):
+    """Write the weights of a checkpoint (a .cvae file, or a run directory's newest) to `out`,
+    without Adam's state: a file `generate`, `eval`, `reconstruct`, `interpolate` and
+    `report` take like the run's own, a third of the size. with_prior: the run's complete
+    flow prior of that checkpoint too, as prior.cvae beside `out` (weights only). Existing
+    files are never replaced. Returns the paths written."""
+    out = os.fspath(out)
+    if not out.endswith(".cvae"):
+        raise CvaeError(f"--out {out}: an exported model is a .cvae file")
+    path, run_dir = R.resolve_checkpoint(checkpoint)
+    targets = [out] + ([os.path.join(os.path.dirname(os.path.abspath(out)), R.PRIOR)]
+                       if with_prior else [])
+    for target in targets:
+        check_writable(target)
+        if os.path.exists(target):
+            raise CvaeError(f"{target} exists: export never replaces a file; choose another "
+                            f"--out or delete it")
+    meta, sections, _ = load_checkpoint(path, expected_kind=CVAE_KIND)
+    if with_prior:
+        model, _ = R.open_model(path, threads=1, batch=16)
+        state, _ = R.prior_state(run_dir, model)
+        if state != "complete":
+            raise CvaeError(f"{run_dir} has no complete flow prior of {os.path.basename(path)} "
+                            f"({state}): export without --with-prior, or train it first with "
+                            f"'cvae prior train --checkpoint {run_dir}'")
+    weights = {name: array for name, array in sections.items() if name.startswith("param.")}
+    save_checkpoint(out, CVAE_KIND, {**meta, "exported_from": os.path.basename(path)}, weights)
+    if with_prior:
+        prior_meta, prior_sections, _ = R.read_prior(run_dir)
+        save_checkpoint(targets[1], PRIOR_KIND, prior_meta,
+                        {n: a for n, a in prior_sections.items() if n.startswith("param.")})
+    return targets

@@ -14,13 +14,14 @@ import sys
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import cvae  # noqa: E402
-from cvae.cli import bench, classifier, data, evaluate, report, sheets, sweep, train  # noqa: E402
+from cvae.cli import (bench, classifier, data, evaluate, export, report, sheets,  # noqa: E402
+                      sweep, train)
 from cvae.cli.options import Formatter, Parser  # noqa: E402
 from cvae.errors import CvaeError  # noqa: E402
 from cvae.kernels import build_name, kernels  # noqa: E402
 
 #: The command groups, in the order `cvae --help` lists them.
-COMMANDS = (train, data, sheets, evaluate, classifier, sweep, report, bench)
+COMMANDS = (train, data, sheets, evaluate, classifier, sweep, report, export, bench)
 
 
 class VersionAction(argparse.Action):

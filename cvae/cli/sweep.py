@@ -51,7 +51,9 @@ def print_row(row, status):
 
 
 def cmd_collect(args):
-    rows, unfinished, jsonl, md = collect_table(args.collect)
+    rows, unfinished, notes, jsonl, md = collect_table(args.collect)
+    for note in notes:
+        print(f"cvae: note: {note}", file=sys.stderr, flush=True)
     for run_dir, why in unfinished:
         print(f"cvae: {run_dir}: unfinished ({why}): not in the table", file=sys.stderr,
               flush=True)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -122,7 +123,22 @@ def run_prior_complete(run_dir, model):
     return state == "complete"
 
 
+def keep_type(text):
+    """--keep: a positive number of epoch checkpoints, or 'all'."""
+    if text.strip().lower() == "all":
+        return "all"
+    return positive_int(text)
+
+
 def cmd_train(args):
+    run_dir = args.resume or args.out or default_out(args.variant)
+    if not args.resume:
+        R.check_fresh_run_dir(run_dir, create=False)  # before the lock makes the directory
+    with R.training_lock(run_dir, shlex.join(["cvae", *args.argv])):
+        return train_locked(args, run_dir)
+
+
+def train_locked(args, run_dir):
     tell = say(args)
     reporter = reporter_for(args)
     if args.resume:
@@ -139,15 +155,14 @@ def cmd_train(args):
             return 0
         data_dir = R.run_data_dir(args.data, args.resume, say=tell, notice=notice(args))
         trainer = resume_run(args.resume, args.threads, data_dir, reporter,
-                             loaded=(model, plan, path))
+                             loaded=(model, plan, path), keep=args.keep)
     else:
         prior = args.prior or "gaussian"
         cvae_done = False
         extra = {"variant": args.variant, "argv": args.argv,
                  **({"prior": args.prior} if args.prior else {})}
-        trainer = start_run(args.out or default_out(args.variant), plan_from_args(args),
-                            args.data, args.threads, reporter, config_extra=extra, say=tell,
-                            notice=notice(args))
+        trainer = start_run(run_dir, plan_from_args(args), args.data, args.threads, reporter,
+                            config_extra=extra, say=tell, notice=notice(args), keep=args.keep)
     if not cvae_done:
         result = trainer.run(stop_after_epochs=args.stop_after_epochs)
         if result.status != "complete":
@@ -232,6 +247,9 @@ def add_train_parser(subparsers):
                    help="continue the run in RUN_DIR from its last checkpoint, with its configuration")
     p.add_argument("--stop-after-epochs", type=positive_int, metavar="K", default=None,
                    help="stop cleanly (exit 0) after K epochs of this invocation")
+    p.add_argument("--keep", type=keep_type, metavar="N|all", default=None,
+                   help=f"epoch checkpoints (epoch-NNNN.cvae) kept besides last.cvae: the newest "
+                        f"N, or all (default: {R.DEFAULT_KEEP}; with --resume, the run's)"),
     p.add_argument("--prior", choices=PRIORS, default=None,
                    help="the latent prior the run ends with: flow trains RUN/prior.cvae after "
                         "the CVAE and adds samples-flow.pgm; gaussian is N(0, I), nothing to "
@@ -250,6 +268,11 @@ def add_train_parser(subparsers):
 def cmd_prior_train(args):
     path, run_dir = R.resolve_checkpoint(args.checkpoint)
     out = check_writable(R.prior_path(run_dir))
+    with R.training_lock(run_dir, shlex.join(["cvae", *args.argv])):
+        return prior_train_locked(args, path, run_dir, out)
+
+
+def prior_train_locked(args, path, run_dir, out):
     given = {k: getattr(args, k) for k in ("hidden", "blocks", "epochs", "batch", "lr", "drop",
                                            "seed") if getattr(args, k) is not None}
     if args.resume:
