@@ -5,6 +5,7 @@ Pixels stay uint8 from disk to the batch buffers; the kernels turn them into flo
 """
 
 import gzip
+import json
 import math
 import os
 import re
@@ -12,6 +13,7 @@ import zlib
 
 import numpy as np
 
+from cvae.atomic import atomic_open, json_default, write_text_atomic
 from cvae.errors import CvaeError
 
 IMAGE_SIDE = 28
@@ -376,3 +378,191 @@ class BatchStream:
             np.take(images, rows, axis=0, out=pixels_out, mode="clip")
             np.take(labels, rows, out=labels_out, mode="clip")
             yield pixels_out, labels_out
+
+
+# ---------------------------------------------------------------- writing IDX files
+
+
+GENERATED_SUFFIX = "generated.json"  # DIR/train-generated.json: what made a generated set
+PARTS_DIR = "parts"  # DIR/parts/: the shards' rows of a generated set, until merged
+_PART_NAME = re.compile(r"^(train|t10k)-(\d+)-of-(\d+)-generated\.json$")
+
+
+def idx_image_header(count):
+    return bytes([0, 0, _IDX_UBYTE_TYPE, 3]) + b"".join(
+        v.to_bytes(4, "big") for v in (count, IMAGE_SIDE, IMAGE_SIDE))
+
+
+def idx_label_header(count):
+    return bytes([0, 0, _IDX_UBYTE_TYPE, 1]) + count.to_bytes(4, "big")
+
+
+def write_idx_pair(images_path, labels_path, count, blocks):
+    """Write an IDX3 image file and its IDX1 label file of `count` rows from an iterable of
+    (images (k, 784) uint8, labels (k,) uint8) blocks, streamed (memory: one block), both
+    atomically: nothing is renamed into place unless every block arrived and they add up to
+    count. A part of a count that does not fit the format's 32-bit sizes is refused first."""
+    if not 0 <= count < 2 ** 32:
+        raise CvaeError(f"{images_path}: {count} images do not fit an IDX file's 32-bit count")
+    written = 0
+    try:
+        with atomic_open(images_path, "wb") as images_file, \
+                atomic_open(labels_path, "wb") as labels_file:
+            images_file.write(idx_image_header(count))
+            labels_file.write(idx_label_header(count))
+            for images, labels in blocks:
+                images = np.ascontiguousarray(images, dtype=np.uint8)
+                labels = np.ascontiguousarray(labels, dtype=np.uint8)
+                if images.shape != (len(labels), PIXELS_PER_IMAGE) or labels.ndim != 1:
+                    raise ValueError(f"a block of {images.shape} images and {labels.shape} labels")
+                if len(labels) and int(labels.max()) >= NUM_DIGITS:
+                    raise ValueError("labels must be digits 0-9")
+                written += len(labels)
+                if written > count:
+                    raise ValueError(f"more than the {count} rows announced")
+                images_file.write(images.data)
+                labels_file.write(labels.data)
+            if written != count:
+                raise ValueError(f"{written} rows written, {count} announced")
+    except OSError as e:
+        raise CvaeError(f"cannot write {images_path}: {e.strerror or e}") from None
+    return [os.fspath(images_path), os.fspath(labels_path)]
+
+
+def idx_set_names(split):
+    """(images, labels, description) file names of a generated split."""
+    prefix = _check_split(split)
+    return (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte",
+            f"{prefix}-{GENERATED_SUFFIX}")
+
+
+def part_names(split, k, n):
+    """(images, labels, description) file names of part k of n of a generated split."""
+    prefix = _check_split(split)
+    stem = f"{prefix}-{k:04d}-of-{n:04d}"
+    return (f"{stem}-images-idx3-ubyte", f"{stem}-labels-idx1-ubyte",
+            f"{stem}-{GENERATED_SUFFIX}")
+
+
+def _json_text(document):
+    return json.dumps(document, indent=2, sort_keys=True, default=json_default,
+                      allow_nan=False) + "\n"
+
+
+def write_generated_idx(directory, split, blocks, rows, total, description, shard=None):
+    """A generated data set in `directory`, from the (images, labels) blocks of `rows`
+    (start, stop) of its `total` rows:
+
+    - unsharded (rows = (0, total)): the pair any MNIST loader reads, DIR/train-images-idx3-ubyte
+      and DIR/train-labels-idx1-ubyte (t10k-... for split "test"), and
+      DIR/train-generated.json: `description` (what made them) plus the file names and count;
+    - shard k of n: the part DIR/parts/train-KKKK-of-NNNN-images-idx3-ubyte, -labels-idx1-ubyte
+      (an IDX pair of its rows) and -generated.json (the same description, plus "part": k, n,
+      rows, total), written last: a part with its JSON is complete. merge_idx_parts joins them.
+
+    Returns the paths written."""
+    directory = os.fspath(directory)
+    start, stop = rows
+    document = _set_document(split, total, description)
+    if shard is None:
+        names = idx_set_names(split)
+        where = directory
+    else:
+        names = part_names(split, shard.k, shard.n)
+        where = os.path.join(directory, PARTS_DIR)
+        document = {**document, "part": {"k": shard.k, "n": shard.n, "rows": [start, stop],
+                                         "total": total}}
+    os.makedirs(where, exist_ok=True)
+    paths = write_idx_pair(os.path.join(where, names[0]), os.path.join(where, names[1]),
+                           stop - start, blocks)
+    json_path = os.path.join(where, names[2])
+    write_text_atomic(json_path, _json_text(document))
+    return paths + [json_path]
+
+
+def _set_document(split, total, description):
+    images, labels, _ = idx_set_names(split)
+    return {**description, "format": "idx", "split": split, "images": images,
+            "labels": labels, "count": total}
+
+
+def merge_idx_parts(directory, split="train"):
+    """Join the parts of a sharded generation (DIR/parts, see write_generated_idx) into the
+    pair and JSON an unsharded run writes, byte for byte, streamed part by part. Every part
+    1 .. n must be there, complete, of the same generation (the same description) and their
+    rows must follow each other; otherwise a CvaeError naming what is wrong (the missing
+    parts by file name). The parts are left in place. Returns (paths written, rows, parts)."""
+    directory = os.fspath(directory)
+    prefix = _check_split(split)
+    parts_dir = os.path.join(directory, PARTS_DIR)
+    if not os.path.isdir(parts_dir):
+        raise CvaeError(f"{directory} has no {PARTS_DIR}/ directory: nothing to merge (run "
+                        f"'cvae generate --format idx --shard K/N --out {directory}' first)")
+    found = {}
+    for name in sorted(os.listdir(parts_dir)):
+        match = _PART_NAME.match(name)
+        if match and match.group(1) == prefix:
+            found.setdefault(int(match.group(3)), {})[int(match.group(2))] = name
+    if not found:
+        raise CvaeError(f"{parts_dir} holds no parts of the {split} split "
+                        f"({prefix}-KKKK-of-NNNN-{GENERATED_SUFFIX})")
+    if len(found) > 1:
+        raise CvaeError(f"{parts_dir} holds parts of {len(found)} different splittings "
+                        f"(N = {', '.join(map(str, sorted(found)))}): remove the stale ones")
+    (n, by_k), = found.items()
+    missing = [k for k in range(1, n + 1) if k not in by_k]
+    if missing:
+        shown = ", ".join(part_names(split, k, n)[2] for k in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CvaeError(f"{parts_dir}: {len(missing)} of {n} parts missing or unfinished "
+                        f"(part{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(map(str, missing[:20]))}: {shown}{more})")
+    documents = []
+    for k in range(1, n + 1):
+        path = os.path.join(parts_dir, by_k[k])
+        try:
+            with open(path) as f:
+                documents.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise CvaeError(f"{path}: not a readable part description ({e})") from None
+    base = {key: value for key, value in documents[0].items() if key != "part"}
+    total = base.get("count")
+    position = 0
+    for k, document in enumerate(documents, 1):
+        part = document.get("part") or {}
+        if {key: v for key, v in document.items() if key != "part"} != base:
+            raise CvaeError(f"{by_k[k]} comes from another generation than {by_k[1]} (their "
+                            f"settings differ): remove the stale parts and generate again")
+        if part.get("k") != k or part.get("n") != n or part.get("rows", [None])[0] != position:
+            raise CvaeError(f"{by_k[k]}: its rows {part.get('rows')} do not follow the parts "
+                            f"before it (rows 0-{position})")
+        position = part["rows"][1]
+    if position != total:
+        raise CvaeError(f"the parts in {parts_dir} hold {position} rows, their generation "
+                        f"{total}")
+
+    def blocks():
+        for k in range(1, n + 1):
+            names = [os.path.join(parts_dir, name) for name in part_names(split, k, n)[:2]]
+            count = len(read_idx_images(names[0]))  # the headers and sizes checked
+            rows = documents[k - 1]["part"]["rows"]
+            if len(read_idx_labels(names[1])) != count or count != rows[1] - rows[0]:
+                raise CvaeError(f"{names[0]}: its images and labels do not hold the "
+                                f"{rows[1] - rows[0]} rows its description says")
+            # plain reads, block by block (not the reader's memory map, whose pages would
+            # count as the process's memory for a whole part)
+            with open(names[0], "rb") as images, open(names[1], "rb") as labels:
+                images.seek(len(idx_image_header(0)))
+                labels.seek(len(idx_label_header(0)))
+                for start in range(0, count, 65536):
+                    rows_now = min(65536, count - start)
+                    pixels = np.frombuffer(images.read(rows_now * PIXELS_PER_IMAGE), np.uint8)
+                    yield (pixels.reshape(rows_now, PIXELS_PER_IMAGE),
+                           np.frombuffer(labels.read(rows_now), np.uint8))
+
+    names = idx_set_names(split)
+    paths = write_idx_pair(os.path.join(directory, names[0]), os.path.join(directory, names[1]),
+                           total, blocks())
+    json_path = os.path.join(directory, names[2])
+    write_text_atomic(json_path, _json_text(base))
+    return paths + [json_path], total, n

@@ -279,6 +279,17 @@ def write_sheet(path, cells_images, labels, cols, cell=CELL, gutter=2, sources=N
     return document
 
 
+def sheet_files(path, n_cells, max_rows, cols):
+    """[(number, path, start, stop)]: the sheets write_sheets makes of n_cells cells, each
+    with its 1-based number, file (`path` itself when there is one sheet, else
+    NAME-0001.pgm, ...) and cell range. Lets a caller make and write one sheet at a time."""
+    ranges = split_into_sheets(n_cells, max_rows, cols)
+    if not ranges:
+        raise ValueError("no images to write")
+    return [(number, os.fspath(path) if len(ranges) == 1 else numbered_sheet_path(path, number),
+             start, stop) for number, (start, stop) in enumerate(ranges, 1)]
+
+
 def write_sheets(path, cells_images, labels, cols, max_rows, cell=CELL, gutter=2, sources=None, extra=None,
                  cell_extras=None):
     """Write as many sheets as needed, each at most max_rows rows; returns the PGM paths written.
@@ -287,12 +298,9 @@ def write_sheets(path, cells_images, labels, cols, max_rows, cell=CELL, gutter=2
     `NAME-0001.pgm`, `NAME-0002.pgm`, ... Cell "index" values stay global across sheets, and
     each sidecar's extra gains "sheet" (1-based) and "sheets" (the total).
     """
-    ranges = split_into_sheets(len(cells_images), max_rows, cols)
-    if not ranges:
-        raise ValueError("no images to write")
+    sheets = sheet_files(path, len(cells_images), max_rows, cols)
     written = []
-    for number, (start, stop) in enumerate(ranges, 1):
-        sheet_path = os.fspath(path) if len(ranges) == 1 else numbered_sheet_path(path, number)
+    for number, sheet_path, start, stop in sheets:
         write_sheet(
             sheet_path,
             cells_images[start:stop],
@@ -301,7 +309,7 @@ def write_sheets(path, cells_images, labels, cols, max_rows, cell=CELL, gutter=2
             cell=cell,
             gutter=gutter,
             sources=None if sources is None else sources[start:stop],
-            extra={**(extra or {}), "sheet": number, "sheets": len(ranges)},
+            extra={**(extra or {}), "sheet": number, "sheets": len(sheets)},
             cell_extras=None if cell_extras is None else cell_extras[start:stop],
             first_index=start,
         )

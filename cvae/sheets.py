@@ -29,9 +29,9 @@ import time
 import numpy as np
 
 from cvae.data import PIXELS_PER_IMAGE as N_PIXELS
-from cvae.data import digits_text
+from cvae.data import digits_text, write_generated_idx
 from cvae.errors import CvaeError
-from cvae.images import write_sheet, write_sheets
+from cvae.images import sheet_files, write_sheet
 from cvae.model import decode_images, encode_all
 from cvae.prior import GaussianPrior
 
@@ -113,57 +113,173 @@ def reconstruction_sheet(model, dataset, digits, path, n=DEFAULT_N, seed=0, extr
     return [os.fspath(path)], k
 
 
-def sample_layout(digits, per_digit, cols):
-    """Cell labels for `per_digit` samples of each digit, each digit starting a new row.
+#: Digits draw their z in blocks of DRAW_BLOCK, by global index (see KeyedNormals).
+DRAW_BLOCK = 65536
 
-    Returns (labels (cells,) int array with -1 for blank padding cells, sample number within
-    its digit (-1 for blanks)).
+
+class KeyedNormals:
+    """The N(0, I) normals of digits first, first + 1, ... in a generation, each row keyed by
+    the digit's global index i (0-based, over all the digits asked for, in sheet order), never
+    by which job or sheet draws it: so any shard of a generation draws what the whole run
+    draws for the same digits.
+
+    Digit i takes the (i mod DRAW_BLOCK)-th row of block b = i // DRAW_BLOCK: block 0 is
+    numpy's default_rng(seed) (so up to 65,536 digits get exactly the draws cvae made before
+    generation had blocks, and that `cvae eval` makes), block b > 0 is default_rng of
+    SeedSequence(seed, spawn_key=(b,)), numpy's independent child stream. Rows within a block
+    are consecutive draws of its stream, so starting at row r costs r rows of draws, at most
+    one block's.
+
+    It stands in for the numpy Generator a prior's draw() takes (cvae.prior: only
+    standard_normal((n, latent), dtype) is called); each call continues where the last
+    stopped.
+    """
+
+    def __init__(self, seed, first=0):
+        self.seed, self.next = int(seed), int(first)
+        self._block, self._rng = None, None
+
+    def _stream(self, block, row, shape_tail, dtype):
+        """The block's generator, positioned at `row` (only ever moved forward)."""
+        if self._block != block or self._row > row:
+            seed = (self.seed if block == 0
+                    else np.random.SeedSequence(self.seed, spawn_key=(block,)))
+            self._block, self._rng, self._row = block, np.random.default_rng(seed), 0
+        while self._row < row:  # skip in bounded pieces: memory stays small
+            skip = min(row - self._row, 4096)
+            self._rng.standard_normal((skip, *shape_tail), dtype=dtype)
+            self._row += skip
+        return self._rng
+
+    def standard_normal(self, shape, dtype=np.float32):
+        n, *tail = shape
+        out = np.empty(shape, dtype=dtype)
+        done = 0
+        while done < n:
+            block, row = divmod(self.next, DRAW_BLOCK)
+            take = min(n - done, DRAW_BLOCK - row)
+            out[done:done + take] = self._stream(block, row, tail, dtype).standard_normal(
+                (take, *tail), dtype=dtype)
+            self._row += take
+            self.next += take
+            done += take
+        return out
+
+
+def sheet_cells(digits, per_digit, cols, start, stop):
+    """Cells start .. stop - 1 of the sample sheets' layout: `per_digit` samples of each digit,
+    each digit starting a new row (cols per row), its last row padded with blanks.
+
+    Returns (labels (k,) int64, -1 for blanks; sample number within its digit, -1 for blanks;
+    the sample's global index over all digits, -1 for blanks).
     """
     block = math.ceil(per_digit / cols) * cols
-    position = np.arange(block)
-    real = np.tile(position < per_digit, len(digits))
-    labels = np.where(real, np.repeat(np.asarray(digits, dtype=np.int64), block), -1)
-    number = np.where(real, np.tile(position, len(digits)), -1)
-    return labels, number
+    digit, position = np.divmod(np.arange(start, stop, dtype=np.int64), block)
+    real = position < per_digit
+    labels = np.where(real, np.asarray(digits, dtype=np.int64)[digit], -1)
+    return labels, np.where(real, position, -1), np.where(real, digit * per_digit + position, -1)
+
+
+def sample_cell_count(digits, per_digit, cols):
+    """Cells of the sample sheets, blanks included."""
+    return len(digits) * math.ceil(per_digit / cols) * cols
 
 
 def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=1.0, seed=0,
-                  cols=None, max_rows=DEFAULT_MAX_ROWS, extra=None, prior=None):
+                  cols=None, max_rows=DEFAULT_MAX_ROWS, extra=None, prior=None, shard=None,
+                  progress=None):
     """Class-conditional samples of `prior` (cvae.prior: GaussianPrior, z ~ N(0, T² I), by
-    default, or FlowSampler) from numpy default_rng(seed) draws in cell order, decoded with
+    default, or FlowSampler) from KeyedNormals(seed) draws in cell order, decoded with
     their digit's label; one row per digit when per_digit <= cols.
 
     cols defaults to min(per_digit, MAX_AUTO_COLS). Every digit starts on a new row; a digit's
     unfilled last row is padded with blank cells (black, label null, kind "blank"). More than
-    max_rows rows are split into numbered sheets (NAME-0001.pgm, ...).
-    Returns (paths, digits generated, seconds spent sampling and decoding).
+    max_rows rows are split into numbered sheets (NAME-0001.pgm, ...), made and written one
+    at a time (memory: one sheet). shard (cvae.shard.Shard): write only that shard's whole
+    sheets, exactly as the unsharded run writes them. progress(sheets written, sheets to
+    write), if given, is called after each sheet.
+    Returns (paths written, digits generated, seconds spent sampling and decoding).
     """
     cols = cols or min(per_digit, MAX_AUTO_COLS)
-    labels, number = sample_layout(digits, per_digit, cols)
-    real = labels >= 0
-    n = int(real.sum())
-    start = time.perf_counter()
     if prior is None:
         prior = GaussianPrior(model.arch.latent)
-    z = prior.draw(labels[real], np.random.default_rng(seed), temperature)
-    decoded = decode_images(model, z, labels[real])
-    seconds = time.perf_counter() - start
-    if n == len(labels):
-        images = decoded
-    else:
-        images = np.zeros((len(labels), N_PIXELS), dtype=np.uint8)
-        images[real] = decoded
-    cell_labels = [None if label < 0 else label for label in labels.tolist()]
-    cell_extras = [{"kind": "blank"} if k < 0 else {"kind": "sample", "sample": k}
-                   for k in number.tolist()]
-    paths = write_sheets(path, images, cell_labels, cols, max_rows, cell_extras=cell_extras,
-                         extra={"what": f"class-conditional samples of the {prior.name} prior "
-                                        "at the temperature, one digit per row block",
-                                "temperature": temperature, "seed": seed, "digits": list(digits),
-                                "per_digit": per_digit,
-                                **prior.describe(os.path.dirname(os.path.abspath(path))),
-                                **(extra or {})})
+    sheets = sheet_files(path, sample_cell_count(digits, per_digit, cols), max_rows, cols)
+    mine = sheets if shard is None else sheets[slice(*shard.share(len(sheets)))]
+    common = {"what": f"class-conditional samples of the {prior.name} prior at the temperature, "
+                      "one digit per row block",
+              "temperature": temperature, "seed": seed, "digits": list(digits),
+              "per_digit": per_digit, **prior.describe(os.path.dirname(os.path.abspath(path))),
+              **(extra or {})}
+    draws = None
+    paths, n, seconds = [], 0, 0.0
+    for number, sheet_path, start, stop in mine:
+        labels, sample_number, index = sheet_cells(digits, per_digit, cols, start, stop)
+        real = labels >= 0
+        # every row holds a real cell (a digit pads fewer than cols cells), and the real
+        # cells of consecutive sheets have consecutive global indices
+        if draws is None:
+            draws = KeyedNormals(seed, first=int(index[real][0]))
+        began = time.perf_counter()
+        z = prior.draw(labels[real], draws, temperature)
+        decoded = decode_images(model, z, labels[real])
+        seconds += time.perf_counter() - began
+        if real.all():
+            images = decoded
+        else:
+            images = np.zeros((len(labels), N_PIXELS), dtype=np.uint8)
+            images[real] = decoded
+        cell_labels = [None if label < 0 else label for label in labels.tolist()]
+        cell_extras = [{"kind": "blank"} if k < 0 else {"kind": "sample", "sample": k}
+                       for k in sample_number.tolist()]
+        write_sheet(sheet_path, images, cell_labels, cols, cell_extras=cell_extras,
+                    extra={**common, "sheet": number, "sheets": len(sheets)}, first_index=start)
+        paths.append(sheet_path)
+        n += int(real.sum())
+        if progress is not None:
+            progress(len(paths), len(mine))
     return paths, n, seconds
+
+
+#: Rows drawn, decoded and written at a time by generate_idx (784 bytes each).
+IDX_BLOCK = 8192
+
+
+def generate_idx(model, digits, directory, per_digit=DEFAULT_PER_DIGIT, temperature=1.0, seed=0,
+                 split="train", extra=None, prior=None, shard=None, progress=None):
+    """The samples of sample_sheets (the same digits from the same draws, in the same order:
+    all of the first digit, then the next ...) as an MNIST-format data set in `directory`:
+    cvae.data.write_generated_idx's pair and JSON, or with shard (cvae.shard.Shard) its part
+    of the rows, for cvae.data.merge_idx_parts. Streamed in blocks of IDX_BLOCK rows.
+    progress(rows written, rows to write), if given, is called after each block.
+    Returns (files written, digits generated, seconds spent sampling and decoding)."""
+    if prior is None:
+        prior = GaussianPrior(model.arch.latent)
+    total = len(digits) * per_digit
+    start, stop = (0, total) if shard is None else shard.share(total)
+    description = {"what": f"class-conditional samples of the {prior.name} prior at the "
+                           "temperature, all of each digit in turn (as cvae generate's sheets "
+                           "without their blank cells)",
+                   "temperature": temperature, "seed": seed, "digits": list(digits),
+                   "per_digit": per_digit, "counts": {str(d): per_digit for d in digits},
+                   **prior.describe(os.path.abspath(directory)), **(extra or {})}
+    draws = KeyedNormals(seed, first=start)
+    spent = [0.0]
+    table = np.asarray(digits, dtype=np.uint8)
+
+    def blocks():
+        for first in range(start, stop, IDX_BLOCK):
+            last = min(first + IDX_BLOCK, stop)
+            labels = table[np.arange(first, last) // per_digit]
+            began = time.perf_counter()
+            images = decode_images(model, prior.draw(labels, draws, temperature), labels)
+            spent[0] += time.perf_counter() - began
+            yield images, labels
+            if progress is not None:
+                progress(last - start, stop - start)
+
+    paths = write_generated_idx(directory, split, blocks(), (start, stop), total, description,
+                                shard=shard)
+    return paths, stop - start, spent[0]
 
 
 def interpolation_sheets(model, dataset, digits, path, classes_path, steps=DEFAULT_STEPS,

@@ -29,8 +29,8 @@ from cvae.prior import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS
 from cvae.prior import KIND as PRIOR_KIND
 from cvae.progress import Bar, counter
 from cvae import rundir as R
-from cvae.sheets import (DEFAULT_N, classes_path_for, interpolation_sheets, reconstruction_sheet,
-                         sample_sheets)
+from cvae.sheets import (DEFAULT_N, classes_path_for, generate_idx, interpolation_sheets,
+                         reconstruction_sheet, sample_sheets)
 from cvae.signals import stop_on_signals
 from cvae.train import KIND as CVAE_KIND
 from cvae.train import Trainer, data_description, new_model, restore
@@ -340,9 +340,11 @@ class Sheets:
 
 def generate(checkpoint, out=None, digits=None, per_digit=10, temperature=1.0, cols=None,
              max_rows=50, seed=0, threads=None, prior=None, steps=None, method=None,
-             guidance=None):
+             guidance=None, shard=None, idx=False, split="train", progress=None):
     """`cvae generate`: class-conditional sample sheets of the checkpoint's prior (see
-    sheets.sample_sheets)."""
+    sheets.sample_sheets), or with idx an MNIST-format data set in the directory `out`
+    (sheets.generate_idx). shard (cvae.shard.Shard): only that shard's whole sheets, or its
+    part of the rows. progress(done, total) after each sheet or block of rows."""
 
     _positive(per_digit, "--per-digit")
     if temperature is None or not math.isfinite(temperature) or temperature < 0:
@@ -350,7 +352,11 @@ def generate(checkpoint, out=None, digits=None, per_digit=10, temperature=1.0, c
     if cols is not None:
         _positive(cols, "--cols")
     _positive(max_rows, "--max-rows")
-    path, run_dir, out, model, meta = _open(checkpoint, out, "generate.pgm", threads, seed)
+    if idx:
+        out = idx_output_dir(out)
+        path, run_dir, _, model, meta = _open(checkpoint, None, "generate.pgm", threads, seed)
+    else:
+        path, run_dir, out, model, meta = _open(checkpoint, out, "generate.pgm", threads, seed)
     sampler = R.open_prior(prior, run_dir, model, model.threads,
                            DEFAULT_STEPS if steps is None else steps, method or DEFAULT_METHOD,
                            DEFAULT_GUIDANCE if guidance is None else guidance)
@@ -359,12 +365,34 @@ def generate(checkpoint, out=None, digits=None, per_digit=10, temperature=1.0, c
         R.check_digits(digits, trained, path)
     digits = trained if digits is None else tuple(digits)
     start = time.perf_counter()
-    paths, n, seconds = sample_sheets(
-        model, digits, out, per_digit=per_digit, temperature=temperature, seed=seed, cols=cols,
-        max_rows=max_rows, extra={"checkpoint": R.portable(path, os.path.dirname(out))},
-        prior=sampler)
+    if idx:
+        paths, n, seconds = generate_idx(
+            model, digits, out, per_digit=per_digit, temperature=temperature, seed=seed,
+            split=split, extra={"checkpoint": R.portable(path, out)}, prior=sampler,
+            shard=shard, progress=progress)
+    else:
+        paths, n, seconds = sample_sheets(
+            model, digits, out, per_digit=per_digit, temperature=temperature, seed=seed,
+            cols=cols, max_rows=max_rows,
+            extra={"checkpoint": R.portable(path, os.path.dirname(os.path.abspath(out)))},
+            prior=sampler, shard=shard, progress=progress)
     return Sheets(paths, path, digits, n, seconds, time.perf_counter() - start, model.threads,
                   sampler)
+
+
+def idx_output_dir(out):
+    """--out DIR for --format idx, checked before any work: a writable directory, or one that
+    can be made there (generate_idx makes it)."""
+    if not out:
+        raise CvaeError("--format idx needs --out DIR (the directory for the data set)")
+    out = os.fspath(out)
+    if not os.path.isdir(out):
+        if os.path.exists(out):
+            raise CvaeError(f"--out {out} is not a directory (--format idx writes a directory)")
+        check_writable(out)  # its parent exists and is writable
+    elif not os.access(out, os.W_OK | os.X_OK):
+        raise CvaeError(f"cannot write in {out}: the directory is not writable")
+    return out
 
 
 def reconstruct(checkpoint, out=None, n=DEFAULT_N, seed=0, threads=None, data=None):

@@ -5,6 +5,7 @@ import os
 import sys
 
 from cvae.cli.options import add_arch_options, add_parser, add_subcommands, positive_int
+from cvae.data import merge_idx_parts
 from cvae.errors import CvaeError
 from cvae.fetch import default_cache_dir, fetch_mnist, resolve_data_dir, verify_mnist_dir
 from cvae.kernels import default_threads
@@ -59,6 +60,12 @@ def cmd_data_verify(args):
     return 0
 
 
+def cmd_data_merge(args):
+    paths, rows, parts = merge_idx_parts(args.dir, args.split)
+    print(f"merged {parts} part(s), {rows:,} digits -> {', '.join(paths)}")
+    return 0
+
+
 def register(subparsers):
     p = add_parser(subparsers, "info", help="parameter count and memory of an architecture",
                    description="Parameter count and the slab's size by section (MB).")
@@ -83,3 +90,14 @@ def register(subparsers):
     q.add_argument("--data", metavar="DIR", default=None,
                    help="MNIST directory (default: $CVAE_DATA, else the cache)")
     q.set_defaults(func=cmd_data_verify)
+    q = add_parser(sub, "merge", help="join the parts of a sharded 'cvae generate --format idx'",
+                   description="Join DIR/parts/train-KKKK-of-NNNN-* (written by 'cvae generate "
+                               "--format idx --shard K/N --out DIR') into\n"
+                               "DIR/train-images-idx3-ubyte, DIR/train-labels-idx1-ubyte and "
+                               "DIR/train-generated.json: the files one unsharded\nrun writes, "
+                               "byte for byte. Every part must be there; the parts are left in "
+                               "place.")
+    q.add_argument("dir", metavar="DIR", help="the --out directory of the sharded generation")
+    q.add_argument("--split", choices=("train", "test"), default="train",
+                   help="which parts to join: train-* or t10k-*")
+    q.set_defaults(func=cmd_data_merge)

@@ -1,10 +1,14 @@
 """`cvae generate`, `cvae reconstruct`, `cvae interpolate`: digit sheets from a checkpoint."""
 
+import os
+import sys
+
 from cvae.cli.options import (add_checkpoint, add_data, add_parser, add_prior_options,
                               add_threads, digits_type, non_negative_float, non_negative_int,
                               number_type, positive_int)
 from cvae.data import digits_text
 from cvae.prior import sampling_text
+from cvae.shard import parse_shard
 from cvae.sheets import (DEFAULT_MAX_ROWS, DEFAULT_N, DEFAULT_PAIRS, DEFAULT_PER_DIGIT,
                          DEFAULT_STEPS, MAX_AUTO_COLS)
 from cvae.workflows import generate, interpolate, reconstruct
@@ -23,22 +27,48 @@ def cmd_reconstruct(args):
 
 
 def cmd_generate(args):
+    shard = parse_shard(args.shard, os.environ)
+    idx = args.format == "idx"
     done = generate(args.checkpoint, out=args.out, digits=args.digits,
                     per_digit=args.per_digit, temperature=args.temperature, cols=args.cols,
                     max_rows=args.max_rows, seed=args.seed, threads=args.threads,
                     prior=args.prior, steps=args.ode_steps, method=args.method,
-                    guidance=args.guidance)
+                    guidance=args.guidance, shard=shard, idx=idx, split=args.split,
+                    progress=shard_progress(shard, "rows" if idx else "sheets"))
     rate = done.count / done.seconds if done.seconds > 0 else float("inf")
     paths = done.paths
-    where = paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
+    if idx:
+        what = f"{'part' if shard else 'data set'} {', '.join(os.path.basename(p) for p in paths)}"
+        where = f"{what} in {os.path.dirname(paths[0])}"
+    else:
+        where = ("no sheet (more shards than sheets)" if not paths else paths[0]
+                 if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}")
+        where = f"{len(paths)} sheet(s) in {done.total_seconds:.3f} s -> {where}"
     prior = done.prior
     how = (f"flow prior: {sampling_text(prior.describe())}" if prior.name == "flow"
            else "N(0, I) prior")
-    print(f"generated {done.count} digits in {done.seconds:.3f} s ({rate:,.0f} digits/s, "
+    who = f"shard {shard}: " if shard else ""
+    print(f"{who}generated {done.count} digits in {done.seconds:.3f} s ({rate:,.0f} digits/s, "
           f"{done.threads} threads, {how}, seed {args.seed}, temperature "
-          f"{args.temperature:g}); {len(paths)} sheet(s) in {done.total_seconds:.3f} s -> "
-          f"{where}")
+          f"{args.temperature:g}); {where}")
     return 0
+
+
+def shard_progress(shard, unit):
+    """For a shard (a job on a cluster, whose log is all one sees of it): a callback printing
+    `cvae: shard K/N: UNIT done/total` on stderr per tenth of its work. None otherwise: an
+    unsharded generate prints only its final line."""
+    if shard is None:
+        return None
+    last = [-1]
+
+    def report(done, total):
+        tenth = 10 * done // max(total, 1)
+        if tenth > last[0]:
+            last[0] = tenth
+            print(f"cvae: shard {shard}: {unit} {done:,}/{total:,}", file=sys.stderr, flush=True)
+
+    return report
 
 
 def cmd_interpolate(args):
@@ -76,7 +106,8 @@ def register(subparsers):
         subparsers, "generate", help="class-conditional samples from the prior",
         description="Decode a draw of the prior with each requested digit's label: the run's flow prior\n"
                     "(prior.cvae, see 'cvae prior train') when it has one, else z ~ N(0, T^2 I); the flow\n"
-                    "carries the same N(0, T^2 I) draws (numpy default_rng(seed)) to its codes.\n"
+                    "carries the same N(0, T^2 I) draws (numpy default_rng(seed); from the 65,537th digit on,\n"
+                    "its child streams, keyed by each digit's place) to its codes.\n"
                     "One row per digit while --per-digit fits a row (up to 20 columns, or --cols);\n"
                     "each digit starts a new row, blank cells pad a digit's last row, and sheets of more\n"
                     "than --max-rows rows are split into FILE-0001.pgm, FILE-0002.pgm, ...\n"
@@ -96,8 +127,23 @@ def register(subparsers):
     p.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, metavar="R",
                    help=f"rows per sheet before splitting into numbered sheets (default: "
                         f"{DEFAULT_MAX_ROWS})")
-    p.add_argument("--out", metavar="FILE.pgm", default=None,
-                   help="output sheet; its sidecar is FILE.json (default: RUN/generate.pgm)")
+    p.add_argument("--out", metavar="FILE.pgm|DIR", default=None,
+                   help="output sheet; its sidecar is FILE.json (default: RUN/generate.pgm); "
+                        "with --format idx, the data set's directory")
+    p.add_argument("--format", choices=("pgm", "idx"), default="pgm",
+                   help="pgm: digit sheets; idx: an MNIST-format data set in --out DIR, "
+                        "DIR/train-images-idx3-ubyte and DIR/train-labels-idx1-ubyte (the same "
+                        "digits without blank cells, all of each digit in turn) and "
+                        "DIR/train-generated.json saying what made them (default: pgm)")
+    p.add_argument("--split", choices=("train", "test"), default="train",
+                   help="with --format idx: write the train-* files, or the t10k-* files that "
+                        "training also reads (use another --seed for them) (default: train)")
+    p.add_argument("--shard", metavar="K/N|slurm", default=None,
+                   help="generate only shard K of N (1-based): its whole sheets, or with "
+                        "--format idx its rows as DIR/parts/train-KKKK-of-NNNN-* for 'cvae data "
+                        "merge DIR'; every digit's draws depend on its place in the whole "
+                        "generation, so all N shards write what one run writes. 'slurm': K and "
+                        "N from the job array (SLURM_ARRAY_TASK_ID, _MIN, _STEP, _COUNT)")
     add_prior_options(p)
     p.set_defaults(func=cmd_generate)
 
