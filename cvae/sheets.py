@@ -22,6 +22,8 @@ Conventions:
     its row in the dataset it is given).
 """
 
+import collections
+import concurrent.futures
 import math
 import os
 import time
@@ -212,31 +214,47 @@ def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=
               **(extra or {})}
     draws = None
     paths, n, seconds = [], 0, 0.0
-    for number, sheet_path, start, stop in mine:
-        labels, sample_number, index = sheet_cells(digits, per_digit, cols, start, stop)
-        real = labels >= 0
-        # every row holds a real cell (a digit pads fewer than cols cells), and the real
-        # cells of consecutive sheets have consecutive global indices
-        if draws is None:
-            draws = KeyedNormals(seed, first=int(index[real][0]))
-        began = time.perf_counter()
-        z = prior.draw(labels[real], draws, temperature)
-        decoded = decode_images(model, z, labels[real])
-        seconds += time.perf_counter() - began
-        if real.all():
-            images = decoded
-        else:
-            images = np.zeros((len(labels), N_PIXELS), dtype=np.uint8)
-            images[real] = decoded
+
+    def write(number, sheet_path, start, images, labels, sample_number):
         cell_labels = [None if label < 0 else label for label in labels.tolist()]
         cell_extras = [{"kind": "blank"} if k < 0 else {"kind": "sample", "sample": k}
                        for k in sample_number.tolist()]
         write_sheet(sheet_path, images, cell_labels, cols, cell_extras=cell_extras,
                     extra={**common, "sheet": number, "sheets": len(sheets)}, first_index=start)
-        paths.append(sheet_path)
-        n += int(real.sum())
-        if progress is not None:
-            progress(len(paths), len(mine))
+        return sheet_path
+
+    # One writer thread: sheet k is laid out and written (JSON, fsync) while the kernels,
+    # which release the GIL, decode sheet k + 1. At most two sheets wait, so memory stays
+    # that of a few sheets whatever the count.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
+        pending = collections.deque()
+        for number, sheet_path, start, stop in mine:
+            labels, sample_number, index = sheet_cells(digits, per_digit, cols, start, stop)
+            real = labels >= 0
+            # every row holds a real cell (a digit pads fewer than cols cells), and the real
+            # cells of consecutive sheets have consecutive global indices
+            if draws is None:
+                draws = KeyedNormals(seed, first=int(index[real][0]))
+            began = time.perf_counter()
+            z = prior.draw(labels[real], draws, temperature)
+            decoded = decode_images(model, z, labels[real])
+            seconds += time.perf_counter() - began
+            if real.all():
+                images = decoded
+            else:
+                images = np.zeros((len(labels), N_PIXELS), dtype=np.uint8)
+                images[real] = decoded
+            n += int(real.sum())
+            pending.append(writer.submit(write, number, sheet_path, start, images, labels,
+                                         sample_number))
+            while len(pending) > 2 or (pending and pending[0].done()):
+                paths.append(pending.popleft().result())
+                if progress is not None:
+                    progress(len(paths), len(mine))
+        while pending:
+            paths.append(pending.popleft().result())
+            if progress is not None:
+                progress(len(paths), len(mine))
     return paths, n, seconds
 
 
