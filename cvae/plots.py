@@ -230,3 +230,44 @@ def latent_png(mu, labels, title=None):
         figure.tight_layout()
 
     return _render(matplotlib, draw, (8, 6.5))
+
+
+# ---------------------------------------------------------------- thread scaling
+
+
+def scaling_png(rows, title=None):
+    """PNG bytes of a thread-scaling study (cvae bench rows: variant, batch, threads,
+    img_per_s): img/s against threads on the left, speed-up over one thread on the right with
+    the ideal line (speed-up = threads), one line per variant and batch."""
+    series = {}
+    for row in rows:
+        series.setdefault((row["variant"], row["batch"], row.get("precision")), []).append(row)
+    if not series:
+        raise CvaeError("no benchmark rows to draw")
+    matplotlib = _matplotlib()
+    threads = sorted({r["threads"] for r in rows})
+
+    def draw(figure):
+        rate_ax, speed_ax = figure.subplots(1, 2)
+        for (variant, batch, precision), points in series.items():
+            points = sorted(points, key=lambda r: r["threads"])
+            label = f"{variant}, batch {batch}" + (f", {precision}" if precision else "")
+            xs = [r["threads"] for r in points]
+            rate_ax.plot(xs, [r["img_per_s"] for r in points], marker="o", label=label)
+            speedups = [(r["threads"], r["speedup"]) for r in points if r.get("speedup")]
+            if speedups:
+                speed_ax.plot(*zip(*speedups), marker="o", label=label)
+        speed_ax.plot(threads, threads, linestyle="--", color="grey", label="ideal (= threads)")
+        for ax in (rate_ax, speed_ax):
+            ax.set_xlabel("threads (--threads)")
+            ax.set_xticks(threads)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        rate_ax.set_ylabel("training images per second")
+        rate_ax.set_ylim(bottom=0)
+        speed_ax.set_ylabel("speed-up over 1 thread")
+        speed_ax.set_ylim(bottom=0)
+        figure.suptitle(title or "cvae bench: thread scaling", fontsize=12)
+        figure.tight_layout()
+
+    return _render(matplotlib, draw, (11, 4.5))
