@@ -198,6 +198,7 @@ say "$VERSION_LINE"
 
 mkdir -p "$DIST"
 cp "$STATIC" "$DIST/cvae.new"
+chmod 755 "$DIST/cvae.new"  # staticx writes its output 0700
 mv -f "$DIST/cvae.new" "$DIST/cvae"
 echo "$STAMP" >"$DIST/cvae.stamp"
 t3=$(date +%s)

@@ -31,8 +31,11 @@ MARKER="$ROOT/.cvae-chroot-ok"
 say() { echo "make_chroot: $*" >&2; }
 
 valid_root() {
-    [ "$(cat "$MARKER" 2>/dev/null)" = "$SUITE" ] && [ -x "$ROOT/bin/sh" ] && [ -e "$ROOT/lib64/ld-linux-x86-64.so.2" ] \
-        && [ ! -e "$ROOT/usr/bin/python3" ]
+    # The loader may be an absolute symlink (bullseye's points at ld-2.31.so), which the
+    # host cannot follow: test the link itself.
+    local loader="$ROOT/lib64/ld-linux-x86-64.so.2"
+    [ "$(cat "$MARKER" 2>/dev/null)" = "$SUITE" ] && [ -x "$ROOT/bin/sh" ] \
+        && { [ -e "$loader" ] || [ -L "$loader" ]; } && [ ! -e "$ROOT/usr/bin/python3" ]
 }
 
 if [ "$(id -u)" != 0 ]; then

@@ -42,6 +42,7 @@ PACKAGING = REPO / "packaging"
 BINARY = REPO / "dist" / "cvae"
 IN_ROOT = "/cvae-test"  # the test's directory inside the root
 ROOT_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"  # the host's, run after `env -i`
 
 pytestmark = [
     pytest.mark.binary,
@@ -108,7 +109,7 @@ def in_root(root, *args, env=None, timeout=600, check=True, popen=False):
     assignments = [f"{k}={v}" for k, v in environment.items() if v is not None]
     script = 'mount -t proc proc "$0/proc" && exec env -i "$@"'
     cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, str(root),
-           *assignments, "unshare", f"--root={root}", f"--wd={IN_ROOT}", *args]
+           *assignments, UNSHARE, f"--root={root}", f"--wd={IN_ROOT}", *args]
     if popen:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 stdin=subprocess.DEVNULL)
