@@ -184,7 +184,7 @@ while IFS= read -r want; do
         missing=1
     fi
 done < <(echo "$CVAE_ENTRIES"; printf '%s\n' libgomp.so threadpoolctl rich.console _multiarray_umath \
-         openblas matplotlib.backends.backend_agg ft2font mpl-data/fonts/ttf/DejaVuSans.ttf PIL._imaging)
+         openblas matplotlib.backends.backend_agg ft2font mpl-data/fonts/ttf/DejaVuSans.ttf PIL/_imaging.)
 [ "$missing" = 0 ] || exit 1
 t2=$(date +%s)
 
