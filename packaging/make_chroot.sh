@@ -10,8 +10,9 @@
 # uses, read from /etc/apt/sources.list and /etc/apt/sources.list.d/*.{list,sources} (no host
 # is named here): the URI that lists SUITE, else the first one whose path ends in /debian
 # (a bookworm machine's deb.debian.org/debian still serves bullseye). Installs debootstrap with apt-get when it is missing. Needs root.
-# A finished root carries a marker file naming its suite and is reused as long as it still looks sane; a
-# half-built one (interrupted run) is thrown away and rebuilt. Prints the root's path last.
+# A finished root carries a marker file naming its suite and is reused as long as it still
+# looks sane; a half-built one (interrupted run) is thrown away and rebuilt. Prints the
+# root's path last.
 set -euo pipefail
 
 SUITE=bookworm
@@ -20,7 +21,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --suite) SUITE="${2:?--suite needs a Debian release name}"; shift 2 ;;
         --suite=*) SUITE="${1#--suite=}"; shift ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;p}' "$0"; exit 0 ;;
         -*) echo "make_chroot: unknown option $1" >&2; exit 2 ;;
         *) ROOT="$1"; shift ;;
     esac
