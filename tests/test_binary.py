@@ -1,17 +1,25 @@
-"""The one-file `cvae` binary (packaging/) runs on a Debian machine that has no Python.
+"""The one-file `cvae` binary (packaging/) runs on any x86-64 Linux: no Python, no libc needed.
 
-Builds dist/cvae with packaging/build.sh (a no-op when dist/cvae.stamp matches the sources),
-builds or reuses a `debootstrap --variant=minbase bookworm` root with packaging/make_chroot.sh
-(cached in ~/.cache/cvae-ci/bookworm-minbase; the mirror comes from this machine's apt
-sources), and runs the binary in it with chroot: --help, --version, a short training run on
-a tiny IDX set, generate / reconstruct / interpolate, the run's pictures and `cvae report`
-(matplotlib inside), the flow prior (`cvae prior train`, then generate and eval with it),
-and --threads 1 vs 2 giving byte-identical checkpoints.
+Builds dist/cvae with packaging/build.sh (a no-op when dist/cvae.stamp matches the sources)
+and runs it in three roots:
+- a `debootstrap --variant=minbase bookworm` root (packaging/make_chroot.sh, cached in
+  ~/.cache/cvae-ci/bookworm-minbase; the mirror comes from this machine's apt sources), the
+  full tour: --help, --version, a short training run on a tiny IDX set, generate /
+  reconstruct / interpolate, the run's pictures and `cvae report` (matplotlib inside), eval,
+  the flow prior (`cvae prior train`, then generate and eval with it), a sweep, --threads 1 vs 2
+  giving byte-identical checkpoints and priors, the bundled libgomp, SIGTERM;
+- an EMPTY root: nothing but the binary, the data, /proc and /tmp (no libc, no loader, no
+  shell), and
+- a `debootstrap --variant=minbase bullseye` root (Debian 11, glibc 2.31: older than the
+  2.35/2.36 the bundled libpython and libstdc++ were linked against),
+  each: --help, a short train (--threads 1 and 2, byte-identical), generate, eval, prior train.
 
 Needs root (debootstrap, chroot, mount), x86-64 Linux, gcc and network access to the package
 index and the Debian mirror. Marked `binary`: deselect with `pytest -m "not binary"`.
-Each chroot command runs in its own mount namespace (`unshare --mount`) with /proc mounted
-inside it, so nothing stays mounted on the host even if the test is killed.
+Each command runs in its own mount namespace (`unshare --mount`) with /proc mounted inside
+it, so nothing stays mounted on the host even if the test is killed; the environment is
+emptied and the root entered from the host side (`env -i`, `unshare --root`), because the
+empty root has no `env` or shell of its own.
 """
 
 import gzip
@@ -36,6 +44,7 @@ PACKAGING = REPO / "packaging"
 BINARY = REPO / "dist" / "cvae"
 IN_ROOT = "/cvae-test"  # the test's directory inside the root
 ROOT_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"  # the host's, run after `env -i`
 
 pytestmark = [
     pytest.mark.binary,
@@ -93,15 +102,16 @@ def root(binary):
 
 
 def in_root(root, *args, env=None, timeout=600, check=True, popen=False):
-    """Run a command inside the root (no Python there): a private mount namespace with /proc,
-    a clean environment, TMPDIR=/cvae-test/tmp (where the one-file binary unpacks)."""
+    """Run a command inside the root (no Python there), in /cvae-test: a private mount
+    namespace with /proc, a clean environment, TMPDIR=/cvae-test/tmp (where the binary
+    unpacks). `env` adds to or, with a None value, removes from that environment."""
     environment = {"PATH": ROOT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TMPDIR": f"{IN_ROOT}/tmp",
                    "TERM": "dumb"}
     environment.update(env or {})
-    assignments = [f"{k}={v}" for k, v in environment.items()]
-    script = 'mount -t proc proc "$0/proc" && cd "$0" && exec chroot "$0" /usr/bin/env -i "$@"'
+    assignments = [f"{k}={v}" for k, v in environment.items() if v is not None]
+    script = 'mount -t proc proc "$0/proc" && exec env -i "$@"'
     cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, str(root),
-           *assignments, "sh", "-c", f'cd {IN_ROOT} && exec "$@"', "sh", *args]
+           *assignments, UNSHARE, f"--root={root}", f"--wd={IN_ROOT}", *args]
     if popen:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 stdin=subprocess.DEVNULL)
@@ -187,8 +197,10 @@ def read_pgm(path):
     return width, height, maxval, pixels
 
 
-def no_unpacked_leftovers(root):
-    left = sorted(p.name for p in host_path(root, f"{IN_ROOT}/tmp").glob("_MEI*"))
+def no_unpacked_leftovers(root, tmpdir=f"{IN_ROOT}/tmp"):
+    """Neither staticx's unpacking (glibc and the program) nor PyInstaller's stays behind."""
+    left = sorted(p.name for p in host_path(root, tmpdir).iterdir()
+                  if p.name.startswith(("_MEI", "staticx-")))
     assert not left, f"the one-file launcher left {left} in TMPDIR"
 
 
@@ -471,12 +483,14 @@ def test_bundled_libgomp_one_pool_and_sigterm(root):
 
 
 def _descendants(pid):
-    """pid and its descendants that run the cvae binary, outermost first."""
+    """pid and its descendants that run a cvae executable, outermost first."""
     found, frontier = [], [pid]
     while frontier:
         current = frontier.pop(0)
         try:
-            if os.readlink(f"/proc/{current}/exe").endswith("/usr/local/bin/cvae"):
+            # The launcher is /usr/local/bin/cvae; staticx runs the PyInstaller program it
+            # unpacked, $TMPDIR/staticx-*/cvae, which runs the Python worker.
+            if os.path.basename(os.readlink(f"/proc/{current}/exe")) == "cvae":
                 found.append(current)
         except OSError:
             pass
@@ -485,3 +499,113 @@ def _descendants(pid):
         except OSError:
             pass
     return found
+
+
+# ---------------------------------------------------------------- roots without a fitting glibc
+
+
+def _program_headers(path):
+    """The ELF program header types of an x86-64 executable."""
+    data = Path(path).read_bytes()[:1 << 16]
+    assert data[:4] == b"\x7fELF" and data[4] == 2, f"{path}: not a 64-bit ELF file"
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    return [struct.unpack_from("<I", data, phoff + i * phentsize)[0] for i in range(phnum)]
+
+
+def test_binary_is_static(binary):
+    """No PT_INTERP (3) and no PT_DYNAMIC (2): the kernel starts it by itself, no ld.so or libc
+    of the machine is ever asked for (so `ldd` has nothing to say about it)."""
+    types = _program_headers(binary)
+    assert 1 in types, types  # PT_LOAD: it did parse
+    assert 3 not in types and 2 not in types, f"dist/cvae is dynamically linked: {types}"
+
+
+@pytest.fixture(scope="module", params=["empty", "bullseye"])
+def bare_root(request, binary, tmp_path_factory):
+    """A root whose libc cannot serve the binary: none at all (empty: the binary, the data,
+    /proc and /tmp, nothing else), or Debian 11's glibc 2.31. The binary is
+    /usr/local/bin/cvae, the data /cvae-test/data; yields (kind, root)."""
+    kind = request.param
+    if kind == "empty":
+        root = tmp_path_factory.mktemp("empty-root")
+        for directory in ("proc", "tmp", "usr/local/bin", IN_ROOT.lstrip("/")):
+            (root / directory).mkdir(parents=True)
+        (root / "tmp").chmod(0o1777)
+        shutil.copy2(binary, root / "usr" / "local" / "bin" / "cvae")
+        write_tiny_mnist(root / IN_ROOT.lstrip("/") / "data")
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+        assert files == ["cvae-test/data/t10k-images-idx3-ubyte", "cvae-test/data/t10k-labels-idx1-ubyte",
+                         "cvae-test/data/train-images-idx3-ubyte", "cvae-test/data/train-labels-idx1-ubyte",
+                         "usr/local/bin/cvae"], files
+        yield kind, root
+        shutil.rmtree(root, ignore_errors=True)
+        return
+
+    import fcntl
+
+    result = subprocess.run([str(PACKAGING / "make_chroot.sh"), "--suite", kind],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            timeout=30 * 60)
+    assert result.returncode == 0, f"make_chroot.sh --suite {kind} failed:\n{result.stderr[-4000:]}"
+    root = Path(result.stdout.strip().splitlines()[-1])
+    lock = open(f"{root}.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        # The point of this root: a glibc older than the one the bundled libraries ask for.
+        libc = sorted(p.name for p in (root / "lib" / "x86_64-linux-gnu").glob("libc-2.*.so"))
+        assert libc == ["libc-2.31.so"], libc
+        shutil.copy2(binary, root / "usr" / "local" / "bin" / "cvae")
+        work = root / IN_ROOT.lstrip("/")
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "tmp").mkdir(parents=True)
+        write_tiny_mnist(work / "data")
+        yield kind, root
+        shutil.rmtree(work, ignore_errors=True)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def test_help_train_generate_eval_prior_without_a_fitting_libc(bare_root):
+    """--help, a short train on 1 and 2 threads (the bundled libgomp; byte-identical
+    checkpoints), generate, eval with the shipped classifier, and prior train, in a root with
+    no libc (where also no HOME, no /etc, no shell exist) and in Debian 11's."""
+    kind, root = bare_root
+    # The empty root: TMPDIR unset (the default /tmp), and no HOME: like a scratch container.
+    env = {"TMPDIR": None, "HOME": None} if kind == "empty" else {}
+    tmpdir = "/tmp" if kind == "empty" else f"{IN_ROOT}/tmp"
+
+    def run(*args):
+        return in_root(root, *args, env=env)
+
+    result = run("cvae", "--help")
+    for command in ("train", "generate", "eval", "prior"):
+        assert command in result.stdout
+    for threads in (1, 2):
+        run("cvae", "train", "--variant", "mini", "--epochs", "1", "--seed", "3", "--data",
+            f"{IN_ROOT}/data", "--out", f"run-t{threads}", "--threads", str(threads), "--quiet")
+    one, two = (host_path(root, f"{IN_ROOT}/run-t{t}/last.cvae").read_bytes() for t in (1, 2))
+    assert one == two, "--threads 1 and --threads 2 trained different checkpoints"
+
+    run("cvae", "generate", "--checkpoint", "run-t2", "--per-digit", "5", "--seed", "1",
+        "--out", "gen.pgm", "--threads", "2")
+    width, height, _, pixels = read_pgm(host_path(root, f"{IN_ROOT}/gen.pgm"))
+    assert len(set(pixels)) > 2, "a blank sheet"
+    sidecar = json.loads(pixels_file(root, "gen.json"))
+    assert (sidecar["width"], sidecar["height"]) == (width, height)
+
+    from cvae.classifier import SHIPPED
+
+    shutil.copy(SHIPPED, host_path(root, f"{IN_ROOT}/judge.cvae"))
+    result = run("cvae", "eval", "--checkpoint", "run-t2", "--data", f"{IN_ROOT}/data", "--k", "2",
+                 "--samples", "20", "--classifier", "judge.cvae", "--threads", "2", "--json")
+    judged = json.loads(result.stdout)
+    assert 0 <= judged["cond_accuracy"] <= 1 and judged["fid"] >= 0, judged
+
+    result = run("cvae", "prior", "train", "--checkpoint", "run-t2", "--epochs", "2", "--hidden",
+                 "32", "--blocks", "1", "--batch", "64", "--threads", "2", "--json")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["prior_epoch"] for r in records[:-1]] == [1, 2], result.stdout
+    assert host_path(root, f"{IN_ROOT}/run-t2/prior.cvae").is_file()
+    no_unpacked_leftovers(root, tmpdir)
