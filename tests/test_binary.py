@@ -386,7 +386,8 @@ def test_flow_prior(root):
     sidecar = json.loads(pixels_file(root, "flow.json"))
     assert (sidecar["width"], sidecar["height"]) == (width, height)
     extra = sidecar["extra"]
-    assert extra["prior"] == "flow" and extra["prior_file"] == f"{IN_ROOT}/run-prior/prior.cvae"
+    # relative to the sheet's directory (IN_ROOT): no machine paths in the file
+    assert extra["prior"] == "flow" and extra["prior_file"] == "run-prior/prior.cvae"
     assert (extra["steps"], extra["method"], extra["guidance"]) == (2, "midpoint", 2.0)  # defaults
     labels = sorted(cell["label"] for cell in sidecar["cells"] if cell.get("kind") == "sample")
     assert labels == [0] * 5 + [1] * 5
@@ -409,7 +410,7 @@ def test_flow_prior(root):
     for name, entry in judged["by_prior"].items():
         assert 0 <= entry["cond_accuracy"] <= 1 and entry["fid"] >= 0, (name, entry)
         assert entry["diversity"] > 0, (name, entry)
-    assert judged["by_prior"]["flow"]["prior_file"] == f"{IN_ROOT}/run-prior/prior.cvae"
+    assert judged["by_prior"]["flow"]["prior_file"] == "prior.cvae"  # beside eval.json
     assert judged["diversity_test"] > 0
     no_unpacked_leftovers(root)
 
