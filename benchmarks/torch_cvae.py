@@ -1,41 +1,25 @@
 """PyTorch peer of cvae, for benchmarks and quality reference (benchmark-only dependency).
 
-    python benchmarks/torch_cvae.py bench --variant full --batch 64 --threads 1,2 --steps 200 --warmup 30 [--json]
+    python benchmarks/torch_cvae.py bench --variant full --batch 64 --threads 1,2 --steps 200 --warmup 30 [--precision bf16] [--json]
     python benchmarks/torch_cvae.py train --variant full --epochs 10 --batch 64 --beta 1 --threads 2 --seed 0 [--json] [--save-cvae DIR]
 
 Importable: bench_torch(variant, batch, threads, steps, warmup) -> img/s; train_torch(...) -> per-epoch test -ELBO.
 """
-import argparse, gzip, json, os, sys, time
+import argparse, contextlib, json, os, sys, time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# name -> (h1, h2, latent, digits)
-VARIANTS = {"mini": (256, 128, 32, (0, 1)), "mid": (512, 256, 64, (0, 1)), "full": (640, 320, 128, tuple(range(10)))}
-FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+from peer_data import VARIANTS, load_mnist_np, thread_counts
 
-
-def read_idx(path):
-    """IDX file (gzip) -> uint8 numpy array. Header: 0, 0, dtype (0x08 = ubyte), ndim, then ndim big-endian u32."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file")
-    ndim = raw[3]
-    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
-    return np.frombuffer(raw, np.uint8, int(np.prod(shape)), 4 + 4 * ndim).reshape(shape)
+PRECISIONS = ("fp32", "bf16")
 
 
 def load_mnist(split, digits, data_dir=None):
     """-> x float32 (n, 784) = bytes/255 (not binarised), y int64 (n,), only the given digits."""
-    data_dir = data_dir or os.environ.get("CVAE_DATA", "/work/shared/data/mnist")
-    images, labels = (read_idx(os.path.join(data_dir, f)) for f in FILES[split])
-    keep = np.isin(labels, digits)
-    x = torch.from_numpy(images[keep].reshape(-1, 784).astype(np.float32) / 255.0)
-    return x, torch.from_numpy(labels[keep].astype(np.int64))
+    x, y = load_mnist_np(split, digits, data_dir)
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 class CVAE(nn.Module):
@@ -66,9 +50,18 @@ def make_model(variant, act="elu", lr=1e-3):
     return model, torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def train_step(model, opt, x, y, beta=1.0):
-    logits, mu, logvar = model(x, y)
-    loss = loss_fn(logits, x, mu, logvar, beta)
+def autocast(precision):
+    """bf16: forward and loss under CPU autocast (PyTorch picks which ops run in bf16; the weights,
+    gradients and Adam state stay fp32), the usual mixed-precision recipe. fp32: nothing."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(model, opt, x, y, beta=1.0, precision="fp32"):
+    with autocast(precision):
+        logits, mu, logvar = model(x, y)
+        loss = loss_fn(logits, x, mu, logvar, beta)
     loss.backward()
     opt.step()
     opt.zero_grad()
@@ -97,22 +90,28 @@ def set_threads(n):
     torch.set_num_threads(n)
 
 
-def bench_torch(variant, batch, threads, steps, warmup, act="elu", lr=1e-3, seed=0, data=None):
+def bench_torch(variant, batch, threads, steps, warmup, act="elu", lr=1e-3, seed=0, data=None,
+                precision="fp32", stats=None):
     """Images/s over `steps` timed training steps, after `warmup` untimed ones. Only the step is timed
-    (forward, loss, backward, optimizer.step, zero_grad); batch gathering from the float tensor is not."""
+    (forward, loss, backward, optimizer.step, zero_grad); batch gathering from the float tensor is not.
+    With a dict `stats`, also stores "cpu_per_wall": process CPU seconds per wall second over the
+    timed steps (how many cores were busy, spinning included)."""
     set_threads(threads)
     torch.manual_seed(seed)
     x, y = data if data is not None else load_mnist("train", VARIANTS[variant][3])
     model, opt = make_model(variant, act, lr)
     it = batches(len(x), batch, torch.Generator().manual_seed(seed))
-    elapsed = 0.0
+    elapsed = cpu = 0.0
     for s in range(warmup + steps):
         idx = next(it)
         xb, yb = x[idx], y[idx]
-        t0 = time.perf_counter()
-        train_step(model, opt, xb, yb)
+        c0, t0 = time.process_time(), time.perf_counter()
+        train_step(model, opt, xb, yb, precision=precision)
         if s >= warmup:
             elapsed += time.perf_counter() - t0
+            cpu += time.process_time() - c0
+    if stats is not None:
+        stats["cpu_per_wall"] = round(cpu / elapsed, 2)
     return steps * batch / elapsed
 
 
@@ -150,7 +149,7 @@ def save_as_cvae(model, path, digits, act):
 
 
 def train_torch(variant, epochs, batch, beta, threads, seed=0, act="elu", lr=1e-3, log=print,
-                save_dir=None):
+                save_dir=None, precision="fp32"):
     """Constant-beta training; after each epoch the test -ELBO (beta=1). The last batch of an epoch may be short.
     With save_dir, every epoch's weights go to save_dir/epoch-NNNN.cvae (see save_as_cvae).
     Returns (list of per-epoch test -ELBO, total seconds)."""
@@ -164,7 +163,7 @@ def train_torch(variant, epochs, batch, beta, threads, seed=0, act="elu", lr=1e-
         perm, total = torch.randperm(len(x), generator=gen), 0.0
         for i in range(0, len(x), batch):
             idx = perm[i:i + batch]
-            total += train_step(model, opt, x[idx], y[idx], beta).item() * len(idx)
+            total += train_step(model, opt, x[idx], y[idx], beta, precision).item() * len(idx)
         history.append(test_neg_elbo(model, xt, yt, seed))
         log(epoch, total / len(x), history[-1], time.perf_counter() - t0)
         if save_dir is not None:
@@ -184,6 +183,8 @@ def main(argv=None):
         q.add_argument("--lr", type=float, default=1e-3)
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--json", action="store_true", help="one JSON object per line")
+        q.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="bf16: forward and loss under torch.autocast('cpu', torch.bfloat16)")
     b, t = sub.choices["bench"], sub.choices["train"]
     b.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     b.add_argument("--steps", type=int, default=200, help="timed steps (after warmup)")
@@ -200,23 +201,27 @@ def main(argv=None):
         print(json.dumps(info), file=sys.stderr, flush=True)
     else:
         print(f"torch {info['torch']}, CPU capability {info['cpu_capability']}", flush=True)
+    impl = "torch" if a.precision == "fp32" else f"torch-{a.precision}"
     if a.cmd == "bench":
         data = load_mnist("train", VARIANTS[a.variant][3])
-        for n in (int(s) for s in a.threads.split(",")):
-            ips = bench_torch(a.variant, a.batch, n, a.steps, a.warmup, a.act, a.lr, a.seed, data)
-            rec = {"impl": "torch", "variant": a.variant, "batch": a.batch, "threads": n,
-                   "img_per_s": round(ips, 1), "steps": a.steps}
+        for n in thread_counts(a.threads):
+            stats = {}
+            ips = bench_torch(a.variant, a.batch, n, a.steps, a.warmup, a.act, a.lr, a.seed, data,
+                              a.precision, stats)
+            rec = {"impl": impl, "variant": a.variant, "batch": a.batch, "threads": n,
+                   "img_per_s": round(ips, 1), "steps": a.steps, **stats}
             print(json.dumps(rec) if a.json else
-                  f"torch {a.variant} batch {a.batch} threads {n}: {ips:.0f} img/s ({a.steps} steps)", flush=True)
+                  f"{impl} {a.variant} batch {a.batch} threads {n}: {ips:.0f} img/s ({a.steps} steps, "
+                  f"{stats['cpu_per_wall']} CPU s per s)", flush=True)
     else:
         def log(epoch, train_loss, test_nelbo, secs):
-            rec = {"impl": "torch", "variant": a.variant, "epoch": epoch, "train_loss": round(train_loss, 4),
+            rec = {"impl": impl, "variant": a.variant, "epoch": epoch, "train_loss": round(train_loss, 4),
                    "test_neg_elbo": round(test_nelbo, 4), "seconds": round(secs, 2)}
             print(json.dumps(rec) if a.json else f"epoch {epoch}: train loss (beta={a.beta:g}) {train_loss:.3f}, "
                   f"test -ELBO {test_nelbo:.3f} nats/image, {secs:.1f} s", flush=True)
         hist, secs = train_torch(a.variant, a.epochs, a.batch, a.beta, a.threads, a.seed, a.act, a.lr, log,
-                                 save_dir=a.save_cvae)
-        final = {"impl": "torch", "variant": a.variant, "epochs": a.epochs, "batch": a.batch, "beta": a.beta,
+                                 save_dir=a.save_cvae, precision=a.precision)
+        final = {"impl": impl, "variant": a.variant, "epochs": a.epochs, "batch": a.batch, "beta": a.beta,
                  "threads": a.threads, "seed": a.seed, "final_test_neg_elbo": round(hist[-1], 4),
                  "total_seconds": round(secs, 2)}
         print(json.dumps(final) if a.json else
