@@ -112,6 +112,19 @@ def params64(model):
     return {k: np.array(v, dtype=np.float64) for k, v in model.params.items()}
 
 
+def tree(directory, skip=()):
+    """{relative path: bytes} of every file under directory (not under subdirectories named
+    in skip)."""
+    found = {}
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = [d for d in dirs if d not in skip]
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, directory)] = f.read()
+    return found
+
+
 def leftover_temp_files(directory):
     """The .tmp files an interrupted atomic write would leave behind."""
     return [name for name in os.listdir(directory) if name.endswith(".tmp")]

@@ -16,7 +16,8 @@ from cvae.errors import CvaeError
 from cvae.model import Arch, Model, model_from_checkpoint
 from cvae.shard import Shard, parse_shard
 
-from .conftest import assert_one_line_error, checkpoint_world, image_idx, label_idx, run_cli
+from .conftest import (assert_one_line_error, checkpoint_world, image_idx, label_idx, run_cli,
+                       tree)
 
 pytestmark = pytest.mark.usefixtures("no_real_data")
 
@@ -31,19 +32,6 @@ def world(tmp_path_factory):
     images = rng.integers(0, 256, size=(40, 784), dtype=np.uint8)
     labels = (np.arange(40) % 10).astype(np.uint8)
     return checkpoint_world(tmp_path_factory.mktemp("shard"), model, TRAINED, images, labels)
-
-
-def tree(directory, skip=()):
-    """{relative path: bytes} of every file under directory (not under subdirectories named
-    in skip)."""
-    found = {}
-    for root, dirs, names in os.walk(directory):
-        dirs[:] = [d for d in dirs if d not in skip]
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, directory)] = f.read()
-    return found
 
 
 # ---------------------------------------------------------------- the shard plan

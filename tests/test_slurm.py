@@ -16,7 +16,7 @@ import pytest
 
 from cvae.model import Arch, Model
 
-from .conftest import checkpoint_world, run_cli, write_mnist_dir
+from .conftest import checkpoint_world, run_cli, tree, write_mnist_dir
 from .slurm_cluster import cluster_fixture
 
 pytestmark = pytest.mark.usefixtures("no_real_data")
@@ -43,17 +43,6 @@ def job_env(tmp_path):
            "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "CVAE_CACHE": os.environ["CVAE_CACHE"]}
     return env
-
-
-def tree(directory, skip=()):
-    found = {}
-    for root, dirs, names in os.walk(directory):
-        dirs[:] = [d for d in dirs if d not in skip]
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, directory)] = f.read()
-    return found
 
 
 def logs(directory):
