@@ -43,6 +43,13 @@ cdef extern from "cvae_simd.h" nogil:
     int adam_row_bf16 "cvae_adam_row_bf16"(float *w, float *m, float *v, const float *g, int n,
                                            float step_size, float inv_bc2_sqrt, uint16_t *wh)
     void bf16_row "cvae_bf16_row"(const float *w, int n, uint16_t *wh)
+    int adam_pair_bf16 "cvae_adam_pair_bf16"(float *w0, float *m0, float *v0, const float *g0,
+                                             float *w1, float *m1, float *v1, const float *g1,
+                                             int n, float step_size, float inv_bc2_sqrt,
+                                             uint16_t *wh0, uint16_t *wh1, uint32_t *wp)
+    void pack_col_pairs "cvae_pack_col_pairs"(const float *x, int bp, int valid, uint32_t *p,
+                                              long ld)
+    float row_sum "cvae_row_sum"(const float *x, int n)
     void interleave_rows "cvae_interleave_rows"(const uint16_t *h0, const uint16_t *h1,
                                                 uint32_t *p, int n)
     const int BMR "CVAE_BMR"
@@ -242,13 +249,24 @@ cdef int linear_backward_params(const Linear *L, const float *dYt, const float *
 
 cdef inline int adam_w_row(const Linear *L, int i, const float *g,
                            const Adam *adam) noexcept nogil:
-    """Adam on row i of W from its gradient g; in bf16 also its bf16 row copy Wh (the pairs
-    in Wp follow once both rows of a pair are done: wp_pair)."""
-    if L.Wh == NULL:
-        return adam_row(L.W + i * L.ld, L.mW + i * L.ld, L.vW + i * L.ld, g, L.ld,
-                        adam.step_size, adam.inv_bc2_sqrt)
-    return adam_row_bf16(L.W + i * L.ld, L.mW + i * L.ld, L.vW + i * L.ld, g, L.ld,
-                         adam.step_size, adam.inv_bc2_sqrt, L.Wh + i * L.ld)
+    """Adam on row i of W from its gradient g (fp32)."""
+    return adam_row(L.W + i * L.ld, L.mW + i * L.ld, L.vW + i * L.ld, g, L.ld,
+                    adam.step_size, adam.inv_bc2_sqrt)
+
+
+cdef inline int adam_w_pair(const Linear *L, int kp, const float *g0, const float *g1,
+                            const Adam *adam) noexcept nogil:
+    """bf16: Adam on rows 2kp and 2kp + 1 of W (gradients g0, g1), writing their bf16 copies
+    Wh and pair kp of Wp; a missing odd row (2kp + 1 == n_out) pairs with zeros."""
+    cdef int i = 2 * kp
+    cdef long o0 = i * L.ld, o1 = (i + 1) * L.ld
+    if i + 1 >= L.n_out:
+        return adam_pair_bf16(L.W + o0, L.mW + o0, L.vW + o0, g0, NULL, NULL, NULL, NULL, L.ld,
+                              adam.step_size, adam.inv_bc2_sqrt, L.Wh + o0, NULL,
+                              L.Wp + kp * L.ld)
+    return adam_pair_bf16(L.W + o0, L.mW + o0, L.vW + o0, g0, L.W + o1, L.mW + o1, L.vW + o1,
+                          g1, L.ld, adam.step_size, adam.inv_bc2_sqrt, L.Wh + o0, L.Wh + o1,
+                          L.Wp + kp * L.ld)
 
 
 cdef inline void wp_pair(const Linear *L, int kp) noexcept nogil:
@@ -263,12 +281,13 @@ cdef int linear_adam(const Linear *L, const Adam *adam, int nthreads) noexcept n
     count."""
     cdef int i
     cdef int bad = 0
-    for i in prange(L.n_out, num_threads=nthreads, schedule='runtime'):
-        bad += adam_w_row(L, i, L.gW + i * L.ld, adam)
-    bad += adam_row(L.b, L.mb, L.vb, L.gb, L.n_out, adam.step_size, adam.inv_bc2_sqrt)
     if L.Wh != NULL:
-        for i in prange(ceil_div(L.n_out, 2), num_threads=nthreads, schedule='static'):
-            wp_pair(L, i)
+        for i in prange(ceil_div(L.n_out, 2), num_threads=nthreads, schedule='runtime'):
+            bad += adam_w_pair(L, i, L.gW + 2 * i * L.ld, L.gW + (2 * i + 1) * L.ld, adam)
+    else:
+        for i in prange(L.n_out, num_threads=nthreads, schedule='runtime'):
+            bad += adam_w_row(L, i, L.gW + i * L.ld, adam)
+    bad += adam_row(L.b, L.mb, L.vb, L.gb, L.n_out, adam.step_size, adam.inv_bc2_sqrt)
     return bad
 
 
@@ -337,23 +356,20 @@ cdef int dw_bf16(const Linear *L, const float *dYt, const float *Xt, int batch, 
     (BMR is even, so both rows of a pair in Wp belong to one task)."""
     cdef int n_ct = ceil_div(L.ld, BNR)
     cdef int kp = ceil_div(batch, 2)
-    cdef int rt, ct, i0, j0, mr, nv, i, k, f, q
+    cdef int rt, ct, i0, j0, mr, nv, i, f, q
     cdef int bad = 0
     cdef uint16_t *dyh = <uint16_t *>L.pa
-    cdef uint16_t *xh
     cdef float *C
-    cdef float s
     for i in prange(L.n_out, num_threads=nthreads, schedule='static'):
         pack_row(dYt + i * bp, dyh + i * bp, bp, batch)
     # X batch-major as pairs of samples: pb[q][f] = (X[f][2q], X[f][2q + 1]), zero past the
     # batch and in the padding features.
-    for q in prange(kp, num_threads=nthreads, schedule='static'):
-        xh = <uint16_t *>(L.pb + q * L.ld)
-        for f in range(L.n_in):
-            xh[2 * f] = to_bf16(Xt[f * bp + 2 * q])
-            xh[2 * f + 1] = to_bf16(Xt[f * bp + 2 * q + 1]) if 2 * q + 1 < batch else 0
-        for f in range(2 * L.n_in, 2 * L.ld):
-            xh[f] = 0
+    for f in prange(L.ld, num_threads=nthreads, schedule='static'):
+        if f < L.n_in:
+            pack_col_pairs(Xt + f * bp, bp, batch, L.pb + f, L.ld)
+        else:
+            for q in range(bp // 2):
+                L.pb[q * L.ld + f] = 0
     for rt in prange(ceil_div(L.n_out, BMR), num_threads=nthreads, schedule='runtime'):
         i0 = rt * BMR
         mr = min(BMR, L.n_out - i0)
@@ -364,15 +380,10 @@ cdef int dw_bf16(const Linear *L, const float *dYt, const float *Xt, int batch, 
             bf_tile(mr, nv, kp, <const uint32_t *>(dyh + i0 * bp), bp // 2, 1, L.pb + j0, L.ld,
                     C + j0, L.ld, 0)
         for i in range(i0, i0 + mr):
-            s = 0.0
-            for k in range(batch):
-                s = s + dYt[i * bp + k]
-            L.gb[i] = s
+            L.gb[i] = row_sum(dYt + i * bp, batch)
         if adam != NULL:
-            for i in range(mr):
-                bad += adam_w_row(L, i0 + i, C + i * L.ld, adam)
-            for i in range(ceil_div(mr, 2)):
-                wp_pair(L, i0 // 2 + i)
+            for i in range(0, mr, 2):
+                bad += adam_w_pair(L, (i0 + i) // 2, C + i * L.ld, C + (i + 1) * L.ld, adam)
             bad += adam_row(L.b + i0, L.mb + i0, L.vb + i0, L.gb + i0, mr, adam.step_size,
                             adam.inv_bc2_sqrt)
     return bad

@@ -376,6 +376,80 @@ static inline int cvae_adam_row_bf16(float *__restrict w, float *__restrict m,
     return bad;
 }
 
+/* Adam on two rows of W (w1 NULL: an odd last row, paired with zeros) that also writes both
+ * rows' bf16 copies: wh0, wh1 and their pairs wp[j] = (wh0[j], wh1[j]), in one pass while the
+ * rows are in cache (a second pass re-reading wh cost a tenth of the step). */
+static inline int cvae_adam_pair_bf16(float *__restrict w0, float *__restrict m0,
+                                      float *__restrict v0, const float *__restrict g0,
+                                      float *__restrict w1, float *__restrict m1,
+                                      float *__restrict v1, const float *__restrict g1, int n,
+                                      float step_size, float inv_bc2_sqrt,
+                                      uint16_t *__restrict wh0, uint16_t *__restrict wh1,
+                                      uint32_t *__restrict wp) {
+    int bad = 0;
+    if (!w1) {
+        bad = cvae_adam_row_bf16(w0, m0, v0, g0, n, step_size, inv_bc2_sqrt, wh0);
+        for (int j = 0; j < n; j++) wp[j] = wh0[j];
+        return bad;
+    }
+    for (int j = 0; j < n; j++) {
+        float ma = 0.9f * m0[j] + 0.1f * g0[j];
+        float va = 0.999f * v0[j] + 0.001f * g0[j] * g0[j];
+        m0[j] = ma;
+        v0[j] = va;
+        float wa = w0[j] - step_size * ma / (sqrtf(va) * inv_bc2_sqrt + 1e-8f);
+        w0[j] = wa;
+        float mb = 0.9f * m1[j] + 0.1f * g1[j];
+        float vb = 0.999f * v1[j] + 0.001f * g1[j] * g1[j];
+        m1[j] = mb;
+        v1[j] = vb;
+        float wb = w1[j] - step_size * mb / (sqrtf(vb) * inv_bc2_sqrt + 1e-8f);
+        w1[j] = wb;
+        uint16_t ha = cvae_bf16(wa), hb = cvae_bf16(wb);
+        wh0[j] = ha;
+        wh1[j] = hb;
+        wp[j] = (uint32_t)ha | ((uint32_t)hb << 16);
+        bad += cvae_nonfinite(wa) | cvae_nonfinite(g0[j]) | cvae_nonfinite(wb) |
+               cvae_nonfinite(g1[j]);
+    }
+    return bad;
+}
+
+/* dW's B operand: one feature row x[0:bp] of X (feature-major) as pairs of samples, written
+ * down column f of P[bp / 2][ld]: P[q * ld] = (x[2q], x[2q + 1]); samples from `valid` on are
+ * zero. Converted 64 at a time in a vector loop, then stored down the column. */
+static inline void cvae_pack_col_pairs(const float *__restrict x, int bp, int valid,
+                                       uint32_t *__restrict p, long ld) {
+    uint16_t t[64] __attribute__((aligned(64)));
+    for (int c = 0; c < bp; c += 64) {
+        int n = bp - c < 64 ? bp - c : 64;
+        int m = valid - c; /* samples of this chunk in the batch */
+        for (int j = 0; j < n; j++) {
+            uint16_t h = cvae_bf16(x[c + j]); /* unconditional, so that the loop vectorises */
+            t[j] = j < m ? h : 0;
+        }
+        for (int q = 0; q < n / 2; q++) {
+            uint32_t pair;
+            memcpy(&pair, t + 2 * q, 4);
+            p[(long)(c / 2 + q) * ld] = pair;
+        }
+    }
+}
+
+/* Sum of a row of n floats in 16 interleaved partial sums, added up in a fixed order: the same
+ * result on every build and thread count, and no chain of n dependent adds (the bf16 path's
+ * bias gradients; fp32 keeps its sequential sum). */
+static inline float cvae_row_sum(const float *x, int n) {
+    float part[16] = {0};
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int l = 0; l < 16; l++) part[l] += x[j + l];
+    for (int l = 0; j + l < n; l++) part[l] += x[j + l];
+    for (int w = 8; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) part[l] += part[l + w];
+    return part[0];
+}
+
 /* One row of W rounded to bf16 (after initialisation or loading). */
 static inline void cvae_bf16_row(const float *__restrict w, int n, uint16_t *__restrict wh) {
     for (int j = 0; j < n; j++) wh[j] = cvae_bf16(w[j]);
