@@ -20,6 +20,12 @@ from cvae.kernels import build_name, resolve_precision
 
 
 def main(argv=None):
+    try:  # as `cvae` does: OpenMP (the kernels) is the only pool; numpy's BLAS stays at one
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:
+        pass
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variant", default="full")
     p.add_argument("--batch", type=int, default=64)
