@@ -17,21 +17,18 @@ Tolerances come from bf16's unit roundoff u = 2^-8 (8 significant bits):
   differ from the fp32 kernels (by more than fp32's own error), or nothing was rounded.
 """
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as R  # noqa: E402
-from test_gradients import make_model, params64  # noqa: E402
+from cvae import classifier as C
+from cvae import kernels
+from cvae import prior as P
+from cvae.errors import CvaeError
+from cvae.model import Arch, Model
 
-from cvae import kernels  # noqa: E402
-from cvae import classifier as C  # noqa: E402
-from cvae import prior as P  # noqa: E402
-from cvae.errors import CvaeError  # noqa: E402
-from cvae.model import Arch, Model  # noqa: E402
+from . import reference as R
+from .conftest import params64
+from .test_gradients import make_model
 
 U = 2.0 ** -8           # bf16 unit roundoff
 U32 = 2.0 ** -24        # fp32 unit roundoff
@@ -284,8 +281,8 @@ def test_classifier_bf16_matches_float64_reference():
 
 
 def test_flow_prior_bf16_matches_float64_reference():
-    from test_prior import TINY as PTINY
-    from test_prior import given_pairs, make_prior
+    from .test_prior import TINY as PTINY
+    from .test_prior import given_pairs, make_prior
 
     arch = PTINY
     p32 = make_prior(arch, max_batch=48)
