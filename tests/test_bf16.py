@@ -132,7 +132,7 @@ def test_kernel_rounding_is_round_to_nearest_even():
 
 # --------------------------------------------------------------------------- one GEMM, exactly
 
-@pytest.mark.parametrize("batch,act", [(37, "elu"), (64, "elu"), (37, "relu")])
+@pytest.mark.parametrize("batch,act", [(37, "elu"), (64, "elu"), (37, "relu"), (1, "elu")])
 def test_single_gemms_match_rounded_float64(batch, act):
     """enc1's forward, dec3's dX and dec3's dW from bf16-rounded operands in float64, within
     the fp32 accumulation bound: odd K (ODD arch: dec3 has 23 inputs; enc1 23 outputs) and
@@ -398,6 +398,37 @@ def test_bf16_training_lowers_the_loss_like_fp32():
         assert losses[-1] < 0.8 * losses[0], (precision, losses[0], losses[-1])
         ends[precision] = losses[-1]
     assert abs(ends["bf16"] - ends["fp32"]) <= 0.02 * ends["fp32"], ends
+
+
+def test_bf16_allocates_nothing_per_step():
+    """The bf16 copies and packing scratch live in the slab: a training step allocates nothing
+    (as test_training_step checks for fp32)."""
+    import tracemalloc
+
+    m = Model(Arch.variant("mini", act="elu"), max_batch=64, precision="bf16")
+    m.init_params(0)
+    assert {"bf16.enc1.W", "bf16.enc1.Wp", "scratch.bf16_a", "scratch.bf16_b"} <= set(m.layout)
+    assert all(off + m.section_sizes[name] <= m.slab.size for name, off in m.layout.items())
+    pixels, labels = R.digit_like_pixels(64, seed=6), R.random_labels(64, seed=6)
+    for step in range(5):
+        m.train_step(pixels, labels, 1e-3, 1.0, 0, step)
+    address = m.slab.ctypes.data
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        for step in range(5, 55):
+            m.train_step(pixels, labels, 1e-3, 1.0, 0, step)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - before < 16384, f"peak traced memory rose {peak - before} bytes in the loop"
+    assert m.slab.ctypes.data == address
+
+
+def test_fp32_slab_has_no_bf16_sections():
+    m = Model(Arch(act="elu", **ODD), max_batch=16)
+    assert not [k for k in m.layout if "bf16" in k]
 
 
 # --------------------------------------------------------------------------- builds and dispatch
