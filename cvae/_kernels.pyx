@@ -12,6 +12,15 @@ bit-identical for any ``num_threads`` and any OpenMP schedule. The GEMM and Adam
 ``schedule(runtime)``; cvae.kernels sets the default (OMP_SCHEDULE).
 
 The module is compiled once per ISA level (see setup.py); ``cvae.kernels`` picks one.
+
+Precision (``Net``, ``Classifier`` and ``FlowNet`` take ``precision``): fp32, or bf16, where
+every GEMM's inputs (weights, activations, gradients) are rounded to bf16 (nearest even) and
+their products summed in fp32, in the forward pass, dX and dW alike; master weights, Adam's
+moments, the losses and every elementwise step stay fp32. Adam writes the weights' bf16
+copies as it updates them (``sync_bf16`` after initialising or loading); the other operand of
+each GEMM is packed into the slab's bf16 scratch just before it. The v4bf16 build runs them
+on vdpbf16ps, the others on fp32 FMA with the same rounding. Adam counts non-finite
+gradients and updated parameters: ``nonfinite()`` (``adam_update`` also returns it).
 """
 
 from cython.parallel cimport prange, threadid
@@ -50,6 +59,8 @@ cdef extern from "cvae_simd.h" nogil:
     void pack_col_pairs "cvae_pack_col_pairs"(const float *x, int bp, int valid, uint32_t *p,
                                               long ld)
     float row_sum "cvae_row_sum"(const float *x, int n)
+    void prefetch_rows "cvae_prefetch_rows"(const float *w, const float *m, const float *v,
+                                            long ld, int rows, int n, int part, int parts)
     void interleave_rows "cvae_interleave_rows"(const uint16_t *h0, const uint16_t *h1,
                                                 uint32_t *p, int n)
     const int BMR "CVAE_BMR"
@@ -377,6 +388,9 @@ cdef int dw_bf16(const Linear *L, const float *dYt, const float *Xt, int batch, 
         for ct in range(n_ct):
             j0 = ct * BNR
             nv = min(BNV, (L.ld - j0) // VW)
+            if adam != NULL:
+                prefetch_rows(L.W + i0 * L.ld, L.mW + i0 * L.ld, L.vW + i0 * L.ld, L.ld, mr,
+                              L.ld, ct, n_ct)
             bf_tile(mr, nv, kp, <const uint32_t *>(dyh + i0 * bp), bp // 2, 1, L.pb + j0, L.ld,
                     C + j0, L.ld, 0)
         for i in range(i0, i0 + mr):

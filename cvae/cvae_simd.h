@@ -415,6 +415,22 @@ static inline int cvae_adam_pair_bf16(float *__restrict w0, float *__restrict m0
     return bad;
 }
 
+/* Prefetch part `part` of `parts` of the cache lines of rows [0, rows) of n floats (stride ld)
+ * of W, m and v: the bf16 dW task spreads them over its compute-bound tiles, so that the
+ * memory-bound fused Adam that follows finds its rows in cache. */
+static inline void cvae_prefetch_rows(const float *w, const float *m, const float *v, long ld,
+                                      int rows, int n, int part, int parts) {
+    int per_row = (n + 15) / 16;
+    long total = (long)rows * per_row;
+    long a = total * part / parts, b = total * (part + 1) / parts;
+    for (long c = a; c < b; c++) {
+        long off = (c / per_row) * ld + (c % per_row) * 16;
+        __builtin_prefetch(w + off, 1, 2);
+        __builtin_prefetch(m + off, 1, 2);
+        __builtin_prefetch(v + off, 1, 2);
+    }
+}
+
 /* dW's B operand: one feature row x[0:bp] of X (feature-major) as pairs of samples, written
  * down column f of P[bp / 2][ld]: P[q * ld] = (x[2q], x[2q + 1]); samples from `valid` on are
  * zero. Converted 64 at a time in a vector loop, then stored down the column. */
