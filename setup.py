@@ -1,7 +1,8 @@
 """Builds cvae/_kernels.pyx once per ISA level, each as its own extension module.
 
-x86-64: _kernels_base (-march=x86-64), _kernels_v3 (-march=x86-64-v3) and _kernels_v4
-(-march=x86-64-v4); cvae.kernels picks one at import from the CPU's features. Never
+x86-64: _kernels_base (-march=x86-64), _kernels_v3 (-march=x86-64-v3), _kernels_v4
+(-march=x86-64-v4) and _kernels_v4bf16 (x86-64-v4 plus AVX512_BF16: the bf16 GEMMs run on
+vdpbf16ps); cvae.kernels picks one at import from the CPU's features. Never
 -march=native: the wheel and the binary must run on other CPUs than the build machine's.
 Elsewhere: _kernels_base only, with the compiler's defaults.
 """
@@ -20,6 +21,7 @@ ISA_FLAGS = {
     "base": ["-march=x86-64", "-mtune=generic"],
     "v3": ["-march=x86-64-v3", "-mtune=generic"],
     "v4": ["-march=x86-64-v4", "-mprefer-vector-width=512", "-mtune=generic"],
+    "v4bf16": ["-march=x86-64-v4", "-mavx512bf16", "-mprefer-vector-width=512", "-mtune=generic"],
 }
 if platform.machine().lower() not in ("x86_64", "amd64"):
     ISA_FLAGS = {"base": []}

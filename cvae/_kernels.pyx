@@ -12,11 +12,20 @@ bit-identical for any ``num_threads`` and any OpenMP schedule. The GEMM and Adam
 ``schedule(runtime)``; cvae.kernels sets the default (OMP_SCHEDULE).
 
 The module is compiled once per ISA level (see setup.py); ``cvae.kernels`` picks one.
+
+Precision (``Net``, ``Classifier`` and ``FlowNet`` take ``precision``): fp32, or bf16, where
+every GEMM's inputs (weights, activations, gradients) are rounded to bf16 (nearest even) and
+their products summed in fp32, in the forward pass, dX and dW alike; master weights, Adam's
+moments, the losses and every elementwise step stay fp32. Adam writes the weights' bf16
+copies as it updates them (``sync_bf16`` after initialising or loading); the other operand of
+each GEMM is packed into the slab's bf16 scratch just before it. The v4bf16 build runs them
+on vdpbf16ps, the others on fp32 FMA with the same rounding. Adam counts non-finite
+gradients and updated parameters: ``nonfinite()`` (``adam_update`` also returns it).
 """
 
 from cython.parallel cimport prange, threadid
 from libc.math cimport cosf, expf, fabsf, logf, sinf
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 cdef extern from "cvae_simd.h" nogil:
@@ -38,18 +47,46 @@ cdef extern from "cvae_simd.h" nogil:
                                 const float *B, long ldb, float *C, long ldc, int accumulate)
     void bias_act_row "cvae_bias_act_row"(float *c, int n, float bias, int act)
     void act_grad_row "cvae_act_grad_row"(float *dy, const float *y, int n, int act)
-    void adam_row "cvae_adam_row"(float *w, float *m, float *v, const float *g, int n,
-                                  float step_size, float inv_bc2_sqrt)
+    int adam_row "cvae_adam_row"(float *w, float *m, float *v, const float *g, int n,
+                                 float step_size, float inv_bc2_sqrt)
+    int adam_row_bf16 "cvae_adam_row_bf16"(float *w, float *m, float *v, const float *g, int n,
+                                           float step_size, float inv_bc2_sqrt, uint16_t *wh)
+    void bf16_row "cvae_bf16_row"(const float *w, int n, uint16_t *wh)
+    int adam_pair_bf16 "cvae_adam_pair_bf16"(float *w0, float *m0, float *v0, const float *g0,
+                                             float *w1, float *m1, float *v1, const float *g1,
+                                             int n, float step_size, float inv_bc2_sqrt,
+                                             uint16_t *wh0, uint16_t *wh1, uint32_t *wp)
+    void pack_col_pairs "cvae_pack_col_pairs"(const float *x, int bp, int valid, uint32_t *p,
+                                              long ld)
+    float row_sum "cvae_row_sum"(const float *x, int n)
+    void prefetch_rows "cvae_prefetch_rows"(const float *w, const float *m, const float *v,
+                                            long ld, int rows, int n, int part, int parts)
+    void interleave_rows "cvae_interleave_rows"(const uint16_t *h0, const uint16_t *h1,
+                                                uint32_t *p, int n)
+    const int BMR "CVAE_BMR"
+    const int BNV "CVAE_BNV"
+    const int BNR "CVAE_BNR"
+    const int BKB "CVAE_BKB"
+    const int BF16_NATIVE "CVAE_BF16_NATIVE"
+    void bf_tile "cvae_bf_tile"(int mr, int nv, int KP, const uint32_t *A, long sai, long sak,
+                                const uint32_t *B, long ldb, float *C, long ldc, int accumulate)
+    uint16_t to_bf16 "cvae_bf16"(float x)
+    void pack_row_pair "cvae_pack_row_pair"(const float *x0, const float *x1, uint32_t *p, int n)
+    void pack_row "cvae_pack_row"(const float *x, uint16_t *h, int n, int valid)
     void bce_row "cvae_bce_row"(const float *logit, const float *x, float *dlogit, float *rec,
                                 int n, float scale)
     void sigmoid_row "cvae_sigmoid_row"(const float *logit, float *p, int n)
     float normal "cvae_normal"(uint64_t seed, uint64_t step, uint64_t sample, uint64_t index)
     float uniform "cvae_uniform"(uint64_t seed, uint64_t step, uint64_t sample, uint64_t index)
     int c_cpu_level "cvae_cpu_level"()
+    int c_cpu_bf16 "cvae_cpu_bf16"()
+    int c_cpu_amd "cvae_cpu_amd"()
 
 isa = ISA.decode()
 vector_width = VW
-tile_rows = MR   # a thread's fused-Adam scratch holds this many rows of dW
+tile_rows = MR   # a thread's fused-Adam scratch holds this many rows of dW (BMR <= MR in bf16)
+bf16_native = bool(BF16_NATIVE)   # bf16 GEMMs on vdpbf16ps; else the same numerics on fp32 FMA
+PRECISIONS = ("fp32", "bf16")
 
 ACTIVATIONS = {"none": ACT_NONE, "elu": ACT_ELU, "relu": ACT_RELU}
 
@@ -57,6 +94,25 @@ ACTIVATIONS = {"none": ACT_NONE, "elu": ACT_ELU, "relu": ACT_RELU}
 def cpu_level():
     """x86-64 ISA level this CPU supports: 4, 3 or 1 (0 off x86)."""
     return c_cpu_level()
+
+
+def cpu_bf16():
+    """True when this CPU has AVX512_BF16 (and x86-64-v4), so the v4bf16 build runs."""
+    return bool(c_cpu_bf16())
+
+
+def cpu_amd():
+    """True on an AMD CPU (where vdpbf16ps outruns fp32 FMA: Zen 4 and 5)."""
+    return bool(c_cpu_amd())
+
+
+def bf16_round(const float[::1] x not None, uint16_t[::1] out not None):
+    """The kernels' fp32 -> bf16 rounding (nearest even) of x into out, for the tests."""
+    cdef Py_ssize_t i
+    if out.shape[0] < x.shape[0]:
+        raise ValueError("out is shorter than x")
+    for i in range(x.shape[0]):
+        out[i] = to_bf16(x[i])
 
 
 cdef struct Linear:
@@ -69,6 +125,12 @@ cdef struct Linear:
     float *mb
     float *vW
     float *vb
+    # bf16 precision only (NULL in fp32): W rounded to bf16 as [out][ld] (the forward's A),
+    # W as pairs of rows [ceil(out / 2)][ld] (dX's B), and two packing scratch areas.
+    uint16_t *Wh
+    uint32_t *Wp
+    uint32_t *pa
+    uint32_t *pb
 
 
 cdef struct Adam:
@@ -97,6 +159,9 @@ cdef inline int ceil_div(int a, int b) noexcept nogil:
 cdef void linear_forward(const Linear *L, const float *Xt, float *Yt, int bp, int act,
                          int nthreads) noexcept nogil:
     """Yt[out][bp] = act(W . Xt + b): tiles of out rows x batch columns."""
+    if L.Wh != NULL:
+        linear_forward_bf16(L, Xt, Yt, bp, act, nthreads)
+        return
     cdef int n_ct = ceil_div(bp, NR)
     cdef int task, i0, j0, mr, nv, i
     for task in prange(ceil_div(L.n_out, MR) * n_ct, num_threads=nthreads, schedule='runtime'):
@@ -116,8 +181,22 @@ cdef void linear_backward_input(const Linear *L, const float *dYt, float *dXt, c
     dY . W goes batch-major into dXb first (see cvae_simd.h for why). A task is a strip of
     DX_NR input features for 32 samples; blocks of DX_KB rows of W run over its tiles.
     """
+    cdef int f, k
+    if L.Wh != NULL:
+        dx_bf16(L, dYt, bp, dXb, nthreads)
+    else:
+        dx_fp32(L, dYt, bp, dXb, nthreads)
+    for f in prange(L.n_in, num_threads=nthreads, schedule='static'):
+        for k in range(bp):
+            dXt[f * bp + k] = dXb[k * L.ld + f]
+        if x_act != ACT_NONE:
+            act_grad_row(dXt + f * bp, Xt + f * bp, bp, x_act)
+
+
+cdef void dx_fp32(const Linear *L, const float *dYt, int bp, float *dXb,
+                  int nthreads) noexcept nogil:
     cdef int n_groups = ceil_div(bp, 32)
-    cdef int task, i0, g0, nv, kblock, k0, kb, bt, b0, f, k
+    cdef int task, i0, g0, nv, kblock, k0, kb, bt, b0
     for task in prange(ceil_div(L.ld, DX_NR) * n_groups, num_threads=nthreads,
                        schedule='runtime'):
         i0 = (task // n_groups) * DX_NR
@@ -130,25 +209,24 @@ cdef void linear_backward_input(const Linear *L, const float *dYt, float *dXt, c
                 b0 = g0 + bt * DX_MR
                 dx_tile(nv, kb, dYt + k0 * bp + b0, 1, bp, L.W + k0 * L.ld + i0, L.ld,
                         dXb + b0 * L.ld + i0, L.ld, k0 > 0)
-    for f in prange(L.n_in, num_threads=nthreads, schedule='static'):
-        for k in range(bp):
-            dXt[f * bp + k] = dXb[k * L.ld + f]
-        if x_act != ACT_NONE:
-            act_grad_row(dXt + f * bp, Xt + f * bp, bp, x_act)
 
 
-cdef void linear_backward_params(const Linear *L, const float *dYt, const float *Xt, float *Xb,
-                                 int batch, int bp, const Adam *adam, float *scratch,
-                                 int nthreads) noexcept nogil:
+cdef int linear_backward_params(const Linear *L, const float *dYt, const float *Xt, float *Xb,
+                                int batch, int bp, const Adam *adam, float *scratch,
+                                int nthreads) noexcept nogil:
     """dW = dYt . X and db = sum over the batch of dYt.
 
     A task is one block of MR whole rows of dW and the same rows of db. With ``adam``, the block goes to per-thread
     scratch (it stays in cache) and Adam then streams over whole rows of W, m and v: per-tile
     updates touched 3 x MR short row pieces at once, which defeats the prefetcher. Without
-    ``adam``, dW goes to gW (the path the gradient tests read).
+    ``adam``, dW goes to gW (the path the gradient tests read). Returns how many of the
+    gradients or updated parameters Adam found not finite (0 without ``adam``).
     """
+    if L.Wh != NULL:
+        return dw_bf16(L, dYt, Xt, batch, bp, adam, scratch, nthreads)
     cdef int n_ct = ceil_div(L.ld, NR)
     cdef int rt, ct, i0, j0, mr, nv, i, k, f
+    cdef int bad = 0
     cdef float *C
     cdef float s
     # X batch-major, [batch][ld], padding columns zero: the B operand of dW.
@@ -172,19 +250,168 @@ cdef void linear_backward_params(const Linear *L, const float *dYt, const float 
             L.gb[i] = s
         if adam != NULL:
             for i in range(mr):
-                adam_row(L.W + (i0 + i) * L.ld, L.mW + (i0 + i) * L.ld, L.vW + (i0 + i) * L.ld,
-                         C + i * L.ld, L.ld, adam.step_size, adam.inv_bc2_sqrt)
-            adam_row(L.b + i0, L.mb + i0, L.vb + i0, L.gb + i0, mr, adam.step_size,
-                     adam.inv_bc2_sqrt)
+                bad += adam_row(L.W + (i0 + i) * L.ld, L.mW + (i0 + i) * L.ld,
+                                L.vW + (i0 + i) * L.ld, C + i * L.ld, L.ld, adam.step_size,
+                                adam.inv_bc2_sqrt)
+            bad += adam_row(L.b + i0, L.mb + i0, L.vb + i0, L.gb + i0, mr, adam.step_size,
+                            adam.inv_bc2_sqrt)
+    return bad
 
 
-cdef void linear_adam(const Linear *L, const Adam *adam, int nthreads) noexcept nogil:
-    """Unfused Adam from the stored gradients (rows of W, then b)."""
+cdef inline int adam_w_row(const Linear *L, int i, const float *g,
+                           const Adam *adam) noexcept nogil:
+    """Adam on row i of W from its gradient g (fp32)."""
+    return adam_row(L.W + i * L.ld, L.mW + i * L.ld, L.vW + i * L.ld, g, L.ld,
+                    adam.step_size, adam.inv_bc2_sqrt)
+
+
+cdef inline int adam_w_pair(const Linear *L, int kp, const float *g0, const float *g1,
+                            const Adam *adam) noexcept nogil:
+    """bf16: Adam on rows 2kp and 2kp + 1 of W (gradients g0, g1), writing their bf16 copies
+    Wh and pair kp of Wp; a missing odd row (2kp + 1 == n_out) pairs with zeros."""
+    cdef int i = 2 * kp
+    cdef long o0 = i * L.ld, o1 = (i + 1) * L.ld
+    if i + 1 >= L.n_out:
+        return adam_pair_bf16(L.W + o0, L.mW + o0, L.vW + o0, g0, NULL, NULL, NULL, NULL, L.ld,
+                              adam.step_size, adam.inv_bc2_sqrt, L.Wh + o0, NULL,
+                              L.Wp + kp * L.ld)
+    return adam_pair_bf16(L.W + o0, L.mW + o0, L.vW + o0, g0, L.W + o1, L.mW + o1, L.vW + o1,
+                          g1, L.ld, adam.step_size, adam.inv_bc2_sqrt, L.Wh + o0, L.Wh + o1,
+                          L.Wp + kp * L.ld)
+
+
+cdef inline void wp_pair(const Linear *L, int kp) noexcept nogil:
+    """Pair kp of Wp from rows 2kp and 2kp + 1 of Wh (a missing odd row pairs with zeros)."""
+    interleave_rows(L.Wh + 2 * kp * L.ld,
+                    L.Wh + (2 * kp + 1) * L.ld if 2 * kp + 1 < L.n_out else NULL,
+                    L.Wp + kp * L.ld, L.ld)
+
+
+cdef int linear_adam(const Linear *L, const Adam *adam, int nthreads) noexcept nogil:
+    """Unfused Adam from the stored gradients (rows of W, then b); returns the non-finite
+    count."""
     cdef int i
-    for i in prange(L.n_out, num_threads=nthreads, schedule='runtime'):
-        adam_row(L.W + i * L.ld, L.mW + i * L.ld, L.vW + i * L.ld, L.gW + i * L.ld, L.ld,
-                 adam.step_size, adam.inv_bc2_sqrt)
-    adam_row(L.b, L.mb, L.vb, L.gb, L.n_out, adam.step_size, adam.inv_bc2_sqrt)
+    cdef int bad = 0
+    if L.Wh != NULL:
+        for i in prange(ceil_div(L.n_out, 2), num_threads=nthreads, schedule='runtime'):
+            bad += adam_w_pair(L, i, L.gW + 2 * i * L.ld, L.gW + (2 * i + 1) * L.ld, adam)
+    else:
+        for i in prange(L.n_out, num_threads=nthreads, schedule='runtime'):
+            bad += adam_w_row(L, i, L.gW + i * L.ld, adam)
+    bad += adam_row(L.b, L.mb, L.vb, L.gb, L.n_out, adam.step_size, adam.inv_bc2_sqrt)
+    return bad
+
+
+# ---------------------------------------------------------------- bf16 GEMMs
+# Each GEMM packs its two operands as bf16 pairs along K (cvae_simd.h) into the slab's bf16
+# scratch, except W, whose copies Adam writes: Wh (pairs along W's rows' input features, the
+# forward's A) and Wp (pairs of W's rows, dX's B). Padding never enters a product with
+# anything but zeros: odd K is padded with a zero row in both operands, batch columns past the
+# batch are packed as zeros. Tasks are the same for any thread count, as in fp32.
+
+cdef void pack_pairs(const float *X, int rows, int n, uint32_t *P, int nthreads) noexcept nogil:
+    """P[kp][0:n] = pairs (X[2kp], X[2kp + 1]) of rows of n floats; a missing odd row is 0."""
+    cdef int kp
+    for kp in prange(ceil_div(rows, 2), num_threads=nthreads, schedule='static'):
+        pack_row_pair(X + 2 * kp * n, X + (2 * kp + 1) * n if 2 * kp + 1 < rows else NULL,
+                      P + kp * n, n)
+
+
+cdef void linear_forward_bf16(const Linear *L, const float *Xt, float *Yt, int bp, int act,
+                              int nthreads) noexcept nogil:
+    """linear_forward on bf16 inputs: A = Wh, B = Xt as pairs of feature rows."""
+    cdef int n_ct = ceil_div(bp, BNR)
+    cdef int kp = ceil_div(L.n_in, 2)
+    cdef int task, i0, j0, mr, nv, i
+    pack_pairs(Xt, L.n_in, bp, L.pb, nthreads)
+    for task in prange(ceil_div(L.n_out, BMR) * n_ct, num_threads=nthreads, schedule='runtime'):
+        i0 = (task // n_ct) * BMR
+        j0 = (task % n_ct) * BNR
+        mr = min(BMR, L.n_out - i0)
+        nv = min(BNV, (bp - j0) // VW)
+        bf_tile(mr, nv, kp, <const uint32_t *>(L.Wh + i0 * L.ld), L.ld // 2, 1, L.pb + j0, bp,
+                Yt + i0 * bp + j0, bp, 0)
+        for i in range(mr):
+            bias_act_row(Yt + (i0 + i) * bp + j0, nv * VW, L.b[i0 + i], act)
+
+
+cdef void dx_bf16(const Linear *L, const float *dYt, int bp, float *dXb,
+                  int nthreads) noexcept nogil:
+    """dXb[bp][ld] = dY . W on bf16 inputs: A = dYt as pairs of output rows (a sample's pair
+    broadcast), B = Wp. A task is a strip of BNR input features for 4 tiles of BMR samples;
+    blocks of BKB pairs of W's rows stay in L1 while the strip's tiles use them."""
+    cdef int group = 4 * BMR
+    cdef int n_groups = ceil_div(bp, group)
+    cdef int kp = ceil_div(L.n_out, 2)
+    cdef int task, i0, g0, g1, nv, kblock, k0, kb, bt, b0
+    pack_pairs(dYt, L.n_out, bp, L.pa, nthreads)
+    for task in prange(ceil_div(L.ld, BNR) * n_groups, num_threads=nthreads,
+                       schedule='runtime'):
+        i0 = (task // n_groups) * BNR
+        g0 = (task % n_groups) * group
+        g1 = min(g0 + group, bp)
+        nv = min(BNV, (L.ld - i0) // VW)
+        for kblock in range(ceil_div(kp, BKB)):
+            k0 = kblock * BKB
+            kb = min(BKB, kp - k0)
+            for bt in range(ceil_div(g1 - g0, BMR)):
+                b0 = g0 + bt * BMR
+                bf_tile(min(BMR, g1 - b0), nv, kb, L.pa + k0 * bp + b0, 1, bp,
+                        L.Wp + k0 * L.ld + i0, L.ld, dXb + b0 * L.ld + i0, L.ld, k0 > 0)
+
+
+cdef int dw_bf16(const Linear *L, const float *dYt, const float *Xt, int batch, int bp,
+                 const Adam *adam, float *scratch, int nthreads) noexcept nogil:
+    """linear_backward_params on bf16 inputs: A = rows of dYt in bf16 (pairs of samples),
+    B = X as pairs of samples [bp / 2][ld]; tasks of BMR rows of dW, fused Adam as in fp32
+    (BMR is even, so both rows of a pair in Wp belong to one task)."""
+    cdef int n_ct = ceil_div(L.ld, BNR)
+    cdef int kp = ceil_div(batch, 2)
+    cdef int rt, ct, i0, j0, mr, nv, i, f, q
+    cdef int bad = 0
+    cdef uint16_t *dyh = <uint16_t *>L.pa
+    cdef float *C
+    for i in prange(L.n_out, num_threads=nthreads, schedule='static'):
+        pack_row(dYt + i * bp, dyh + i * bp, bp, batch)
+    # X batch-major as pairs of samples: pb[q][f] = (X[f][2q], X[f][2q + 1]), zero past the
+    # batch and in the padding features.
+    for f in prange(L.ld, num_threads=nthreads, schedule='static'):
+        if f < L.n_in:
+            pack_col_pairs(Xt + f * bp, bp, batch, L.pb + f, L.ld)
+        else:
+            for q in range(bp // 2):
+                L.pb[q * L.ld + f] = 0
+    for rt in prange(ceil_div(L.n_out, BMR), num_threads=nthreads, schedule='runtime'):
+        i0 = rt * BMR
+        mr = min(BMR, L.n_out - i0)
+        C = scratch + threadid() * BMR * L.ld if adam != NULL else L.gW + i0 * L.ld
+        for ct in range(n_ct):
+            j0 = ct * BNR
+            nv = min(BNV, (L.ld - j0) // VW)
+            if adam != NULL:
+                prefetch_rows(L.W + i0 * L.ld, L.mW + i0 * L.ld, L.vW + i0 * L.ld, L.ld, mr,
+                              L.ld, ct, n_ct)
+            bf_tile(mr, nv, kp, <const uint32_t *>(dyh + i0 * bp), bp // 2, 1, L.pb + j0, L.ld,
+                    C + j0, L.ld, 0)
+        for i in range(i0, i0 + mr):
+            L.gb[i] = row_sum(dYt + i * bp, batch)
+        if adam != NULL:
+            for i in range(0, mr, 2):
+                bad += adam_w_pair(L, (i0 + i) // 2, C + i * L.ld, C + (i + 1) * L.ld, adam)
+            bad += adam_row(L.b + i0, L.mb + i0, L.vb + i0, L.gb + i0, mr, adam.step_size,
+                            adam.inv_bc2_sqrt)
+    return bad
+
+
+cdef void linear_sync_bf16(const Linear *L, int nthreads) noexcept nogil:
+    """Wh and Wp from W (after initialisation or loading; Adam keeps them current after)."""
+    cdef int i
+    if L.Wh == NULL:
+        return
+    for i in prange(L.n_out, num_threads=nthreads, schedule='static'):
+        bf16_row(L.W + i * L.ld, L.ld, L.Wh + i * L.ld)
+    for i in prange(ceil_div(L.n_out, 2), num_threads=nthreads, schedule='static'):
+        wp_pair(L, i)
 
 
 # ---------------------------------------------------------------- input and label rows
@@ -412,9 +639,9 @@ cdef void rows_axpby(float *y, float a, const float *x, float b, int rows, int b
 
 # ---------------------------------------------------------------- slab plumbing
 
-cdef Linear linear_in_slab(float *base, dict layout, dict dims, str name) except *:
+cdef Linear linear_in_slab(float *base, dict layout, dict dims, str name, int bf16) except *:
     """Layer ``name`` (dims[name] = (n_in, n_out)): W and b, their gradients and Adam moments,
-    at layout's offsets."""
+    at layout's offsets; with ``bf16``, W's bf16 copies and the packing scratch too."""
     cdef Linear L
     L.n_in, L.n_out = dims[name]
     L.ld = ceil_div(L.n_in, 16) * 16
@@ -426,7 +653,22 @@ cdef Linear linear_in_slab(float *base, dict layout, dict dims, str name) except
     L.mb = at(base, layout, "adam_m." + name + ".b")
     L.vW = at(base, layout, "adam_v." + name + ".W")
     L.vb = at(base, layout, "adam_v." + name + ".b")
+    L.Wh = NULL
+    L.Wp = NULL
+    L.pa = NULL
+    L.pb = NULL
+    if bf16:
+        L.Wh = <uint16_t *>at(base, layout, "bf16." + name + ".W")
+        L.Wp = <uint32_t *>at(base, layout, "bf16." + name + ".Wp")
+        L.pa = <uint32_t *>at(base, layout, "scratch.bf16_a")
+        L.pb = <uint32_t *>at(base, layout, "scratch.bf16_b")
     return L
+
+
+cdef int precision_flag(str precision) except -1:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision == "bf16"
 
 
 cdef int check_pixels(Py_ssize_t batch, Py_ssize_t n_cols, int n_pix, int max_bp) except -1:
@@ -474,23 +716,29 @@ cdef class Net:
     cdef float *scratch
     cdef int n_pix, latent, act, nthreads, max_bp
     cdef object slab
+    cdef int bf16, bad
+    cdef readonly str precision
 
     def __init__(self, float[::1] slab not None, dict layout, tuple layers, int latent,
-                 int max_bp, str act, int nthreads):
-        """``layers``: (name, n_in, n_out) of enc1, enc2, enc3, dec1, dec2, dec3 (Arch.layers)."""
+                 int max_bp, str act, int nthreads, str precision="fp32"):
+        """``layers``: (name, n_in, n_out) of enc1, enc2, enc3, dec1, dec2, dec3 (Arch.layers).
+        ``precision`` bf16 rounds every GEMM's inputs to bf16 (fp32 accumulation); the layout
+        then has the bf16 sections (cvae.model)."""
         cdef float *base = &slab[0]
+        self.bf16 = precision_flag(precision)
+        self.precision = precision
         self.slab = slab
         self.latent = latent
         self.max_bp = max_bp
         self.act = ACTIVATIONS[act]
         self.nthreads = nthreads
         dims = {name: (n_in, n_out) for name, n_in, n_out in layers}
-        self.enc1 = linear_in_slab(base, layout, dims, "enc1")
-        self.enc2 = linear_in_slab(base, layout, dims, "enc2")
-        self.enc3 = linear_in_slab(base, layout, dims, "enc3")
-        self.dec1 = linear_in_slab(base, layout, dims, "dec1")
-        self.dec2 = linear_in_slab(base, layout, dims, "dec2")
-        self.dec3 = linear_in_slab(base, layout, dims, "dec3")
+        self.enc1 = linear_in_slab(base, layout, dims, "enc1", self.bf16)
+        self.enc2 = linear_in_slab(base, layout, dims, "enc2", self.bf16)
+        self.enc3 = linear_in_slab(base, layout, dims, "enc3", self.bf16)
+        self.dec1 = linear_in_slab(base, layout, dims, "dec1", self.bf16)
+        self.dec2 = linear_in_slab(base, layout, dims, "dec2", self.bf16)
+        self.dec3 = linear_in_slab(base, layout, dims, "dec3", self.bf16)
         self.n_pix = self.dec3.n_out
         if (self.enc1.n_in != self.n_pix + 10 or self.enc3.n_out != 2 * latent
                 or self.dec1.n_in != latent + 10):
@@ -546,30 +794,31 @@ cdef class Net:
 
     cdef void _backward(self, int batch, int bp, float beta, const Adam *adam) noexcept nogil:
         cdef int nt = self.nthreads
+        self.bad = 0
         # Each layer's dX reads W before the (optionally fused) update of that W.
         linear_backward_input(&self.dec3, self.dlogits_t, self.dg2_t, self.g2_t, self.act, bp,
                               self.xb, nt)
-        linear_backward_params(&self.dec3, self.dlogits_t, self.g2_t, self.xb, batch, bp, adam,
+        self.bad += linear_backward_params(&self.dec3, self.dlogits_t, self.g2_t, self.xb, batch, bp, adam,
                                self.scratch, nt)
         linear_backward_input(&self.dec2, self.dg2_t, self.dg1_t, self.g1_t, self.act, bp,
                               self.xb, nt)
-        linear_backward_params(&self.dec2, self.dg2_t, self.g1_t, self.xb, batch, bp, adam,
+        self.bad += linear_backward_params(&self.dec2, self.dg2_t, self.g1_t, self.xb, batch, bp, adam,
                                self.scratch, nt)
         linear_backward_input(&self.dec1, self.dg1_t, self.dd0_t, self.d0_t, ACT_NONE, bp,
                               self.xb, nt)
-        linear_backward_params(&self.dec1, self.dg1_t, self.d0_t, self.xb, batch, bp, adam,
+        self.bad += linear_backward_params(&self.dec1, self.dg1_t, self.d0_t, self.xb, batch, bp, adam,
                                self.scratch, nt)
         reparam_backward(self.o_t, self.eps_t, self.dd0_t, self.do_t, self.latent, batch, bp,
                          beta / batch, nt)
         linear_backward_input(&self.enc3, self.do_t, self.dh2_t, self.h2_t, self.act, bp,
                               self.xb, nt)
-        linear_backward_params(&self.enc3, self.do_t, self.h2_t, self.xb, batch, bp, adam,
+        self.bad += linear_backward_params(&self.enc3, self.do_t, self.h2_t, self.xb, batch, bp, adam,
                                self.scratch, nt)
         linear_backward_input(&self.enc2, self.dh2_t, self.dh1_t, self.h1_t, self.act, bp,
                               self.xb, nt)
-        linear_backward_params(&self.enc2, self.dh2_t, self.h1_t, self.xb, batch, bp, adam,
+        self.bad += linear_backward_params(&self.enc2, self.dh2_t, self.h1_t, self.xb, batch, bp, adam,
                                self.scratch, nt)
-        linear_backward_params(&self.enc1, self.dh1_t, self.x_t, self.xb, batch, bp, adam,
+        self.bad += linear_backward_params(&self.enc1, self.dh1_t, self.x_t, self.xb, batch, bp, adam,
                                self.scratch, nt)
 
     cdef tuple _sums(self, int batch):
@@ -624,13 +873,30 @@ cdef class Net:
     def adam_update(self, float lr, long adam_t):
         """Adam step number adam_t from the stored gradients (the unfused path)."""
         cdef Adam adam = adam_step(lr, adam_t)
+        self.bad = 0
         with nogil:
-            linear_adam(&self.enc1, &adam, self.nthreads)
-            linear_adam(&self.enc2, &adam, self.nthreads)
-            linear_adam(&self.enc3, &adam, self.nthreads)
-            linear_adam(&self.dec1, &adam, self.nthreads)
-            linear_adam(&self.dec2, &adam, self.nthreads)
-            linear_adam(&self.dec3, &adam, self.nthreads)
+            self.bad += linear_adam(&self.enc1, &adam, self.nthreads)
+            self.bad += linear_adam(&self.enc2, &adam, self.nthreads)
+            self.bad += linear_adam(&self.enc3, &adam, self.nthreads)
+            self.bad += linear_adam(&self.dec1, &adam, self.nthreads)
+            self.bad += linear_adam(&self.dec2, &adam, self.nthreads)
+            self.bad += linear_adam(&self.dec3, &adam, self.nthreads)
+        return self.bad
+
+    def nonfinite(self):
+        """How many gradients or updated parameters the last Adam update (fused into step, or
+        adam_update) found not finite: 0 while training is healthy."""
+        return self.bad
+
+    def sync_bf16(self):
+        """Round W into its bf16 copies (after initialisation or loading); a no-op in fp32."""
+        with nogil:
+            linear_sync_bf16(&self.enc1, self.nthreads)
+            linear_sync_bf16(&self.enc2, self.nthreads)
+            linear_sync_bf16(&self.enc3, self.nthreads)
+            linear_sync_bf16(&self.dec1, self.nthreads)
+            linear_sync_bf16(&self.dec2, self.nthreads)
+            linear_sync_bf16(&self.dec3, self.nthreads)
 
     def noise(self, uint64_t seed, uint64_t step, float[:, ::1] out not None):
         """The eps of (seed, step) for the first out.shape[0] samples, as (batch, latent)."""
@@ -697,19 +963,23 @@ cdef class Classifier:
     cdef float *scratch
     cdef int n_pix, n_cls, act, nthreads, max_bp
     cdef object slab
+    cdef int bf16, bad
+    cdef readonly str precision
 
     def __init__(self, float[::1] slab not None, dict layout, tuple layers, int max_bp, str act,
-                 int nthreads):
-        """``layers``: (name, n_in, n_out) of fc1, fc2, fc3."""
+                 int nthreads, str precision="fp32"):
+        """``layers``: (name, n_in, n_out) of fc1, fc2, fc3; ``precision`` as for Net."""
         cdef float *base = &slab[0]
+        self.bf16 = precision_flag(precision)
+        self.precision = precision
         self.slab = slab
         self.max_bp = max_bp
         self.act = ACTIVATIONS[act]
         self.nthreads = nthreads
         dims = {name: (n_in, n_out) for name, n_in, n_out in layers}
-        self.fc1 = linear_in_slab(base, layout, dims, "fc1")
-        self.fc2 = linear_in_slab(base, layout, dims, "fc2")
-        self.fc3 = linear_in_slab(base, layout, dims, "fc3")
+        self.fc1 = linear_in_slab(base, layout, dims, "fc1", self.bf16)
+        self.fc2 = linear_in_slab(base, layout, dims, "fc2", self.bf16)
+        self.fc3 = linear_in_slab(base, layout, dims, "fc3", self.bf16)
         self.n_pix = self.fc1.n_in
         self.n_cls = self.fc3.n_out
         if self.fc2.n_in != self.fc1.n_out or self.fc3.n_in != self.fc2.n_out:
@@ -733,15 +1003,16 @@ cdef class Classifier:
 
     cdef void _backward(self, int batch, int bp, const Adam *adam) noexcept nogil:
         cdef int nt = self.nthreads
+        self.bad = 0
         linear_backward_input(&self.fc3, self.dlogits_t, self.dh2_t, self.h2_t, self.act, bp,
                               self.xb, nt)
-        linear_backward_params(&self.fc3, self.dlogits_t, self.h2_t, self.xb, batch, bp, adam,
+        self.bad += linear_backward_params(&self.fc3, self.dlogits_t, self.h2_t, self.xb, batch, bp, adam,
                                self.scratch, nt)
         linear_backward_input(&self.fc2, self.dh2_t, self.dh1_t, self.h1_t, self.act, bp,
                               self.xb, nt)
-        linear_backward_params(&self.fc2, self.dh2_t, self.h1_t, self.xb, batch, bp, adam,
+        self.bad += linear_backward_params(&self.fc2, self.dh2_t, self.h1_t, self.xb, batch, bp, adam,
                                self.scratch, nt)
-        linear_backward_params(&self.fc1, self.dh1_t, self.x_t, self.xb, batch, bp, adam,
+        self.bad += linear_backward_params(&self.fc1, self.dh1_t, self.x_t, self.xb, batch, bp, adam,
                                self.scratch, nt)
 
     def step(self, const uint8_t[:, ::1] pixels not None, const uint8_t[::1] labels not None,
@@ -775,10 +1046,24 @@ cdef class Classifier:
     def adam_update(self, float lr, long adam_t):
         """Adam step number adam_t from the stored gradients (the unfused path)."""
         cdef Adam adam = adam_step(lr, adam_t)
+        self.bad = 0
         with nogil:
-            linear_adam(&self.fc1, &adam, self.nthreads)
-            linear_adam(&self.fc2, &adam, self.nthreads)
-            linear_adam(&self.fc3, &adam, self.nthreads)
+            self.bad += linear_adam(&self.fc1, &adam, self.nthreads)
+            self.bad += linear_adam(&self.fc2, &adam, self.nthreads)
+            self.bad += linear_adam(&self.fc3, &adam, self.nthreads)
+        return self.bad
+
+    def nonfinite(self):
+        """How many gradients or updated parameters the last Adam update (fused into step, or
+        adam_update) found not finite: 0 while training is healthy."""
+        return self.bad
+
+    def sync_bf16(self):
+        """Round W into its bf16 copies (after initialisation or loading); a no-op in fp32."""
+        with nogil:
+            linear_sync_bf16(&self.fc1, self.nthreads)
+            linear_sync_bf16(&self.fc2, self.nthreads)
+            linear_sync_bf16(&self.fc3, self.nthreads)
 
     def forward(self, const uint8_t[:, ::1] pixels not None, float[:, ::1] logits_out not None,
                 float[:, ::1] features_out not None):
@@ -835,12 +1120,18 @@ cdef class FlowNet:
     cdef float *scratch
     cdef int latent, n_freq, n_classes, n_cond, hidden, n_blocks, act, nthreads, max_bp
     cdef object slab
+    cdef int bf16, bad
+    cdef readonly str precision
 
     def __init__(self, float[::1] slab not None, dict layout, tuple layers, int latent,
-                 int n_freq, int n_classes, int max_bp, str act, int nthreads):
-        """``layers``: (name, n_in, n_out) of in, res1a, res1b, ..., out (PriorArch.layers)."""
+                 int n_freq, int n_classes, int max_bp, str act, int nthreads,
+                 str precision="fp32"):
+        """``layers``: (name, n_in, n_out) of in, res1a, res1b, ..., out (PriorArch.layers);
+        ``precision`` as for Net."""
         cdef float *base = &slab[0]
         cdef int k
+        self.bf16 = precision_flag(precision)
+        self.precision = precision
         self.slab = slab
         self.latent = latent
         self.n_freq = n_freq
@@ -853,14 +1144,14 @@ cdef class FlowNet:
         if not 1 <= self.n_blocks <= MAX_BLOCKS or len(layers) != 2 * self.n_blocks + 2:
             raise ValueError(f"a velocity network has 1 to {MAX_BLOCKS} residual blocks")
         dims = {name: (n_in, n_out) for name, n_in, n_out in layers}
-        self.inp = linear_in_slab(base, layout, dims, "in")
-        self.out = linear_in_slab(base, layout, dims, "out")
+        self.inp = linear_in_slab(base, layout, dims, "in", self.bf16)
+        self.out = linear_in_slab(base, layout, dims, "out", self.bf16)
         self.hidden = self.inp.n_out
         ok = (self.inp.n_in == latent + self.n_cond and self.out.n_in == self.hidden
               and self.out.n_out == latent)
         for k in range(self.n_blocks):
-            self.block_a[k] = linear_in_slab(base, layout, dims, f"res{k + 1}a")
-            self.block_b[k] = linear_in_slab(base, layout, dims, f"res{k + 1}b")
+            self.block_a[k] = linear_in_slab(base, layout, dims, f"res{k + 1}a", self.bf16)
+            self.block_b[k] = linear_in_slab(base, layout, dims, f"res{k + 1}b", self.bf16)
             ok = ok and (self.block_a[k].n_in == self.hidden + self.n_cond
                          and self.block_a[k].n_out == self.hidden
                          and self.block_b[k].n_in == self.hidden
@@ -900,23 +1191,24 @@ cdef class FlowNet:
 
     cdef void _backward(self, int batch, int bp, const Adam *adam) noexcept nogil:
         cdef int k, nt = self.nthreads, K = self.n_blocks
+        self.bad = 0
         # Each layer's dX reads W before the (optionally fused) update of that W.
         linear_backward_input(&self.out, self.dv_t, self.ds[K], self.s[K], ACT_NONE, bp,
                               self.xb, nt)
-        linear_backward_params(&self.out, self.dv_t, self.s[K], self.xb, batch, bp, adam,
+        self.bad += linear_backward_params(&self.out, self.dv_t, self.s[K], self.xb, batch, bp, adam,
                                self.scratch, nt)
         for k in range(K - 1, -1, -1):
             linear_backward_input(&self.block_b[k], self.ds[k + 1], self.da[k], self.a[k],
                                   self.act, bp, self.xb, nt)
-            linear_backward_params(&self.block_b[k], self.ds[k + 1], self.a[k], self.xb, batch,
+            self.bad += linear_backward_params(&self.block_b[k], self.ds[k + 1], self.a[k], self.xb, batch,
                                    bp, adam, self.scratch, nt)
             linear_backward_input(&self.block_a[k], self.da[k], self.ds[k], self.s[k], ACT_NONE,
                                   bp, self.xb, nt)
-            linear_backward_params(&self.block_a[k], self.da[k], self.s[k], self.xb, batch, bp,
+            self.bad += linear_backward_params(&self.block_a[k], self.da[k], self.s[k], self.xb, batch, bp,
                                    adam, self.scratch, nt)
             # The residual path: dL/dh_k reaches h_{k-1} unchanged.
             rows_axpby(self.ds[k], 1.0, self.ds[k + 1], 1.0, self.hidden, bp, nt)
-        linear_backward_params(&self.inp, self.ds[0], self.x_t, self.xb, batch, bp, adam,
+        self.bad += linear_backward_params(&self.inp, self.ds[0], self.x_t, self.xb, batch, bp, adam,
                                self.scratch, nt)
 
     cdef int _check(self, Py_ssize_t batch, str name, Py_ssize_t rows, Py_ssize_t cols,
@@ -1113,9 +1405,26 @@ cdef class FlowNet:
         """Adam step number adam_t from the stored gradients (the unfused path)."""
         cdef Adam adam = adam_step(lr, adam_t)
         cdef int k
+        self.bad = 0
         with nogil:
-            linear_adam(&self.inp, &adam, self.nthreads)
+            self.bad += linear_adam(&self.inp, &adam, self.nthreads)
             for k in range(self.n_blocks):
-                linear_adam(&self.block_a[k], &adam, self.nthreads)
-                linear_adam(&self.block_b[k], &adam, self.nthreads)
-            linear_adam(&self.out, &adam, self.nthreads)
+                self.bad += linear_adam(&self.block_a[k], &adam, self.nthreads)
+                self.bad += linear_adam(&self.block_b[k], &adam, self.nthreads)
+            self.bad += linear_adam(&self.out, &adam, self.nthreads)
+        return self.bad
+
+    def nonfinite(self):
+        """How many gradients or updated parameters the last Adam update (fused into step, or
+        adam_update) found not finite: 0 while training is healthy."""
+        return self.bad
+
+    def sync_bf16(self):
+        """Round W into its bf16 copies (after initialisation or loading); a no-op in fp32."""
+        cdef int k
+        with nogil:
+            linear_sync_bf16(&self.inp, self.nthreads)
+            for k in range(self.n_blocks):
+                linear_sync_bf16(&self.block_a[k], self.nthreads)
+                linear_sync_bf16(&self.block_b[k], self.nthreads)
+            linear_sync_bf16(&self.out, self.nthreads)

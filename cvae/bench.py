@@ -10,7 +10,7 @@ import time
 
 from cvae.data import BatchStream, Dataset
 from cvae.errors import CvaeError
-from cvae.kernels import build_name
+from cvae.kernels import build_name, resolve_precision
 from cvae.model import VARIANTS, Arch, Model
 
 
@@ -42,8 +42,13 @@ def time_training(model, stream, steps, warmup, seed=0):
     return timed_images / (time.perf_counter() - start)
 
 
-def run_bench(variants, batches, threads_list, steps, warmup, repeat, data_dir, act="elu"):
-    """Yield one result dict per (variant, batch, threads): medians over `repeat` runs."""
+def run_bench(variants, batches, threads_list, steps, warmup, repeat, data_dir, act="elu",
+              precision="fp32"):
+    """Yield one result dict per (variant, batch, threads): medians over `repeat` runs.
+
+    ``precision``: fp32, bf16 or auto (resolved by cvae.kernels.resolve_precision; the rows
+    say which ran)."""
+    precision, _ = resolve_precision(precision)
     datasets = {}
     for variant in variants:
         for batch in batches:
@@ -54,7 +59,8 @@ def run_bench(variants, batches, threads_list, steps, warmup, repeat, data_dir, 
             if len(dataset) < batch:
                 raise CvaeError(f"--batch {batch} is larger than the {len(dataset)} training images")
             arch = Arch.variant(variant, act=act)
-            models = {t: Model(arch, max_batch=batch, threads=t) for t in threads_list}
+            models = {t: Model(arch, max_batch=batch, threads=t, precision=precision)
+                      for t in threads_list}
             for model in models.values():
                 model.init_params(0)
             rates = {t: [] for t in threads_list}
@@ -72,4 +78,5 @@ def run_bench(variants, batches, threads_list, steps, warmup, repeat, data_dir, 
                     "speedup": round(speedup, 3) if speedup else None,
                     "efficiency": round(speedup / t, 3) if speedup else None,
                     "steps": steps, "warmup": warmup, "kernels": build_name(),
+                    "precision": precision,
                 }

@@ -47,15 +47,16 @@ class ClassifierArch:
 class DigitClassifier(SlabModel):
     """The classifier's slab and the kernels' Classifier over it."""
 
-    def __init__(self, arch=ClassifierArch(), max_batch=PREDICT_BATCH, threads=1):
+    def __init__(self, arch=ClassifierArch(), max_batch=PREDICT_BATCH, threads=1,
+                 precision="fp32"):
         if arch.act not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}")
         self.arch = arch
         rows = {"x": arch.x_dim, "fc1": arch.h1, "fc2": arch.h2, "fc3": arch.n_classes}
         k = self._carve(arch.layers(), rows, ("fc1", "fc2", "fc3"), ("loss",), max_batch,
-                        threads)
+                        threads, precision)
         self.net = k.Classifier(self.slab, self.layout, arch.layers(), self.max_bp, arch.act,
-                                threads)
+                                threads, precision)
 
     @property
     def acts(self):

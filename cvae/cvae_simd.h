@@ -122,6 +122,149 @@ static inline void cvae_dx_tile(int nv, int K, const float *A, long sai, long sa
     cvae_dx_tiles[nv - 1](K, A, sai, sak, B, ldb, C, ldc, accumulate);
 }
 
+/* ---- bf16 GEMMs: inputs rounded to bf16, products accumulated in fp32 ----
+ *
+ * Operands are packed as pairs along K: one uint32 holds (x[k] low half, x[k+1] high half),
+ * the layout of AVX512_BF16's vdpbf16ps, which adds both products of a pair into an fp32 lane.
+ * C[i][j] = sum_kp A2[i*sai + kp*sak] . B2[kp*ldb + j] where A2, B2 are arrays of pairs: A's
+ * pair is broadcast, B is loaded as vectors of pairs. Built with -mavx512bf16 the tile is
+ * vdpbf16ps; every other build runs the same packed data through fp32 FMAs (each product of
+ * two bf16 values is exact in fp32; the odd element is added first, as the SDM describes
+ * vdpbf16ps), so bf16 runs, checkpoints and tests work on any CPU, only slower. */
+#define CVAE_BMR 6
+#if CVAE_VW == 16
+#define CVAE_BNV 4
+#else
+#define CVAE_BNV 2
+#endif
+#define CVAE_BNR (CVAE_BNV * CVAE_VW)
+#define CVAE_BKB 64 /* dX: pairs of W's rows per block kept in L1 */
+
+typedef uint32_t cvae_vu __attribute__((vector_size(CVAE_VW * 4), aligned(4), may_alias));
+
+#if defined(__AVX512BF16__) && CVAE_VW == 16
+#include <immintrin.h>
+#define CVAE_BF16_NATIVE 1
+#define CVAE_BF_TILE(MRV, NVV)                                                               \
+    static void cvae_bf_tile_##MRV##x##NVV(int KP, const uint32_t *A, long sai, long sak,     \
+                                            const uint32_t *B, long ldb, float *C, long ldc,  \
+                                            int accumulate) {                                 \
+        __m512 acc[MRV][NVV];                                                                \
+        for (int i = 0; i < MRV; i++)                                                        \
+            for (int j = 0; j < NVV; j++)                                                    \
+                acc[i][j] = accumulate ? _mm512_loadu_ps(C + i * ldc + j * 16)               \
+                                       : _mm512_setzero_ps();                                \
+        for (int k = 0; k < KP; k++) {                                                       \
+            const uint32_t *bk = B + (long)k * ldb;                                          \
+            const uint32_t *ak = A + (long)k * sak;                                          \
+            __m512bh b[NVV];                                                                 \
+            for (int j = 0; j < NVV; j++)                                                    \
+                b[j] = (__m512bh)_mm512_loadu_si512((const void *)(bk + j * 16));            \
+            for (int i = 0; i < MRV; i++) {                                                  \
+                __m512bh a = (__m512bh)_mm512_set1_epi32((int)ak[i * sai]);                  \
+                for (int j = 0; j < NVV; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, b[j]); \
+            }                                                                                \
+        }                                                                                    \
+        for (int i = 0; i < MRV; i++)                                                        \
+            for (int j = 0; j < NVV; j++) _mm512_storeu_ps(C + i * ldc + j * 16, acc[i][j]);  \
+    }
+#else
+#define CVAE_BF16_NATIVE 0
+/* A pair's low element as a float is its bits shifted up; the high one is its bits masked. */
+#define CVAE_BF_TILE(MRV, NVV)                                                               \
+    static void cvae_bf_tile_##MRV##x##NVV(int KP, const uint32_t *A, long sai, long sak,     \
+                                            const uint32_t *B, long ldb, float *C, long ldc,  \
+                                            int accumulate) {                                 \
+        cvae_vf acc[MRV][NVV];                                                               \
+        for (int i = 0; i < MRV; i++)                                                        \
+            for (int j = 0; j < NVV; j++)                                                    \
+                acc[i][j] = accumulate ? *(const cvae_vf *)(C + i * ldc + j * CVAE_VW)       \
+                                       : (cvae_vf){0};                                       \
+        for (int k = 0; k < KP; k++) {                                                       \
+            const uint32_t *bk = B + (long)k * ldb;                                          \
+            const uint32_t *ak = A + (long)k * sak;                                          \
+            cvae_vf blo[NVV], bhi[NVV];                                                      \
+            for (int j = 0; j < NVV; j++) {                                                  \
+                cvae_vu v = *(const cvae_vu *)(bk + j * CVAE_VW);                            \
+                cvae_vu lo = v << 16, hi = v & 0xFFFF0000u;                                  \
+                memcpy(&blo[j], &lo, sizeof lo);                                             \
+                memcpy(&bhi[j], &hi, sizeof hi);                                             \
+            }                                                                                \
+            for (int i = 0; i < MRV; i++) {                                                  \
+                uint32_t p = ak[i * sai], plo = p << 16, phi = p & 0xFFFF0000u;              \
+                float flo, fhi;                                                              \
+                memcpy(&flo, &plo, 4);                                                       \
+                memcpy(&fhi, &phi, 4);                                                       \
+                cvae_vf alo = CVAE_SPLAT(flo), ahi = CVAE_SPLAT(fhi);                        \
+                for (int j = 0; j < NVV; j++) {                                              \
+                    acc[i][j] += ahi * bhi[j];                                               \
+                    acc[i][j] += alo * blo[j];                                               \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+        for (int i = 0; i < MRV; i++)                                                        \
+            for (int j = 0; j < NVV; j++) *(cvae_vf *)(C + i * ldc + j * CVAE_VW) = acc[i][j]; \
+    }
+#endif
+
+#if CVAE_BNV == 4
+#define CVAE_BF_TILE_ROWS(MRV) CVAE_BF_TILE(MRV, 1) CVAE_BF_TILE(MRV, 2) CVAE_BF_TILE(MRV, 3) \
+    CVAE_BF_TILE(MRV, 4)
+#define CVAE_BF_ROW(MRV) {cvae_bf_tile_##MRV##x1, cvae_bf_tile_##MRV##x2, \
+    cvae_bf_tile_##MRV##x3, cvae_bf_tile_##MRV##x4}
+#else
+#define CVAE_BF_TILE_ROWS(MRV) CVAE_BF_TILE(MRV, 1) CVAE_BF_TILE(MRV, 2)
+#define CVAE_BF_ROW(MRV) {cvae_bf_tile_##MRV##x1, cvae_bf_tile_##MRV##x2}
+#endif
+CVAE_BF_TILE_ROWS(1) CVAE_BF_TILE_ROWS(2) CVAE_BF_TILE_ROWS(3) CVAE_BF_TILE_ROWS(4)
+CVAE_BF_TILE_ROWS(5) CVAE_BF_TILE_ROWS(6)
+
+typedef void (*cvae_bf_tile_fn)(int, const uint32_t *, long, long, const uint32_t *, long,
+                                float *, long, int);
+static const cvae_bf_tile_fn cvae_bf_tiles[CVAE_BMR][CVAE_BNV] = {
+    CVAE_BF_ROW(1), CVAE_BF_ROW(2), CVAE_BF_ROW(3), CVAE_BF_ROW(4), CVAE_BF_ROW(5),
+    CVAE_BF_ROW(6)};
+
+/* C[mr][nv*VW] (+)= A . B over KP pairs, 1 <= mr <= CVAE_BMR, 1 <= nv <= CVAE_BNV. */
+static inline void cvae_bf_tile(int mr, int nv, int KP, const uint32_t *A, long sai, long sak,
+                                const uint32_t *B, long ldb, float *C, long ldc,
+                                int accumulate) {
+    cvae_bf_tiles[mr - 1][nv - 1](KP, A, sai, sak, B, ldb, C, ldc, accumulate);
+}
+
+/* fp32 -> bf16, round to nearest even, exactly as VCVTNEPS2BF16 (Intel SDM): denormals
+ * become signed zeros, NaNs stay quiet NaNs. Integer arithmetic, so every build (native or
+ * not) rounds identically and gcc vectorises the packing loops. */
+static inline uint16_t cvae_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    uint32_t mag = u & 0x7FFFFFFFu;
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (u >> 16) | 0x40u;
+    uint32_t zero = (u >> 16) & 0x8000u;
+    r = mag > 0x7F800000u ? nan : r;
+    r = mag < 0x00800000u ? zero : r;
+    return (uint16_t)r;
+}
+
+/* Pairs along rows: P[kp][j] = (X[2kp][j], X[2kp+1][j]) for kp < ceil(rows / 2), j < n;
+ * the row past an odd count is zero (it meets a zero in the other operand, never garbage). */
+static inline void cvae_pack_row_pair(const float *__restrict x0, const float *__restrict x1,
+                                      uint32_t *__restrict p, int n) {
+    if (x1) {
+        for (int j = 0; j < n; j++)
+            p[j] = (uint32_t)cvae_bf16(x0[j]) | ((uint32_t)cvae_bf16(x1[j]) << 16);
+    } else {
+        for (int j = 0; j < n; j++) p[j] = (uint32_t)cvae_bf16(x0[j]);
+    }
+}
+
+/* One row of n floats to bf16, columns from `valid` on set to zero. */
+static inline void cvae_pack_row(const float *__restrict x, uint16_t *__restrict h, int n,
+                                 int valid) {
+    for (int j = 0; j < n; j++) h[j] = j < valid ? cvae_bf16(x[j]) : 0;
+}
+
 /* ---- elementwise math, written so that gcc vectorises the loops that call it ---- */
 
 /* exp(x) to about 2 ulp: 2^n * p(r) with r in [-ln2/2, ln2/2]. */
@@ -188,15 +331,154 @@ static inline void cvae_act_grad_row(float *dy, const float *y, int n, int act) 
     }
 }
 
-/* Adam (PyTorch's form) over n contiguous parameters with their gradient g. */
-static inline void cvae_adam_row(float *w, float *m, float *v, const float *g, int n,
-                                 float step_size, float inv_bc2_sqrt) {
+/* Non-finite (inf or NaN) floats counted by their exponent bits: vectorises, costs nothing
+ * next to Adam's memory traffic. */
+static inline int cvae_nonfinite(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return (u & 0x7F800000u) == 0x7F800000u;
+}
+
+/* Adam (PyTorch's form) over n contiguous parameters with their gradient g. Returns how many
+ * gradients or updated parameters are not finite (the trainers stop on the first). */
+static inline int cvae_adam_row(float *w, float *m, float *v, const float *g, int n,
+                                float step_size, float inv_bc2_sqrt) {
+    int bad = 0;
     for (int j = 0; j < n; j++) {
         float mj = 0.9f * m[j] + 0.1f * g[j];
         float vj = 0.999f * v[j] + 0.001f * g[j] * g[j];
         m[j] = mj;
         v[j] = vj;
-        w[j] -= step_size * mj / (sqrtf(vj) * inv_bc2_sqrt + 1e-8f);
+        float wj = w[j] - step_size * mj / (sqrtf(vj) * inv_bc2_sqrt + 1e-8f);
+        w[j] = wj;
+        bad += cvae_nonfinite(wj) | cvae_nonfinite(g[j]);
+    }
+    return bad;
+}
+
+/* cvae_adam_row that also writes the new weights rounded to bf16 into wh while the row is in
+ * cache (restrict: without it gcc does not vectorise the loop). */
+static inline int cvae_adam_row_bf16(float *__restrict w, float *__restrict m,
+                                     float *__restrict v, const float *__restrict g, int n,
+                                     float step_size, float inv_bc2_sqrt,
+                                     uint16_t *__restrict wh) {
+    int bad = 0;
+    for (int j = 0; j < n; j++) {
+        float mj = 0.9f * m[j] + 0.1f * g[j];
+        float vj = 0.999f * v[j] + 0.001f * g[j] * g[j];
+        m[j] = mj;
+        v[j] = vj;
+        float wj = w[j] - step_size * mj / (sqrtf(vj) * inv_bc2_sqrt + 1e-8f);
+        w[j] = wj;
+        wh[j] = cvae_bf16(wj);
+        bad += cvae_nonfinite(wj) | cvae_nonfinite(g[j]);
+    }
+    return bad;
+}
+
+/* Adam on two rows of W (w1 NULL: an odd last row, paired with zeros) that also writes both
+ * rows' bf16 copies: wh0, wh1 and their pairs wp[j] = (wh0[j], wh1[j]), in one pass while the
+ * rows are in cache (a second pass re-reading wh cost a tenth of the step). */
+static inline int cvae_adam_pair_bf16(float *__restrict w0, float *__restrict m0,
+                                      float *__restrict v0, const float *__restrict g0,
+                                      float *__restrict w1, float *__restrict m1,
+                                      float *__restrict v1, const float *__restrict g1, int n,
+                                      float step_size, float inv_bc2_sqrt,
+                                      uint16_t *__restrict wh0, uint16_t *__restrict wh1,
+                                      uint32_t *__restrict wp) {
+    int bad = 0;
+    if (!w1) {
+        bad = cvae_adam_row_bf16(w0, m0, v0, g0, n, step_size, inv_bc2_sqrt, wh0);
+        for (int j = 0; j < n; j++) wp[j] = wh0[j];
+        return bad;
+    }
+    for (int j = 0; j < n; j++) {
+        float ma = 0.9f * m0[j] + 0.1f * g0[j];
+        float va = 0.999f * v0[j] + 0.001f * g0[j] * g0[j];
+        m0[j] = ma;
+        v0[j] = va;
+        float wa = w0[j] - step_size * ma / (sqrtf(va) * inv_bc2_sqrt + 1e-8f);
+        w0[j] = wa;
+        float mb = 0.9f * m1[j] + 0.1f * g1[j];
+        float vb = 0.999f * v1[j] + 0.001f * g1[j] * g1[j];
+        m1[j] = mb;
+        v1[j] = vb;
+        float wb = w1[j] - step_size * mb / (sqrtf(vb) * inv_bc2_sqrt + 1e-8f);
+        w1[j] = wb;
+        uint16_t ha = cvae_bf16(wa), hb = cvae_bf16(wb);
+        wh0[j] = ha;
+        wh1[j] = hb;
+        wp[j] = (uint32_t)ha | ((uint32_t)hb << 16);
+        bad += cvae_nonfinite(wa) | cvae_nonfinite(g0[j]) | cvae_nonfinite(wb) |
+               cvae_nonfinite(g1[j]);
+    }
+    return bad;
+}
+
+/* Prefetch part `part` of `parts` of the cache lines of rows [0, rows) of n floats (stride ld)
+ * of W, m and v: the bf16 dW task spreads them over its compute-bound tiles, so that the
+ * memory-bound fused Adam that follows finds its rows in cache. */
+static inline void cvae_prefetch_rows(const float *w, const float *m, const float *v, long ld,
+                                      int rows, int n, int part, int parts) {
+    int per_row = (n + 15) / 16;
+    long total = (long)rows * per_row;
+    long a = total * part / parts, b = total * (part + 1) / parts;
+    for (long c = a; c < b; c++) {
+        long off = (c / per_row) * ld + (c % per_row) * 16;
+        __builtin_prefetch(w + off, 1, 2);
+        __builtin_prefetch(m + off, 1, 2);
+        __builtin_prefetch(v + off, 1, 2);
+    }
+}
+
+/* dW's B operand: one feature row x[0:bp] of X (feature-major) as pairs of samples, written
+ * down column f of P[bp / 2][ld]: P[q * ld] = (x[2q], x[2q + 1]); samples from `valid` on are
+ * zero. Converted 64 at a time in a vector loop, then stored down the column. */
+static inline void cvae_pack_col_pairs(const float *__restrict x, int bp, int valid,
+                                       uint32_t *__restrict p, long ld) {
+    uint16_t t[64] __attribute__((aligned(64)));
+    for (int c = 0; c < bp; c += 64) {
+        int n = bp - c < 64 ? bp - c : 64;
+        int m = valid - c; /* samples of this chunk in the batch */
+        for (int j = 0; j < n; j++) {
+            uint16_t h = cvae_bf16(x[c + j]); /* unconditional, so that the loop vectorises */
+            t[j] = j < m ? h : 0;
+        }
+        for (int q = 0; q < n / 2; q++) {
+            uint32_t pair;
+            memcpy(&pair, t + 2 * q, 4);
+            p[(long)(c / 2 + q) * ld] = pair;
+        }
+    }
+}
+
+/* Sum of a row of n floats in 16 interleaved partial sums, added up in a fixed order: the same
+ * result on every build and thread count, and no chain of n dependent adds (the bf16 path's
+ * bias gradients; fp32 keeps its sequential sum). */
+static inline float cvae_row_sum(const float *x, int n) {
+    float part[16] = {0};
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int l = 0; l < 16; l++) part[l] += x[j + l];
+    for (int l = 0; j + l < n; l++) part[l] += x[j + l];
+    for (int w = 8; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) part[l] += part[l + w];
+    return part[0];
+}
+
+/* One row of W rounded to bf16 (after initialisation or loading). */
+static inline void cvae_bf16_row(const float *__restrict w, int n, uint16_t *__restrict wh) {
+    for (int j = 0; j < n; j++) wh[j] = cvae_bf16(w[j]);
+}
+
+/* Pairs of two bf16 rows: p[j] = (h0[j], h1[j]); h1 NULL (an odd last row) pairs with 0. */
+static inline void cvae_interleave_rows(const uint16_t *__restrict h0,
+                                        const uint16_t *__restrict h1, uint32_t *__restrict p,
+                                        int n) {
+    if (h1) {
+        for (int j = 0; j < n; j++) p[j] = (uint32_t)h0[j] | ((uint32_t)h1[j] << 16);
+    } else {
+        for (int j = 0; j < n; j++) p[j] = (uint32_t)h0[j];
     }
 }
 
@@ -260,6 +542,28 @@ static inline int cvae_cpu_level(void) {
         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("movbe"))
         return 3;
     return 1;
+#else
+    return 0;
+#endif
+}
+
+/* 1 when the CPU has AVX512_BF16 (vdpbf16ps) on top of x86-64-v4; the -mavx512bf16 build
+ * needs both. */
+static inline int cvae_cpu_bf16(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return cvae_cpu_level() >= 4 && __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
+/* 1 on AMD: Zen 4 and 5 run vdpbf16ps at twice the fp32 FMA rate, while Intel's AVX512_BF16
+ * CPUs (Cooper Lake, Sapphire Rapids and later) run it at the FMA rate: no gain there. */
+static inline int cvae_cpu_amd(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd");
 #else
     return 0;
 #endif

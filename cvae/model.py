@@ -6,6 +6,12 @@ sees one block per group), then every activation and activation-gradient buffer 
 largest batch, per-sample loss terms and per-thread scratch. The kernels get pointers into it
 once (cvae._kernels.Net); a training step allocates nothing.
 
+In bf16 precision the slab also holds each weight's two bf16 copies (``bf16.<layer>.W``, the
+rows rounded to bf16, and ``bf16.<layer>.Wp``, pairs of rows interleaved; both written by the
+fused Adam loop, and by ``sync_bf16`` after initialisation or loading) and two scratch areas
+where each GEMM packs its other operand as bf16 pairs. Sizes there are in floats: two bf16
+values per float.
+
 Storage follows the kernels: a weight is [out][in padded to 16]; activations are
 feature-major [features padded to 16][batch padded to 16]. The views in ``params``,
 ``grads``, ``acts``, ... hide both paddings.
@@ -21,6 +27,8 @@ from cvae.data import PIXELS_PER_IMAGE as N_PIXELS
 from cvae.errors import CvaeError
 from cvae.images import to_uint8
 from cvae.kernels import kernels
+
+PRECISIONS = ("fp32", "bf16")
 
 ALIGN = 16  # floats: 64 bytes
 
@@ -79,8 +87,15 @@ class SlabModel:
     over it (``self.net``); the parameter views, initialisation and checkpoint sections are
     the same for every network."""
 
-    def _carve(self, layers, act_rows, actgrad_names, per_sample, max_batch, threads):
-        """Lay out the slab; sets slab, layout, section_sizes, params, grads, adam_m, adam_v."""
+    def _carve(self, layers, act_rows, actgrad_names, per_sample, max_batch, threads,
+               precision="fp32"):
+        """Lay out the slab; sets slab, layout, section_sizes, params, grads, adam_m, adam_v.
+
+        ``precision``: fp32, or bf16 (GEMM inputs rounded to bf16, see the module's doc);
+        resolve "auto" with cvae.kernels.resolve_precision first."""
+        if precision not in PRECISIONS:
+            raise CvaeError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        self.precision = precision
         self.layer_dims = tuple(layers)
         self.max_batch = max_batch
         self.threads = threads
@@ -111,6 +126,15 @@ class SlabModel:
         widest = max(pad(n_in) for _, n_in, _ in layers)
         carve("scratch.batch_major", self.max_bp * widest)
         carve("scratch.tiles", threads * k.tile_rows * widest)
+        if precision == "bf16":
+            for name, n_in, n_out in layers:
+                carve(f"bf16.{name}.W", n_out * pad(n_in) // 2)
+                carve(f"bf16.{name}.Wp", -(-n_out // 2) * pad(n_in))
+            # A GEMM's packed operand: at most ceil(rows / 2) pairs of max_bp columns, or
+            # max_bp / 2 pairs of samples by a padded row, for rows up to the widest layer side.
+            widest_side = max(max(pad(n_in), pad(n_out)) for _, n_in, n_out in layers)
+            carve("scratch.bf16_a", widest_side // 2 * self.max_bp)
+            carve("scratch.bf16_b", widest_side // 2 * self.max_bp)
 
         raw = np.zeros(total + ALIGN, dtype=np.float32)
         shift = (-raw.ctypes.data % 64) // 4
@@ -160,6 +184,12 @@ class SlabModel:
         for group in ("grad", "adam_m", "adam_v"):
             self.group_block(group)[...] = 0.0
         self.adam_t = 0
+        self.sync_bf16()
+
+    def sync_bf16(self):
+        """Refresh the bf16 weight copies from ``params``: needed after writing ``params``
+        directly (init_params and load_state_sections do it); Adam keeps them current."""
+        self.net.sync_bf16()
 
     def finite(self):
         """Whether every parameter is finite: checked before any save, so that no checkpoint
@@ -167,9 +197,15 @@ class SlabModel:
         return bool(np.isfinite(self.group_block("param")).all())
 
     def adam_update(self, lr):
-        """Plain Adam from ``grads`` (the unfused path)."""
+        """Plain Adam from ``grads`` (the unfused path); returns nonfinite()."""
         self.adam_t += 1
-        self.net.adam_update(lr, self.adam_t)
+        return self.net.adam_update(lr, self.adam_t)
+
+    def nonfinite(self):
+        """How many gradients or updated parameters the last Adam update (train_step's fused
+        one, or adam_update) found not finite (inf or NaN): 0 while training is healthy. Free:
+        the Adam loop counts as it updates."""
+        return self.net.nonfinite()
 
     def state_sections(self, optimizer=True):
         """Named arrays (views, logical shapes) for save_checkpoint: parameters and Adam state."""
@@ -186,6 +222,7 @@ class SlabModel:
                 raise CvaeError(f"{source}: section {name} is missing or has the wrong shape "
                                 f"for this architecture")
             view[...] = array
+        self.sync_bf16()
 
     def slab_report(self):
         """(section, floats) rows for `cvae info`, grouped by what they hold."""
@@ -200,18 +237,18 @@ class Model(SlabModel):
     """The CVAE: its slab and the kernels' Net over it.
 
     ``threads`` is the OpenMP thread count for every kernel call; ``max_batch`` sizes the
-    activation buffers.
+    activation buffers. ``precision``: fp32 or bf16 (see the module's doc).
     """
 
-    def __init__(self, arch, max_batch=64, threads=1):
+    def __init__(self, arch, max_batch=64, threads=1, precision="fp32"):
         if arch.act not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}")
         self.arch = arch
         k = self._carve(arch.layers(), _activation_rows(arch),
                         ("enc1", "enc2", "enc3", "dec_in", "dec1", "dec2", "dec3"),
-                        ("rec", "kl"), max_batch, threads)
+                        ("rec", "kl"), max_batch, threads, precision)
         self.net = k.Net(self.slab, self.layout, arch.layers(), arch.latent, self.max_bp,
-                         arch.act, threads)
+                         arch.act, threads, precision)
         self._eval_rec = np.zeros(self.max_bp, dtype=np.float32)
         self._eval_kl = np.zeros(self.max_bp, dtype=np.float32)
 
@@ -298,19 +335,19 @@ def arch_from_json(data, source="checkpoint"):
     return arch
 
 
-def model_from_sections(meta, sections, source, threads=1, max_batch=64):
+def model_from_sections(meta, sections, source, threads=1, max_batch=64, precision="fp32"):
     """A model from a loaded checkpoint's meta and sections; Adam's state too when present."""
     arch = arch_from_json(meta.get("arch", {}), source=str(source))
-    model = Model(arch, max_batch=max_batch, threads=threads)
+    model = Model(arch, max_batch=max_batch, threads=threads, precision=precision)
     model.load_state_sections(sections, source=str(source))
     model.adam_t = int(meta.get("adam_t", 0))
     return model
 
 
-def model_from_checkpoint(path, threads=1, max_batch=64):
+def model_from_checkpoint(path, threads=1, max_batch=64, precision="fp32"):
     """(model, meta) from a CVAE checkpoint file."""
     meta, sections, _ = load_checkpoint(path, expected_kind="cvae")
-    return model_from_sections(meta, sections, path, threads, max_batch), meta
+    return model_from_sections(meta, sections, path, threads, max_batch, precision), meta
 
 
 # ---------------------------------------------------------------- batched encoding and decoding

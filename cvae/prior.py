@@ -132,7 +132,7 @@ class PriorArch:
 class FlowPrior(SlabModel):
     """The velocity network's slab and the kernels' FlowNet over it."""
 
-    def __init__(self, arch, max_batch=SAMPLE_BATCH, threads=1):
+    def __init__(self, arch, max_batch=SAMPLE_BATCH, threads=1, precision="fp32"):
         if arch.act not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}")
         self.arch = arch
@@ -141,9 +141,10 @@ class FlowPrior(SlabModel):
                 **{f"a{k}": H for k in range(1, K + 1)}, "v": L, "target": L, "z": L,
                 "z_mid": L, "v_first": L, "v_uncond": L}
         grads = ("v", *(f"s{k}" for k in range(K + 1)), *(f"a{k}" for k in range(1, K + 1)))
-        k = self._carve(arch.layers(), rows, grads, ("t", "loss"), max_batch, threads)
+        k = self._carve(arch.layers(), rows, grads, ("t", "loss"), max_batch, threads,
+                        precision)
         self.net = k.FlowNet(self.slab, self.layout, arch.layers(), L, arch.n_freq,
-                             arch.n_classes, self.max_bp, arch.act, threads)
+                             arch.n_classes, self.max_bp, arch.act, threads, precision)
 
     def train_step(self, mu, logvar, labels, lr, seed, step, drop):
         """One step on codes (mu, logvar) with Adam fused; returns the batch-mean loss."""

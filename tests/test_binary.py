@@ -242,15 +242,15 @@ def test_version_and_kernel_dispatch(root):
     assert line.startswith(f"cvae {cvae.__version__} "), line
     assert "build" in line and "kernels" in line, line
     auto = line.split("kernels: ")[1].split()[0]
-    assert auto in ("baseline", "v3", "v4")
-    # Every build the CPU supports can be forced; all three are inside the binary.
-    for build in ("baseline", "v3", "v4"):
+    assert auto in ("baseline", "v3", "v4", "v4bf16")
+    # Every build the CPU supports can be forced; all four are inside the binary.
+    for build in ("baseline", "v3", "v4", "v4bf16"):
         forced = in_root(root, "cvae", "--version", env={"CVAE_KERNELS": build}, check=False)
         if forced.returncode == 0:
             assert f"kernels: {build} build" in forced.stdout, forced.stdout
         else:
             assert "does not support" in forced.stderr, forced.stderr  # not this CPU; not missing
-    if auto == "v4":
+    if auto in ("v4", "v4bf16"):
         assert "kernels: v3 build" in in_root(root, "cvae", "--version", env={"CVAE_KERNELS": "v3"}).stdout
 
 

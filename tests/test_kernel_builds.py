@@ -1,4 +1,5 @@
-"""Every kernel build this CPU can run (baseline, x86-64-v3, x86-64-v4) matches the reference,
+"""Every kernel build this CPU can run (baseline, x86-64-v3, x86-64-v4, v4 + AVX512_BF16)
+matches the reference,
 and CVAE_KERNELS picks the build."""
 
 import numpy as np
@@ -14,9 +15,9 @@ from .test_gradients import TINY, check_against_reference, make_model
 
 
 def runnable_builds():
-    level = kernels._import("baseline").cpu_level()
-    return [b for b, needed in kernels.BUILDS.items()
-            if needed <= max(level, 1) and kernels._import(b) is not None]
+    base = kernels._import("baseline")
+    return [b for b in kernels.BUILDS
+            if kernels._import(b) is not None and (b == "baseline" or kernels._runs_here(b, base))]
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def test_baseline_is_always_built():
     assert "baseline" in runnable_builds()
 
 
-@pytest.mark.parametrize("build", ["baseline", "v3", "v4"])
+@pytest.mark.parametrize("build", ["baseline", "v3", "v4", "v4bf16"])
 def test_build_matches_reference(build, forced_build):
     if build not in runnable_builds():
         pytest.skip(f"this CPU or installation has no {build} build")
@@ -44,7 +45,7 @@ def test_build_matches_reference(build, forced_build):
     check_against_reference(model, pixels, labels, beta=1.0, seed=5, step=7, act="elu")
 
 
-@pytest.mark.parametrize("build", ["baseline", "v3", "v4"])
+@pytest.mark.parametrize("build", ["baseline", "v3", "v4", "v4bf16"])
 def test_build_classifier_matches_reference(build, forced_build):
     from cvae.classifier import ClassifierArch
 
