@@ -42,6 +42,16 @@ def time_training(model, stream, steps, warmup, seed=0):
     return timed_images / (time.perf_counter() - start)
 
 
+def karp_flatt(speedup, threads):
+    """The Karp–Flatt metric: the serial fraction e = (1/S − 1/p) / (1 − 1/p) that would
+    explain speed-up S on p threads by Amdahl's law (None for p = 1 or no speed-up). A
+    fraction that grows with p points at overhead (barriers, memory bandwidth), not at serial
+    code."""
+    if not speedup or threads <= 1:
+        return None
+    return round((1 / speedup - 1 / threads) / (1 - 1 / threads), 4)
+
+
 def run_bench(variants, batches, threads_list, steps, warmup, repeat, data_dir, act="elu",
               precision="fp32"):
     """Yield one result dict per (variant, batch, threads): medians over `repeat` runs.
@@ -77,6 +87,7 @@ def run_bench(variants, batches, threads_list, steps, warmup, repeat, data_dir, 
                     "img_per_s": round(img_per_s, 1), "runs": [round(r, 1) for r in rates[t]],
                     "speedup": round(speedup, 3) if speedup else None,
                     "efficiency": round(speedup / t, 3) if speedup else None,
+                    "serial_fraction": karp_flatt(speedup, t),
                     "steps": steps, "warmup": warmup, "kernels": build_name(),
                     "precision": precision,
                 }

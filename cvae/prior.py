@@ -261,7 +261,7 @@ def check_sampling(steps, method, guidance):
         raise CvaeError(f"--guidance must be a finite number >= 0, got {guidance}")
 
 
-def load_prior(path, model, threads=1):
+def load_prior(path, model, threads=1, precision="fp32"):
     """(FlowPrior, meta) from a prior file trained for this CVAE, complete; else CvaeError."""
     meta, sections, _ = load_checkpoint(path, expected_kind=KIND)
     arch = PriorArch.from_json(meta.get("arch", {}), path)
@@ -275,6 +275,6 @@ def load_prior(path, model, threads=1):
     if not meta.get("complete"):
         raise CvaeError(f"{path} is a partly trained prior: finish it with 'cvae prior train "
                         f"--checkpoint {os.path.dirname(os.path.abspath(path))} --resume'")
-    prior = FlowPrior(arch, threads=threads)
+    prior = FlowPrior(arch, threads=threads, precision=precision)
     prior.load_state_sections(sections, source=path)
     return prior, meta

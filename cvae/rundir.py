@@ -41,7 +41,7 @@ from cvae.data import NUM_DIGITS, Dataset, digits_text, has_mnist_files
 from cvae.errors import CvaeError
 from cvae.fetch import ensure_data, resolve_data_dir
 from cvae.images import sidecar_path
-from cvae.kernels import default_threads
+from cvae.kernels import default_threads, resolve_precision
 from cvae.model import encode_all, model_from_checkpoint
 from cvae.plots import curves_png, latent_png
 from cvae.prior import (DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, KIND as PRIOR_KIND,
@@ -648,7 +648,7 @@ def default_prior(run_dir, model):
 def open_priors(choice, run_dir, model, threads=1, steps=DEFAULT_STEPS, method=DEFAULT_METHOD,
                 guidance=DEFAULT_GUIDANCE):
     """The samplers for --prior: 'flow', 'gaussian', 'both' (flow first) or None (both when
-    default_prior is flow, else gaussian)."""
+    default_prior is flow, else gaussian). The flow runs in the model's precision."""
     check_sampling(steps, method, guidance)
     if choice is None:
         choice = "both" if default_prior(run_dir, model) == "flow" else "gaussian"
@@ -660,7 +660,7 @@ def open_priors(choice, run_dir, model, threads=1, steps=DEFAULT_STEPS, method=D
         if not os.path.isfile(file):
             raise CvaeError(f"{run_dir} has no flow prior ({PRIOR}): train one with 'cvae "
                             f"prior train --checkpoint {run_dir}', or use --prior gaussian")
-        prior, _ = load_prior(file, model, threads)
+        prior, _ = load_prior(file, model, threads, model.precision)
         samplers.append(FlowSampler(prior, file, model.arch.latent, steps, method, guidance))
     if choice in ("gaussian", "both"):
         samplers.append(GaussianPrior(model.arch.latent))
@@ -680,12 +680,15 @@ def open_prior(choice, run_dir, model, threads=1, steps=DEFAULT_STEPS, method=DE
 # ---------------------------------------------------------------- models and data of a run
 
 
-def open_model(checkpoint, threads=None, batch=DEFAULT_BATCH):
-    """(model, meta) of a CVAE checkpoint, for sampling and evaluation (threads None: all)."""
+def open_model(checkpoint, threads=None, batch=DEFAULT_BATCH, precision="fp32"):
+    """(model, meta) of a CVAE checkpoint, for sampling and evaluation (threads None: all;
+    precision fp32, bf16 or auto: cvae.kernels.resolve_precision)."""
     threads = default_threads() if threads is None else threads
     if threads <= 0:
         raise CvaeError(f"--threads must be a positive integer, got {threads}")
-    return model_from_checkpoint(checkpoint, threads=threads, max_batch=batch)
+    precision, _ = resolve_precision(precision)
+    return model_from_checkpoint(checkpoint, threads=threads, max_batch=batch,
+                                 precision=precision)
 
 
 def checkpoint_digits(meta, source):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from cvae.data import BatchStream
 from cvae.errors import CvaeError
 from cvae.evaluate import test_elbo
-from cvae.model import VARIANTS, Arch, Model, arch_from_json, model_from_sections
+from cvae.model import PRECISIONS, VARIANTS, Arch, Model, arch_from_json, model_from_sections
 from cvae.progress import Bar
 from cvae.schedule import make_schedule, schedule_from_json
 from cvae.signals import exit_code, signal_name, stop_on_signals
@@ -30,6 +30,9 @@ DEFAULT_EPOCHS = 30
 DEFAULT_BATCH = 64
 DEFAULT_LR = 1e-3
 DEFAULT_SCHEDULE = "progressive"
+#: The precision `cvae train` runs in when none is asked for (see the README's Speed section
+#: for the measurements behind it).
+DEFAULT_PRECISION = "fp32"
 
 
 # ---------------------------------------------------------------- run plan
@@ -47,6 +50,7 @@ class Plan:
     batch: int
     lr: float
     data: dict
+    precision: str = "fp32"  # of the GEMMs' inputs: fp32 or bf16 (cvae.model)
     # position
     epoch: int = 0           # completed epochs
     batch_in_epoch: int = 0  # batches done in epoch `epoch` (0 at epoch ends)
@@ -68,6 +72,7 @@ class Plan:
             "batch": self.batch,
             "lr": self.lr,
             "data": self.data,
+            "precision": self.precision,
         }
         if self.batch_in_epoch:
             meta["epoch_sums"] = list(self.epoch_sums)
@@ -89,6 +94,7 @@ class Plan:
                 epoch=int(meta["epoch"]),
                 batch_in_epoch=int(meta["batch_in_epoch"]),
                 step=int(meta["step"]),
+                precision=str(meta.get("precision", "fp32")),  # runs from before bf16: fp32
             )
             if plan.batch_in_epoch:
                 sums = meta["epoch_sums"]
@@ -97,7 +103,8 @@ class Plan:
             raise CvaeError(f"{source}: not a training checkpoint (its header lacks the run's "
                             f"position or configuration)") from None
         if not (plan.epochs > 0 and plan.batch > 0 and 0 <= plan.epoch <= plan.epochs
-                and plan.batch_in_epoch >= 0 and plan.step >= 0 and plan.seed >= 0):
+                and plan.batch_in_epoch >= 0 and plan.step >= 0 and plan.seed >= 0
+                and plan.precision in PRECISIONS):
             raise CvaeError(f"{source}: inconsistent training position in its header")
         return plan
 
@@ -110,9 +117,10 @@ class Plan:
 
 def make_plan(variant=DEFAULT_VARIANT, hidden=None, latent=None, act=None, digits=None,
               schedule=None, beta=None, schedule_settings=None, epochs=None, seed=None,
-              batch=None, lr=None):
+              batch=None, lr=None, precision="fp32"):
     """The Plan of a fresh run: the variant's sizes and digits unless overridden, the defaults
-    for everything left None. beta is for the constant schedule only."""
+    for everything left None. beta is for the constant schedule only; precision fp32 or bf16
+    (resolve auto with cvae.kernels.resolve_precision first)."""
     arch = Arch.variant(variant, act=act, hidden=hidden, latent=latent)
     settings = dict(schedule_settings or {})
     schedule_name = schedule or DEFAULT_SCHEDULE
@@ -126,7 +134,8 @@ def make_plan(variant=DEFAULT_VARIANT, hidden=None, latent=None, act=None, digit
                 schedule=make_schedule(schedule_name, lr, **settings),
                 epochs=DEFAULT_EPOCHS if epochs is None else epochs,
                 seed=0 if seed is None else seed,
-                batch=DEFAULT_BATCH if batch is None else batch, lr=lr, data={})
+                batch=DEFAULT_BATCH if batch is None else batch, lr=lr, data={},
+                precision=precision)
 
 
 def restore(meta, sections, source, threads):
@@ -134,7 +143,8 @@ def restore(meta, sections, source, threads):
     plan = Plan.from_meta(meta, source)
     if not any(name.startswith("adam_") for name in sections):
         raise CvaeError(f"{source} has no optimizer state, so the run cannot continue exactly")
-    model = model_from_sections(meta, sections, source, threads=threads, max_batch=plan.batch)
+    model = model_from_sections(meta, sections, source, threads=threads, max_batch=plan.batch,
+                                precision=plan.precision)
     if model.adam_t != plan.step:
         raise CvaeError(f"{source}: Adam's step count {model.adam_t} does not match the run's "
                         f"step {plan.step}")
@@ -143,7 +153,7 @@ def restore(meta, sections, source, threads):
 
 def new_model(plan, threads):
     """A model for a fresh run, initialised from plan.seed."""
-    model = Model(plan.arch, max_batch=plan.batch, threads=threads)
+    model = Model(plan.arch, max_batch=plan.batch, threads=threads, precision=plan.precision)
     model.init_params(plan.seed)
     return model
 
@@ -378,11 +388,14 @@ class Trainer:
             for pixels, labels in self.stream.epoch(e, start_batch=k):
                 phase, beta, lr = at(step, total, e)
                 loss, rec, kl = train_step(pixels, labels, lr, beta, seed, step)
-                if loss != loss or loss == math.inf:
+                # The fused Adam counts non-finite gradients and parameters as it goes.
+                if loss != loss or loss == math.inf or model.nonfinite():
                     saved = (f"the last good checkpoint is in {self.run_dir}"
                              if self.store.has_checkpoint() else "no checkpoint was saved yet")
-                    raise CvaeError(f"training diverged at epoch {e + 1}, step {step} (loss "
-                                    f"{loss}); {saved}: try a lower --lr")
+                    what = (f"loss {loss}" if not math.isfinite(loss) else
+                            f"{model.nonfinite()} non-finite gradients or parameters")
+                    raise CvaeError(f"training diverged at epoch {e + 1}, step {step} ({what}); "
+                                    f"{saved}: try a lower --lr")
                 b = len(labels)
                 step += 1
                 k += 1

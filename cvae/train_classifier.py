@@ -33,9 +33,10 @@ def shifted(pixels, rng, max_shift=MAX_SHIFT):
 
 
 def train_classifier(train_set, epochs=DEFAULT_EPOCHS, batch=DEFAULT_BATCH, lr=DEFAULT_LR,
-                     seed=0, threads=1, arch=ClassifierArch(), on_epoch=None):
+                     seed=0, threads=1, arch=ClassifierArch(), on_epoch=None, precision="fp32"):
     """A classifier trained on train_set; on_epoch(epoch, mean loss) after each epoch."""
-    model = DigitClassifier(arch, max_batch=max(batch, PREDICT_BATCH), threads=threads)
+    model = DigitClassifier(arch, max_batch=max(batch, PREDICT_BATCH), threads=threads,
+                            precision=precision)
     model.init_params(seed)
     rng = np.random.default_rng(seed)
     images, labels = np.asarray(train_set.images), np.asarray(train_set.labels)
@@ -53,7 +54,7 @@ def train_classifier(train_set, epochs=DEFAULT_EPOCHS, batch=DEFAULT_BATCH, lr=D
             x = shifted(np.take(images, rows, axis=0), rng)
             y = np.ascontiguousarray(np.take(labels, rows))
             loss = model.train_step(x, y, cosine_lr(lr, step, total))
-            if not np.isfinite(loss):
+            if not np.isfinite(loss) or model.nonfinite():
                 raise CvaeError(f"the classifier's training diverged at epoch {epoch}, step "
                                 f"{step} (loss {loss}): try a lower --lr")
             loss_sum += loss

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cvae.errors import CvaeError
-from cvae.model import encode_all
+from cvae.model import PRECISIONS, encode_all
 from cvae.prior import (DEFAULT_BATCH, DEFAULT_DROP, DEFAULT_EPOCHS, DEFAULT_LR, SAMPLE_BATCH,
                         FlowPrior, PriorArch, cvae_digest)
 from cvae.schedule import cosine_lr
@@ -50,6 +50,7 @@ class PriorPlan:
     lr: float
     drop: float
     seed: int
+    precision: str = "fp32"
     step: int = 0
     loss_sum: float = 0.0   # of the epoch in progress
     complete: bool = False
@@ -58,6 +59,7 @@ class PriorPlan:
         return {"arch": self.arch.to_json(), "cvae_sha256": self.cvae_sha256,
                 "cvae_checkpoint": self.cvae_checkpoint, "epochs": self.epochs,
                 "batch": self.batch, "lr": self.lr, "drop": self.drop, "seed": self.seed,
+                "precision": self.precision,
                 "step": self.step, "adam_t": int(adam_t), "loss_sum": self.loss_sum,
                 "complete": self.complete, "epoch_losses": list(losses)}
 
@@ -70,12 +72,14 @@ class PriorPlan:
                        batch=int(meta["batch"]), lr=float(meta["lr"]),
                        drop=float(meta["drop"]), seed=int(meta["seed"]),
                        step=int(meta["step"]), loss_sum=float(meta["loss_sum"]),
-                       complete=bool(meta["complete"]))
+                       complete=bool(meta["complete"]),
+                       precision=str(meta.get("precision", "fp32")))
             losses = [float(x) for x in meta["epoch_losses"]]
         except (KeyError, TypeError, ValueError):
             raise CvaeError(f"{source}: its header lacks the prior's training position or "
                             f"configuration") from None
-        if plan.epochs <= 0 or plan.batch <= 0 or plan.step < 0 or not 0 <= plan.drop < 1:
+        if (plan.epochs <= 0 or plan.batch <= 0 or plan.step < 0 or not 0 <= plan.drop < 1
+                or plan.precision not in PRECISIONS):
             raise CvaeError(f"{source}: inconsistent prior training settings in its header")
         return plan, losses
 
@@ -133,9 +137,10 @@ class PriorTrainer:
                 loss = prior.train_step(mu_buf[:m], logvar_buf[:m], label_buf[:m],
                                         cosine_lr(plan.lr, plan.step, self.total), plan.seed,
                                         plan.step, plan.drop)
-                if not math.isfinite(loss):
+                if not math.isfinite(loss) or prior.nonfinite():
                     raise CvaeError(f"the prior's training diverged at step {plan.step} (loss "
-                                    f"{loss}): try a lower --lr")
+                                    f"{loss}, {prior.nonfinite()} non-finite gradients or "
+                                    f"parameters): try a lower --lr")
                 plan.step += 1
                 plan.loss_sum += loss * m
                 if self.on_progress is not None:
@@ -157,9 +162,9 @@ class PriorTrainer:
 
 def train_prior(model, train_set, save, arch=None, epochs=DEFAULT_EPOCHS, batch=DEFAULT_BATCH,
                 lr=DEFAULT_LR, drop=DEFAULT_DROP, seed=0, threads=1, checkpoint_name="",
-                on_progress=None, on_epoch=None, **arch_settings):
+                on_progress=None, on_epoch=None, precision="fp32", **arch_settings):
     """A fresh PriorTrainer for `model` over the codes of train_set; save(meta, sections)
-    writes its file.
+    writes its file; precision: the velocity network's GEMMs (fp32 or bf16).
     Without arch, a PriorArch over the active dimensions (active_dims) with arch_settings
     (hidden, blocks, n_freq, act)."""
     codes = encode_all(model, train_set.images, train_set.labels)
@@ -167,8 +172,9 @@ def train_prior(model, train_set, save, arch=None, epochs=DEFAULT_EPOCHS, batch=
         dims = active_dims(codes[0])
         arch = PriorArch(latent=len(dims), dims=dims, **arch_settings)
     plan = PriorPlan(arch=arch, cvae_sha256=cvae_digest(model), cvae_checkpoint=checkpoint_name,
-                     epochs=epochs, batch=batch, lr=lr, drop=drop, seed=seed)
-    prior = FlowPrior(arch, max_batch=max(batch, SAMPLE_BATCH), threads=threads)
+                     epochs=epochs, batch=batch, lr=lr, drop=drop, seed=seed, precision=precision)
+    prior = FlowPrior(arch, max_batch=max(batch, SAMPLE_BATCH), threads=threads,
+                      precision=precision)
     prior.init_params(seed)
     return PriorTrainer(save, plan, prior, in_dims(codes, arch.dims), train_set.labels,
                         on_progress=on_progress, on_epoch=on_epoch)
@@ -184,7 +190,8 @@ def resume_prior(model, train_set, meta, sections, path, save, threads=1, on_pro
                         f"from this checkpoint's): remove it and train a new one")
     if not any(name.startswith("adam_") for name in sections):
         raise CvaeError(f"{path} has no optimizer state, so its training cannot continue")
-    prior = FlowPrior(plan.arch, max_batch=max(plan.batch, SAMPLE_BATCH), threads=threads)
+    prior = FlowPrior(plan.arch, max_batch=max(plan.batch, SAMPLE_BATCH), threads=threads,
+                      precision=plan.precision)
     prior.load_state_sections(sections, source=path)
     prior.adam_t = int(meta.get("adam_t", 0))
     if prior.adam_t != plan.step:

@@ -221,9 +221,11 @@ def finish_run(trainer, needs, mode="rich"):
     if needs.prior:
         final = R.latest_checkpoint(run_dir)
         model, _ = R.open_model(final, threads)
+        # A new prior trains in the run's precision.
+        settings = {**(needs.prior_settings or {}), "precision": trainer.plan.precision}
         status, prior_trainer, seconds, before = complete_run_prior(
-            run_dir, model, trainer.train_set, threads, os.path.basename(final),
-            needs.prior_settings, mode=mode, replace_stale=needs.replace_stale)
+            run_dir, model, trainer.train_set, threads, os.path.basename(final), settings,
+            mode=mode, replace_stale=needs.replace_stale)
         done.prior_trainer, done.prior_seconds, done.prior_before = prior_trainer, seconds, before
         if status != "complete":
             done.code = prior_trainer.exit_code()
@@ -247,13 +249,15 @@ def finish_run(trainer, needs, mode="rich"):
 
 def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
              temperature=DEFAULT_TEMPERATURE, seed=0, threads=None, classifier=None,
-             progress=False, prior=None, steps=None, method=None, guidance=None):
+             progress=False, prior=None, steps=None, method=None, guidance=None,
+             precision="fp32"):
     """Evaluate a checkpoint (a .cvae file or a run directory) on its digits' test images;
     write eval.json beside it (atomically) and return the result dict (with absolute paths,
     and "eval_json"). `cvae eval` without the printing; `cvae sweep` calls it for every run.
 
     prior: 'flow', 'gaussian', 'both' (flow first), or None: both when the run has a flow
-    prior, else gaussian. steps, method, guidance: the flow's sampling (None: defaults)."""
+    prior, else gaussian. steps, method, guidance: the flow's sampling (None: defaults).
+    precision: of the CVAE's and the flow's GEMMs (the classifier judges in fp32)."""
     if k is None or k <= 0:
         raise CvaeError(f"--k must be a positive integer, got {k}")
     if samples is None or samples <= 0:
@@ -264,7 +268,7 @@ def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
         raise CvaeError(f"--seed must be a non-negative integer, got {seed}")
     path, run_dir = R.resolve_checkpoint(checkpoint)
     out = R.eval_path(path)
-    model, meta = R.open_model(path, threads)
+    model, meta = R.open_model(path, threads, precision=precision)
     priors = R.open_priors(prior, run_dir, model, model.threads,
                            DEFAULT_STEPS if steps is None else steps, method or DEFAULT_METHOD,
                            DEFAULT_GUIDANCE if guidance is None else guidance)
@@ -290,7 +294,8 @@ def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
     seconds = time.perf_counter() - start
 
     result = {**metrics, "seed": seed, "checkpoint": os.path.abspath(path),
-              "digits": list(digits), "threads": model.threads, "seconds": seconds}
+              "digits": list(digits), "precision": model.precision, "threads": model.threads,
+              "seconds": seconds}
     if judge is not None:
         result["classifier"] = os.path.abspath(judge_source)
         result["classifier_test_accuracy"] = judge_meta.get("test_accuracy")
@@ -312,7 +317,7 @@ def _positive(value, option):
     return value
 
 
-def _open(checkpoint, out, default_name, threads, seed):
+def _open(checkpoint, out, default_name, threads, seed, precision="fp32"):
     """(checkpoint path, run dir, output sheet, model, meta) for a sheet command."""
     if seed < 0:
         raise CvaeError(f"--seed must be a non-negative integer, got {seed}")
@@ -320,7 +325,7 @@ def _open(checkpoint, out, default_name, threads, seed):
         _positive(threads, "--threads")
     path, run_dir = R.resolve_checkpoint(checkpoint)
     out = R.sheet_path(out, run_dir, default_name)
-    model, meta = R.open_model(path, threads)
+    model, meta = R.open_model(path, threads, precision=precision)
     return path, run_dir, out, model, meta
 
 
@@ -336,15 +341,18 @@ class Sheets:
     total_seconds: float = 0.0    # with writing the sheets
     threads: int = 1
     prior: object = None
+    precision: str = "fp32"
 
 
 def generate(checkpoint, out=None, digits=None, per_digit=10, temperature=1.0, cols=None,
              max_rows=50, seed=0, threads=None, prior=None, steps=None, method=None,
-             guidance=None, shard=None, idx=False, split="train", progress=None):
+             guidance=None, shard=None, idx=False, split="train", progress=None,
+             precision="fp32"):
     """`cvae generate`: class-conditional sample sheets of the checkpoint's prior (see
     sheets.sample_sheets), or with idx an MNIST-format data set in the directory `out`
     (sheets.generate_idx). shard (cvae.shard.Shard): only that shard's whole sheets, or its
-    part of the rows. progress(done, total) after each sheet or block of rows."""
+    part of the rows. progress(done, total) after each sheet or block of rows. precision: of
+    the decoder's and the flow's GEMMs (fp32, bf16, or auto: bf16 where it is faster)."""
 
     _positive(per_digit, "--per-digit")
     if temperature is None or not math.isfinite(temperature) or temperature < 0:
@@ -354,9 +362,11 @@ def generate(checkpoint, out=None, digits=None, per_digit=10, temperature=1.0, c
     _positive(max_rows, "--max-rows")
     if idx:
         out = idx_output_dir(out)
-        path, run_dir, _, model, meta = _open(checkpoint, None, "generate.pgm", threads, seed)
+        path, run_dir, _, model, meta = _open(checkpoint, None, "generate.pgm", threads, seed,
+                                              precision)
     else:
-        path, run_dir, out, model, meta = _open(checkpoint, out, "generate.pgm", threads, seed)
+        path, run_dir, out, model, meta = _open(checkpoint, out, "generate.pgm", threads, seed,
+                                                precision)
     sampler = R.open_prior(prior, run_dir, model, model.threads,
                            DEFAULT_STEPS if steps is None else steps, method or DEFAULT_METHOD,
                            DEFAULT_GUIDANCE if guidance is None else guidance)
@@ -368,16 +378,18 @@ def generate(checkpoint, out=None, digits=None, per_digit=10, temperature=1.0, c
     if idx:
         paths, n, seconds = generate_idx(
             model, digits, out, per_digit=per_digit, temperature=temperature, seed=seed,
-            split=split, extra={"checkpoint": R.portable(path, out)}, prior=sampler,
+            split=split, extra={"checkpoint": R.portable(path, out),
+                                "precision": model.precision}, prior=sampler,
             shard=shard, progress=progress)
     else:
         paths, n, seconds = sample_sheets(
             model, digits, out, per_digit=per_digit, temperature=temperature, seed=seed,
             cols=cols, max_rows=max_rows,
-            extra={"checkpoint": R.portable(path, os.path.dirname(os.path.abspath(out)))},
+            extra={"checkpoint": R.portable(path, os.path.dirname(os.path.abspath(out))),
+                   "precision": model.precision},
             prior=sampler, shard=shard, progress=progress)
     return Sheets(paths, path, digits, n, seconds, time.perf_counter() - start, model.threads,
-                  sampler)
+                  sampler, model.precision)
 
 
 def idx_output_dir(out):

@@ -3,11 +3,13 @@
 import json
 
 from cvae.bench import parse_int_list, run_bench
-from cvae.cli.options import add_parser
+from cvae.atomic import check_writable, write_bytes_atomic
+from cvae.cli.options import add_parser, add_precision
 from cvae.errors import CvaeError
 from cvae.fetch import resolve_data_dir
 from cvae.kernels import build_name
 from cvae.model import ACTIVATIONS, VARIANTS
+from cvae.plots import scaling_png
 
 
 def cmd_bench(args):
@@ -19,27 +21,47 @@ def cmd_bench(args):
     threads_list = parse_int_list(args.threads, "--threads")
     if args.steps <= 0 or args.warmup < 0 or args.repeat <= 0:
         raise CvaeError("--steps and --repeat must be positive and --warmup not negative")
+    if args.plot is not None:
+        if not args.plot.lower().endswith(".png"):
+            raise CvaeError(f"--plot {args.plot}: the picture is a .png file")
+        check_writable(args.plot)
     data_dir, _ = resolve_data_dir(args.data)
+    rows = []
     results = run_bench(variants, batches, threads_list, args.steps, args.warmup, args.repeat,
-                        data_dir, act=args.act)
+                        data_dir, act=args.act, precision=args.precision)
     if args.json:
         for row in results:
+            rows.append(row)
             print(json.dumps(row), flush=True)
-        return 0
+    else:
+        rows = list(results)
+        print_table(rows, args)
+    if args.plot is not None:
+        write_bytes_atomic(args.plot, scaling_png(rows, title=(
+            f"cvae bench: {build_name()} kernels, {rows[0]['precision']}, median of "
+            f"{args.repeat} interleaved runs of {args.steps} steps")))
+        if not args.json:
+            print(f"scaling picture -> {args.plot}")
+    return 0
+
+
+def print_table(rows, args):
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"cvae bench ({build_name()} kernels, {args.steps} timed steps "
                         f"after {args.warmup}, median of {args.repeat})")
-    for col in ("variant", "batch", "threads", "img/s", "speed-up", "efficiency"):
+    for col in ("variant", "batch", "precision", "threads", "img/s", "speed-up", "efficiency",
+                "serial fraction"):
         table.add_column(col, justify="right")
-    for row in results:
-        table.add_row(row["variant"], str(row["batch"]), str(row["threads"]),
+    for row in rows:
+        table.add_row(row["variant"], str(row["batch"]), row["precision"], str(row["threads"]),
                       f"{row['img_per_s']:,.0f}",
                       f"{row['speedup']:.2f}x" if row["speedup"] else "-",
-                      f"{row['efficiency']:.0%}" if row["efficiency"] else "-")
+                      f"{row['efficiency']:.0%}" if row["efficiency"] else "-",
+                      f"{row['serial_fraction']:.3f}" if row["serial_fraction"] is not None
+                      else "-")
     Console().print(table)
-    return 0
 
 
 def register(subparsers):
@@ -56,5 +78,10 @@ def register(subparsers):
                    help="interleaved repeats; the median is reported")
     p.add_argument("--act", choices=ACTIVATIONS, default="elu", help="hidden activation")
     p.add_argument("--data", help="MNIST directory (default: $CVAE_DATA, else the cache)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_precision(p, "fp32", "the training's GEMMs")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="also draw img/s and the speed-up against threads, with the ideal line")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line (with speed-up, parallel efficiency and the "
+                        "Karp–Flatt serial fraction when 1 thread is measured first)")
     p.set_defaults(func=cmd_bench)

@@ -8,11 +8,11 @@ import numpy as np
 
 from cvae.atomic import check_writable
 from cvae.classifier import SHIPPED, dataset_digest, load_classifier, save_classifier
-from cvae.cli.options import (add_output_mode, add_parser, add_subcommands, add_threads,
+from cvae.cli.options import (add_output_mode, add_precision, add_parser, add_subcommands, add_threads,
                               non_negative_int, notice, positive_float, positive_int, say)
 from cvae.data import NUM_DIGITS, Dataset
 from cvae.fetch import ensure_data, resolve_data_dir
-from cvae.kernels import default_threads
+from cvae.kernels import default_threads, resolve_precision
 from cvae.train_classifier import (DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LR, MAX_SHIFT,
                                    train_classifier)
 
@@ -29,12 +29,14 @@ def cmd_train(args):
                   else f"epoch {epoch}/{args.epochs}: train cross-entropy {loss:.4f}", flush=True)
 
     start = time.perf_counter()
+    precision, _ = resolve_precision(args.precision)
     model = train_classifier(train_set, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                             seed=args.seed, threads=args.threads, on_epoch=on_epoch)
+                             seed=args.seed, threads=args.threads, on_epoch=on_epoch,
+                             precision=precision)
     seconds = time.perf_counter() - start
     accuracy = model.accuracy(test_set)
     meta = {"seed": args.seed, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
-            "max_shift": MAX_SHIFT, "kernels": model.kernel_isa, "train_images": len(train_set),
+            "max_shift": MAX_SHIFT, "kernels": model.kernel_isa, "precision": precision, "train_images": len(train_set),
             "test_images": len(test_set), "test_accuracy": accuracy,
             "test_digest": dataset_digest(test_set)}
     save_classifier(out, model, meta)
@@ -85,6 +87,7 @@ def register(subparsers):
     q.add_argument("--lr", type=positive_float, default=DEFAULT_LR, help="peak learning rate")
     q.add_argument("--seed", type=non_negative_int, default=0, help="seed")
     add_threads(q, default=default_threads(), help="OpenMP threads")
+    add_precision(q, "fp32", "the training's GEMMs")
     add_output_mode(q, quiet_help="print only the result")
     q.set_defaults(func=cmd_train)
     q = add_parser(sub, "eval", help="a classifier's test accuracy",

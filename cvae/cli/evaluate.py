@@ -3,7 +3,8 @@
 import json
 
 from cvae.catalogue import EVAL, help_text
-from cvae.cli.options import (add_checkpoint, add_data, add_parser, add_prior_options,
+from cvae.cli.options import (add_checkpoint, add_data, add_parser, add_precision,
+                              add_prior_options,
                               add_threads, non_negative_float, non_negative_int, positive_int)
 from cvae.data import digits_text
 from cvae.evaluate import DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_TEMPERATURE
@@ -15,7 +16,8 @@ def cmd_eval(args):
     result = run_eval(args.checkpoint, data=args.data, k=args.k, samples=args.samples,
                       temperature=args.temperature, seed=args.seed, threads=args.threads,
                       classifier=args.classifier, progress=not args.json, prior=args.prior,
-                      steps=args.ode_steps, method=args.method, guidance=args.guidance)
+                      steps=args.ode_steps, method=args.method, guidance=args.guidance,
+                      precision=args.precision)
     if args.json:
         print(json.dumps(result), flush=True)
     else:
@@ -106,4 +108,6 @@ def register(subparsers):
     p.add_argument("--json", action="store_true",
                    help="print one JSON object instead of the table (no progress bar)")
     add_prior_options(p, both=True)
+    add_precision(p, "fp32", "the CVAE's and the flow prior's GEMMs (the classifier judges in "
+                             "fp32)")
     p.set_defaults(func=cmd_eval)

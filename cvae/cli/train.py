@@ -8,25 +8,26 @@ import time
 
 from cvae import rundir as R
 from cvae.atomic import check_writable
-from cvae.cli.options import (Formatter, add_arch_options, add_output_mode,
+from cvae.cli.options import (Formatter, add_arch_options, add_precision, add_output_mode,
                               add_subcommands, add_threads, digits_type, mode, non_negative_float,
                               non_negative_int, notice, number_type, positive_float,
                               positive_int, probability, say)
 from cvae.data import Dataset
 from cvae.errors import CvaeError
-from cvae.kernels import default_threads
+from cvae.kernels import default_threads, resolve_precision
 from cvae.model import VARIANTS, Arch
 from cvae.prior import (DEFAULT_BATCH, DEFAULT_BLOCKS, DEFAULT_DROP, DEFAULT_EPOCHS,
                         DEFAULT_HIDDEN, DEFAULT_LR, PRIORS)
 from cvae.schedule import SCHEDULES, parse_schedule_settings
-from cvae.train import DEFAULT_VARIANT, JsonReporter, Reporter, RichReporter, make_plan
+from cvae.train import (DEFAULT_PRECISION, DEFAULT_VARIANT, JsonReporter, Reporter,
+                        RichReporter, make_plan)
 from cvae.workflows import (Finish, finish_run, load_resume_point, resume_run, start_run,
                             train_run_prior)
 
 # Options that fix the computation: with --resume they must match the run (or be left out).
 # --prior is not one: the prior is trained after the CVAE, on its final parameters.
 RUN_OPTIONS = ("variant", "hidden", "latent", "act", "digits", "epochs", "batch", "lr", "seed",
-               "schedule", "beta", "schedule_set")
+               "schedule", "beta", "schedule_set", "precision")
 
 
 def reporter_for(args):
@@ -43,11 +44,20 @@ def default_out(variant):
     return out
 
 
-def plan_from_args(args):
+def resolved_precision(args, say_to):
+    """--precision resolved (auto: bf16 where it is faster), saying why when auto chose."""
+    precision, why = resolve_precision(args.precision)
+    if args.precision == "auto":
+        say_to(f"precision auto: {precision} ({why})")
+    return precision
+
+
+def plan_from_args(args, say_to):
     return make_plan(variant=args.variant, hidden=args.hidden, latent=args.latent, act=args.act,
                      digits=args.digits, schedule=args.schedule, beta=args.beta,
                      schedule_settings=parse_schedule_settings(args.schedule_set),
-                     epochs=args.epochs, seed=args.seed, batch=args.batch, lr=args.lr)
+                     epochs=args.epochs, seed=args.seed, batch=args.batch, lr=args.lr,
+                     precision=resolved_precision(args, say_to))
 
 
 def check_resume_conflicts(args, plan, path):
@@ -65,8 +75,11 @@ def check_resume_conflicts(args, plan, path):
         if wanted != arch:
             problems.append(f"the architecture {h1}-{h2}-{latent} {wanted.act} (the run is "
                             f"{arch.h1}-{arch.h2}-{arch.latent} {arch.act})")
+    if "precision" in given:
+        given["precision"] = resolve_precision(given["precision"])[0]
     checks = {"digits": tuple(plan.digits), "epochs": plan.epochs, "batch": plan.batch,
-              "lr": plan.lr, "seed": plan.seed, "schedule": plan.schedule.name}
+              "lr": plan.lr, "seed": plan.seed, "schedule": plan.schedule.name,
+              "precision": plan.precision}
     for name, have in checks.items():
         if name in given and given[name] != have:
             problems.append(f"--{name} {given[name]!r} (the run has {have!r})")
@@ -161,7 +174,7 @@ def train_locked(args, run_dir):
         cvae_done = False
         extra = {"variant": args.variant, "argv": args.argv,
                  **({"prior": args.prior} if args.prior else {})}
-        trainer = start_run(run_dir, plan_from_args(args), args.data, args.threads, reporter,
+        trainer = start_run(run_dir, plan_from_args(args, tell), args.data, args.threads, reporter,
                             config_extra=extra, say=tell, notice=notice(args), keep=args.keep)
     if not cvae_done:
         result = trainer.run(stop_after_epochs=args.stop_after_epochs)
@@ -189,8 +202,9 @@ def train_locked(args, run_dir):
 
 def _finalize_train(args):
     # With --resume an unset option means "as the run has it"; a fresh run gets the defaults.
-    if args.variant is None and not args.resume:
-        args.variant = DEFAULT_VARIANT
+    if not args.resume:
+        args.variant = args.variant or DEFAULT_VARIANT
+        args.precision = args.precision or DEFAULT_PRECISION
 
 
 def add_train_parser(subparsers):
@@ -239,6 +253,8 @@ def add_train_parser(subparsers):
                    help="set a schedule parameter (repeatable; see above)")
     p.add_argument("--threads", type=positive_int, default=default_threads(),
                    help="OpenMP threads (default: the CPUs available to this process)")
+    add_precision(p, None, f"the training's GEMMs (recorded in the run; default: "
+                           f"{DEFAULT_PRECISION})")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="MNIST directory (default: $CVAE_DATA, else the cache, fetched when empty)")
     p.add_argument("--out", metavar="RUN_DIR", default=None,
@@ -274,7 +290,7 @@ def cmd_prior_train(args):
 
 def prior_train_locked(args, path, run_dir, out):
     given = {k: getattr(args, k) for k in ("hidden", "blocks", "epochs", "batch", "lr", "drop",
-                                           "seed") if getattr(args, k) is not None}
+                                           "seed", "precision") if getattr(args, k) is not None}
     if args.resume:
         if not os.path.isfile(out):
             raise CvaeError(f"--resume: {run_dir} has no {R.PRIOR} to continue")
@@ -286,6 +302,9 @@ def prior_train_locked(args, path, run_dir, out):
                         f"--resume, or delete it to train a new one")
     model, meta = R.open_model(path, args.threads)
     digits = R.checkpoint_digits(meta, path)
+    if not args.resume:  # a new prior: --precision, else the CVAE's
+        given["precision"] = (resolved_precision(args, say(args)) if args.precision
+                              else meta.get("precision", "fp32"))
     data_dir = R.run_data_dir(args.data, run_dir, say=say(args), notice=notice(args))
     train_set = Dataset.load(data_dir, "train", digits)
     trained_on = (meta.get("data") or {}).get("train_images")
@@ -337,6 +356,7 @@ def add_prior_parser(subparsers):
                         f"--guidance (default: {DEFAULT_DROP:g})")
     q.add_argument("--seed", type=non_negative_int, default=None,
                    help="seed of the initialisation, order and noise (default: 0)")
+    add_precision(q, None, "the velocity network's GEMMs (default: the CVAE run's)")
     add_threads(q)
     q.add_argument("--resume", action="store_true",
                    help="continue RUN/prior.cvae where it stopped, with its settings")
