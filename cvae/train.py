@@ -217,7 +217,6 @@ class RichReporter(Reporter):
     def __init__(self, console=None):
         self.bar = Bar(console=console)
         self.console = self.bar.console
-        self._live = False
         self.task = None
         self.run_task = None
         self.records = []
@@ -229,13 +228,12 @@ class RichReporter(Reporter):
             f"{plan.arch.act}, {trainer.model.arch.n_params():,} parameters, digits "
             f"{','.join(map(str, plan.digits))} ({len(trainer.train_set):,} train / "
             f"{len(trainer.test_set):,} test images), batch {plan.batch}, lr {plan.lr:g}, "
-            f"{plan.schedule.describe()}, {trainer.model.threads} threads, kernels "
-            f"{trainer.model.kernel_isa}", soft_wrap=True)
+            f"{plan.schedule.describe()}, {trainer.model.threads} threads, {plan.precision}, "
+            f"kernels {trainer.model.kernel_isa}", soft_wrap=True)
         if plan.step:
             self.console.print(f"resuming at epoch {plan.epoch + 1}, batch {plan.batch_in_epoch} "
                                f"(step {plan.step:,})", soft_wrap=True)
         self.bar.start()
-        self._live = True
         self.run_task = self.bar.add("run", plan.epochs * trainer.batches_per_epoch, plan.step)
 
     def epoch_start(self, epoch, epochs, start_batch, n_batches):
