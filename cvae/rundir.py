@@ -42,7 +42,7 @@ from cvae.errors import CvaeError
 from cvae.fetch import ensure_data, resolve_data_dir
 from cvae.images import sidecar_path
 from cvae.kernels import default_threads, resolve_precision
-from cvae.model import encode_all, model_from_checkpoint
+from cvae.model import encode_all, model_from_checkpoint, model_from_sections
 from cvae.plots import curves_png, latent_png
 from cvae.prior import (DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, KIND as PRIOR_KIND,
                         PRIORS, FlowSampler, GaussianPrior, check_sampling, cvae_digest,
@@ -680,15 +680,19 @@ def open_prior(choice, run_dir, model, threads=1, steps=DEFAULT_STEPS, method=DE
 # ---------------------------------------------------------------- models and data of a run
 
 
-def open_model(checkpoint, threads=None, batch=DEFAULT_BATCH, precision="fp32"):
-    """(model, meta) of a CVAE checkpoint, for sampling and evaluation (threads None: all;
-    precision fp32, bf16 or auto: cvae.kernels.resolve_precision)."""
+def open_model(checkpoint, threads=None, batch=DEFAULT_BATCH, precision=None):
+    """(model, meta) of a CVAE checkpoint, for sampling and evaluation (threads None: all).
+    precision: fp32, bf16 or auto (cvae.kernels.resolve_precision); None: the one the run
+    was trained in, so that a run's own sheets and a command's agree."""
     threads = default_threads() if threads is None else threads
     if threads <= 0:
         raise CvaeError(f"--threads must be a positive integer, got {threads}")
-    precision, _ = resolve_precision(precision)
-    return model_from_checkpoint(checkpoint, threads=threads, max_batch=batch,
-                                 precision=precision)
+    meta, sections, _ = load_checkpoint(checkpoint, expected_kind=CVAE_KIND)
+    trained_in = meta.get("precision", "fp32")
+    precision, _ = resolve_precision(trained_in if precision is None else precision)
+    model = model_from_sections(meta, sections, checkpoint, threads=threads, max_batch=batch,
+                                precision=precision)
+    return model, meta
 
 
 def checkpoint_digits(meta, source):

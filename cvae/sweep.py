@@ -59,7 +59,8 @@ from cvae.prior import (DEFAULT_BATCH, DEFAULT_DROP, DEFAULT_EPOCHS, DEFAULT_GUI
                         PriorArch, sampling_text)
 from cvae.signals import Interrupted, interrupt_on_signals, signal_name
 from cvae.signals import exit_code as signal_exit_code
-from cvae.train import DEFAULT_VARIANT, Reporter, RichReporter, make_plan
+from cvae.kernels import resolve_precision
+from cvae.train import DEFAULT_PRECISION, DEFAULT_VARIANT, Reporter, RichReporter, make_plan
 from cvae.workflows import Finish, finish_run, load_datasets, resume_run, start_run
 
 SWEEP_MD = "sweep.md"
@@ -68,7 +69,7 @@ SWEEP_JSONL = "sweep.jsonl"
 #: The grid options, in the order that makes up a run's name.
 GRID = ("latent", "hidden", "act", "schedule")
 #: Options shared by every run of a sweep (also training options --collect refuses).
-SHARED = ("variant", "digits", "epochs", "batch", "lr", "seed", "threads", "data")
+SHARED = ("variant", "digits", "epochs", "batch", "lr", "seed", "threads", "data", "precision")
 EVAL_OPTIONS = ("k", "samples", "temperature", "classifier")
 #: The prior axis: which priors generate the judged digits (each one row of the table), and
 #: the flow prior's training.
@@ -104,6 +105,7 @@ class Sweep:
     seed: int = None
     threads: int = None
     data: str = None
+    precision: str = None       # of the training (None: cvae train's default)
     k: int = None               # evaluation
     samples: int = None
     temperature: float = None
@@ -147,6 +149,8 @@ class Run:
             opts += ["--threads", str(sweep.threads)]
         if sweep.data is not None:
             opts += ["--data", sweep.data]
+        if sweep.precision is not None:
+            opts += ["--precision", sweep.precision]
         return opts
 
 
@@ -158,11 +162,12 @@ def run_name(plan):
 def plan_runs(sweep):
     """Every combination of the grid options as a Run (in the grid's order)."""
     lists = [getattr(sweep, name) or (None,) for name in GRID]
+    precision, _ = resolve_precision(sweep.precision or DEFAULT_PRECISION)
     runs, names = [], set()
     for latent, hidden, act, schedule in itertools.product(*lists):
         plan = make_plan(variant=sweep.variant or DEFAULT_VARIANT, hidden=hidden, latent=latent,
                          act=act, digits=sweep.digits, schedule=schedule, epochs=sweep.epochs,
-                         seed=sweep.seed, batch=sweep.batch, lr=sweep.lr)
+                         seed=sweep.seed, batch=sweep.batch, lr=sweep.lr, precision=precision)
         name = run_name(plan)
         if name in names:  # distinct list values always give distinct names; never clobber
             raise CvaeError(f"two combinations of the sweep are the same run ({name})")

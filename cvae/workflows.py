@@ -250,14 +250,15 @@ def finish_run(trainer, needs, mode="rich"):
 def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
              temperature=DEFAULT_TEMPERATURE, seed=0, threads=None, classifier=None,
              progress=False, prior=None, steps=None, method=None, guidance=None,
-             precision="fp32"):
+             precision=None):
     """Evaluate a checkpoint (a .cvae file or a run directory) on its digits' test images;
     write eval.json beside it (atomically) and return the result dict (with absolute paths,
     and "eval_json"). `cvae eval` without the printing; `cvae sweep` calls it for every run.
 
     prior: 'flow', 'gaussian', 'both' (flow first), or None: both when the run has a flow
     prior, else gaussian. steps, method, guidance: the flow's sampling (None: defaults).
-    precision: of the CVAE's and the flow's GEMMs (the classifier judges in fp32)."""
+    precision: of the CVAE's and the flow's GEMMs (the classifier judges in fp32); None: the
+    one the run was trained in."""
     if k is None or k <= 0:
         raise CvaeError(f"--k must be a positive integer, got {k}")
     if samples is None or samples <= 0:
@@ -317,7 +318,7 @@ def _positive(value, option):
     return value
 
 
-def _open(checkpoint, out, default_name, threads, seed, precision="fp32"):
+def _open(checkpoint, out, default_name, threads, seed, precision=None):
     """(checkpoint path, run dir, output sheet, model, meta) for a sheet command."""
     if seed < 0:
         raise CvaeError(f"--seed must be a non-negative integer, got {seed}")
@@ -347,12 +348,13 @@ class Sheets:
 def generate(checkpoint, out=None, digits=None, per_digit=10, temperature=1.0, cols=None,
              max_rows=50, seed=0, threads=None, prior=None, steps=None, method=None,
              guidance=None, shard=None, idx=False, split="train", progress=None,
-             precision="fp32"):
+             precision=None):
     """`cvae generate`: class-conditional sample sheets of the checkpoint's prior (see
     sheets.sample_sheets), or with idx an MNIST-format data set in the directory `out`
     (sheets.generate_idx). shard (cvae.shard.Shard): only that shard's whole sheets, or its
     part of the rows. progress(done, total) after each sheet or block of rows. precision: of
-    the decoder's and the flow's GEMMs (fp32, bf16, or auto: bf16 where it is faster)."""
+    the decoder's and the flow's GEMMs (fp32, bf16, or auto: bf16 where it is faster; None:
+    the one the run was trained in)."""
 
     _positive(per_digit, "--per-digit")
     if temperature is None or not math.isfinite(temperature) or temperature < 0:

@@ -41,8 +41,9 @@ def test_bf16_is_recorded_kept_by_resume_and_the_same_for_any_threads(capsys, tm
     assert_one_line_error(code, err, "--precision 'fp32' (the run has 'bf16')")
     assert run_cli(capsys, "train", "--resume", split, "--quiet", "--no-images")[0] == 0
     assert (split / "last.cvae").read_bytes() == (one / "last.cvae").read_bytes()
-    # fp32 (the default) differs from bf16: the option really changes the computation
-    assert train(capsys, data_dir, tmp_path / "fp32", "--epochs", "2", "--threads", "1")[0] == 0
+    # fp32 differs from bf16: the option really changes the computation
+    assert train(capsys, data_dir, tmp_path / "fp32", "--epochs", "2", "--threads", "1",
+                 "--precision", "fp32")[0] == 0
     fp32 = load_checkpoint(tmp_path / "fp32" / "last.cvae")
     assert fp32[0]["precision"] == "fp32"
     assert not np.array_equal(fp32[1]["param.dec3.W"], load_checkpoint(one / "last.cvae")[1]

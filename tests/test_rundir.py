@@ -168,10 +168,11 @@ def test_a_failed_start_leaves_no_directory(capsys, tmp_path):
 
 def test_sigkill_then_resume_is_byte_identical(capsys, tmp_path, data_dir):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert train(capsys, data_dir, straight, "--epochs", "6")[0] == 0
-    process = cvae_process("train", *TINY, "--data", data_dir, "--out", killed, "--epochs", "6",
-                           "--no-images", "--quiet")
-    wait_for(lambda: (killed / "epoch-0002.cvae").exists())
+    assert train(capsys, data_dir, straight, "--epochs", "40", "--keep", "all")[0] == 0
+    process = cvae_process("train", *TINY, "--data", data_dir, "--out", killed, "--epochs", "40",
+                           "--keep", "all", "--no-images", "--quiet")
+    # (a run this small may even finish first: then the resume has nothing to do)
+    wait_for(lambda: (killed / "epoch-0002.cvae").exists() or process.poll() is not None)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     code, _, err = run_cli(capsys, "train", "--resume", killed, "--quiet", "--no-images")

@@ -108,6 +108,6 @@ def register(subparsers):
     p.add_argument("--json", action="store_true",
                    help="print one JSON object instead of the table (no progress bar)")
     add_prior_options(p, both=True)
-    add_precision(p, "fp32", "the CVAE's and the flow prior's GEMMs (the classifier judges in "
-                             "fp32)")
+    add_precision(p, None, "the CVAE's and the flow prior's GEMMs (the classifier judges in "
+                           "fp32; default: the one the run was trained in)")
     p.set_defaults(func=cmd_eval)

@@ -195,8 +195,7 @@ def add_precision(p, default, what="the GEMMs"):
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=default,
                    help=f"of {what}: fp32; bf16 (inputs rounded to bf16, products summed in "
                         f"fp32: twice the speed where the CPU has a fast bf16 dot product, "
-                        f"emulated elsewhere); auto: bf16 where it is faster, else fp32"
-                        + ("" if default else " (default: the run's)"))
+                        f"emulated elsewhere); auto: bf16 where it is faster, else fp32")
 
 
 # ---------------------------------------------------------------- printing

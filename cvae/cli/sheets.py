@@ -146,9 +146,8 @@ def register(subparsers):
                         "generation, so all N shards write what one run writes. 'slurm': K and "
                         "N from the job array (SLURM_ARRAY_TASK_ID, _MIN, _STEP, _COUNT)")
     add_prior_options(p)
-    add_precision(p, "fp32", "the decoder's and the flow prior's GEMMs; auto and bf16 are "
-                             "faster where the CPU has a fast bf16 dot product, and give "
-                             "slightly different pixels")
+    add_precision(p, None, "the decoder's and the flow prior's GEMMs (default: the one the "
+                           "run was trained in, so its own sheets come out the same)")
     p.set_defaults(func=cmd_generate)
 
     p = add_parser(

@@ -4,7 +4,7 @@
 import json
 import sys
 
-from cvae.cli.options import (add_parser, choice_item, digits_type, hidden_item, latent_item,
+from cvae.cli.options import (add_parser, add_precision, choice_item, digits_type, hidden_item, latent_item,
                               list_type, mode, non_negative_float, non_negative_int,
                               positive_float, positive_int, say)
 from cvae.errors import CvaeError
@@ -17,7 +17,8 @@ from cvae.sweep import (EVAL_DEFAULTS, GRID, PRIORS, Sweep, check_sweep, collect
 
 def sweep_from_args(args):
     fields = GRID + ("variant", "digits", "epochs", "batch", "lr", "seed", "threads", "data",
-                     "k", "samples", "temperature", "classifier", "prior", "prior_epochs")
+                     "precision", "k", "samples", "temperature", "classifier", "prior",
+                     "prior_epochs")
     return Sweep(out=args.out, mode=mode(args), argv=list(args.argv),
                  **{name: getattr(args, name) for name in fields})
 
@@ -115,6 +116,8 @@ def register(subparsers):
                         help="training seed, also the evaluation's noise seed (default: 0)")
     shared.add_argument("--threads", type=positive_int, default=None,
                         help="OpenMP threads (default: the CPUs available to this process)")
+    add_precision(shared, None, "each run's training (as 'cvae train --precision'; default: "
+                                "cvae train's)")
     shared.add_argument("--data", metavar="DIR", default=None,
                         help="MNIST directory (default: $CVAE_DATA, else the cache, fetched when empty)")
     def eval_default(name):

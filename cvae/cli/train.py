@@ -44,9 +44,10 @@ def default_out(variant):
     return out
 
 
-def resolved_precision(args, say_to):
-    """--precision resolved (auto: bf16 where it is faster), saying why when auto chose."""
-    precision, why = resolve_precision(args.precision)
+def resolved_precision(args, say_to, default=DEFAULT_PRECISION):
+    """--precision resolved (auto: bf16 where it is faster), saying why when auto was asked
+    for (a run's config.json and its start line name the precision either way)."""
+    precision, why = resolve_precision(args.precision or default)
     if args.precision == "auto":
         say_to(f"precision auto: {precision} ({why})")
     return precision
@@ -204,7 +205,6 @@ def _finalize_train(args):
     # With --resume an unset option means "as the run has it"; a fresh run gets the defaults.
     if not args.resume:
         args.variant = args.variant or DEFAULT_VARIANT
-        args.precision = args.precision or DEFAULT_PRECISION
 
 
 def add_train_parser(subparsers):
@@ -254,7 +254,7 @@ def add_train_parser(subparsers):
     p.add_argument("--threads", type=positive_int, default=default_threads(),
                    help="OpenMP threads (default: the CPUs available to this process)")
     add_precision(p, None, f"the training's GEMMs (recorded in the run; default: "
-                           f"{DEFAULT_PRECISION})")
+                           f"{DEFAULT_PRECISION}, with --resume the run's)")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="MNIST directory (default: $CVAE_DATA, else the cache, fetched when empty)")
     p.add_argument("--out", metavar="RUN_DIR", default=None,
@@ -356,7 +356,8 @@ def add_prior_parser(subparsers):
                         f"--guidance (default: {DEFAULT_DROP:g})")
     q.add_argument("--seed", type=non_negative_int, default=None,
                    help="seed of the initialisation, order and noise (default: 0)")
-    add_precision(q, None, "the velocity network's GEMMs (default: the CVAE run's)")
+    add_precision(q, None, "the velocity network's GEMMs (default: the one the CVAE was "
+                           "trained in)")
     add_threads(q)
     q.add_argument("--resume", action="store_true",
                    help="continue RUN/prior.cvae where it stopped, with its settings")
