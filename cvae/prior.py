@@ -35,7 +35,9 @@ from cvae.checkpoint import load_checkpoint, save_checkpoint
 from cvae.classifier import cosine_lr
 from cvae.data import NUM_DIGITS
 from cvae.errors import CvaeError
-from cvae.model import ACTIVATIONS, SlabModel
+from cvae.checkpoint import header_int
+from cvae.model import (ACTIVATIONS, MAX_BATCH, MAX_WIDTH, SlabModel, check_sizes,
+                        check_state_sections)
 
 KIND = "prior"
 PRIOR_NAME = "prior.cvae"
@@ -120,17 +122,24 @@ class PriorArch:
 
     @classmethod
     def from_json(cls, data, source):
+        if not (isinstance(data, dict)
+                and {"latent", "hidden", "blocks", "n_freq", "act"} <= data.keys()):
+            raise CvaeError(f"{source}: no valid prior architecture in its header")
+        bounds = {"latent": MAX_WIDTH // 2, "hidden": MAX_WIDTH // 2, "blocks": 8, "n_freq": 24}
+        dims = data.get("dims")
+        # Checked before constructing: the default dims alone are a tuple of `latent` ints.
+        if (not all(type(data[key]) is int and 1 <= data[key] <= high
+                    for key, high in bounds.items())
+                or data["act"] not in ACTIVATIONS
+                or not (dims is None or isinstance(dims, list) and all(
+                    type(d) is int and 0 <= d < MAX_WIDTH // 2 for d in dims))):
+            raise CvaeError(f"{source}: its header's prior architecture {data!r:.120} is not "
+                            f"one cvae can build")
         try:
-            arch = cls(latent=int(data["latent"]), hidden=int(data["hidden"]),
-                       blocks=int(data["blocks"]), n_freq=int(data["n_freq"]),
-                       act=str(data["act"]), dims=data.get("dims"))
-        except (KeyError, TypeError, ValueError):
-            raise CvaeError(f"{source}: no valid prior architecture in its header") from None
-        if (min(arch.latent, arch.hidden, arch.n_freq) <= 0 or not 1 <= arch.blocks <= 8
-                or arch.n_freq > 24 or arch.act not in ACTIVATIONS):
-            raise CvaeError(f"{source}: its header's prior architecture {data} is not one cvae "
-                            f"can build")
-        return arch
+            return cls(**{key: data[key] for key in bounds}, act=data["act"], dims=dims)
+        except ValueError:  # dims not `latent` distinct indices
+            raise CvaeError(f"{source}: its header's prior architecture {data!r:.120} is not "
+                            f"one cvae can build") from None
 
 
 class FlowPrior(SlabModel):
@@ -431,6 +440,18 @@ class PriorPlan:
         if plan.epochs <= 0 or plan.batch <= 0 or plan.step < 0 or not 0 <= plan.drop < 1:
             raise CvaeError(f"{source}: inconsistent prior training settings in its header")
         return plan, losses
+
+
+def check_checkpoint(meta, sections, path):
+    """The validation of a prior file (kind "prior"), run by load_checkpoint: its training
+    settings and position, its architecture within bounds and matching the sections."""
+    for key in ("epochs", "seed", "step"):
+        header_int(meta, key, path)
+    header_int(meta, "batch", path, 1, MAX_BATCH)
+    header_int(meta, "adam_t", path, required=False)
+    plan, _ = PriorPlan.from_meta(meta, path)
+    check_sizes(plan.arch.layers(), max(plan.batch, SAMPLE_BATCH), path)
+    check_state_sections(plan.arch.layers(), sections, path)
 
 
 class PriorTrainer:
