@@ -302,3 +302,246 @@ def test_a_checkpoint_with_no_sections_reads_back(tmp_path):
     save_checkpoint(tmp_path / "empty.cvae", KIND, {"note": "no arrays"}, {})
     meta, sections, _ = load_checkpoint(tmp_path / "empty.cvae")
     assert meta == {"note": "no arrays"} and sections == {}
+
+
+# ---------------------------------------------------------------- validation, through the real CLI
+#
+# Files with a correct SHA-256 (written by save_checkpoint) whose content is poisoned: every
+# command that reads one must stop with one `cvae: error:` line and exit 2, before writing
+# anything. Run as `python -m cvae` in a subprocess: what a user sees, traceback or not.
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from idx_files import image_idx, label_idx  # noqa: E402
+
+TINY = {"h1": 4, "h2": 3, "latent": 2, "act": "elu"}
+
+
+def training_meta(**changes):
+    from cvae.model import Arch
+    from cvae.schedule import make_schedule
+    from cvae.train import Plan
+
+    plan = Plan(arch=Arch(**TINY), digits=(0, 1), schedule=make_schedule("progressive", 1e-3),
+                epochs=2, seed=0, batch=8, lr=1e-3,
+                data={"name": "MNIST", "train_images": 16, "test_images": 16},
+                epoch=1, step=2)
+    return {**plan.meta(adam_t=2), **changes}
+
+
+def cvae_sections(poison=None, optimizer=True):
+    from cvae.model import Arch, Model
+
+    model = Model(Arch(**TINY), max_batch=8)
+    model.init_params(0)
+    model.adam_v["dec1.W"][...] = 1e-4  # as after a few steps
+    sections = model.state_sections(optimizer=optimizer)
+    if poison:
+        name, value = poison
+        sections[name][0, 0] = value
+    return model, sections
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A tiny run (last.cvae with Adam state and its position), its data, an empty out/."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 8, dtype=np.uint8)
+    for prefix in ("train", "t10k"):
+        (data / f"{prefix}-images-idx3-ubyte").write_bytes(
+            image_idx(rng.integers(0, 256, (16, 784), dtype=np.uint8)))
+        (data / f"{prefix}-labels-idx1-ubyte").write_bytes(label_idx(labels))
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "out").mkdir()
+    return {"root": tmp_path, "run": run, "data": data, "out": tmp_path / "out"}
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_refused(world, args, *fragments):
+    """`cvae args` exits 2 with one `cvae: error:` line holding every fragment, no traceback,
+    and writes nothing anywhere under the world's root."""
+    before = snapshot(world["root"])
+    env = {**os.environ, "CVAE_CACHE": str(world["root"] / "cache")}
+    env.pop("CVAE_DATA", None)
+    done = subprocess.run([sys.executable, "-m", "cvae", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("cvae: error: "), done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == "", done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert snapshot(world["root"]) == before, "a refused command wrote or changed a file"
+    return lines[0]
+
+
+def reading_commands(world, target):
+    """Every command that reads a CVAE checkpoint, each with where it would write."""
+    out, data = world["out"], world["data"]
+    return [["generate", "--checkpoint", target, "--out", out / "g.pgm", "--prior", "gaussian"],
+            ["reconstruct", "--checkpoint", target, "--data", data, "--out", out / "r.pgm"],
+            ["interpolate", "--checkpoint", target, "--out", out / "i.pgm"],
+            ["eval", "--checkpoint", target, "--data", data, "--k", "1", "--samples", "4"],
+            ["prior", "train", "--checkpoint", world["run"], "--data", data, "--epochs", "1",
+             "--quiet"],
+            ["train", "--resume", world["run"], "--data", data, "--quiet"]]
+
+
+def test_nan_weights_behind_a_correct_checksum_stop_every_command(world):
+    _, sections = cvae_sections(poison=("param.dec3.W", np.nan))
+    save_checkpoint(world["run"] / "last.cvae", "cvae", training_meta(), sections)
+    for args in reading_commands(world, world["run"] / "last.cvae"):
+        line = assert_refused(world, args, "last.cvae is damaged", "'param.dec3.W'", "nan")
+        assert "finite" in line
+
+
+def test_inf_in_adam_state_stops_resume(world):
+    _, sections = cvae_sections(poison=("adam_m.enc1.W", np.inf))
+    save_checkpoint(world["run"] / "last.cvae", "cvae", training_meta(), sections)
+    assert_refused(world, ["train", "--resume", world["run"], "--data", world["data"]],
+                   "'adam_m.enc1.W'", "inf")
+
+
+def test_negative_adam_second_moments_stop_resume(world):
+    _, sections = cvae_sections(poison=("adam_v.dec1.W", -1.0))
+    save_checkpoint(world["run"] / "last.cvae", "cvae", training_meta(), sections)
+    assert_refused(world, ["train", "--resume", world["run"], "--data", world["data"]],
+                   "second moments", "negative")
+
+
+def test_nan_in_the_header_stops_resume(world):
+    _, sections = cvae_sections()
+    save_checkpoint(world["run"] / "last.cvae", "cvae", training_meta(lr=float("nan")), sections)
+    assert_refused(world, ["train", "--resume", world["run"], "--data", world["data"]],
+                   "header holds a non-finite number NaN")
+
+
+@pytest.mark.parametrize("arch, fragment", [
+    ({**TINY, "h1": 10**9}, "not one cvae can build"),      # huge, no sections to match
+    ({**TINY, "h1": 8}, "'param.enc1.W' is [4, 794], but the architecture its header declares needs [8, 794]"),
+    ({**TINY, "latent": 1.5}, "not one cvae can build"),
+    ({**TINY, "act": "tanh"}, "not one cvae can build"),
+])
+def test_a_header_architecture_that_does_not_fit_stops_generate(world, arch, fragment):
+    _, sections = cvae_sections()
+    save_checkpoint(world["run"] / "last.cvae", "cvae", training_meta(arch=arch), sections)
+    assert_refused(world, reading_commands(world, world["run"])[0], fragment)
+
+
+def test_a_huge_training_batch_stops_resume_before_any_allocation(world):
+    _, sections = cvae_sections()
+    save_checkpoint(world["run"] / "last.cvae", "cvae", training_meta(batch=10**9), sections)
+    assert_refused(world, ["train", "--resume", world["run"], "--data", world["data"]],
+                   "'batch'", "not an integer in [1, 65536]")
+
+
+@pytest.mark.parametrize("digits", [[0, 12], [], [1, 1], [0, True], [-1]])
+def test_digits_out_of_range_stop_generate(world, digits):
+    _, sections = cvae_sections(optimizer=False)
+    save_checkpoint(world["run"] / "last.cvae", "cvae", {"arch": TINY, "digits": digits},
+                    sections)
+    assert_refused(world, reading_commands(world, world["run"])[0], "are not distinct digits 0-9")
+
+
+def prior_file(world, arch=None, poison=None):
+    """A complete prior.cvae for the world's CVAE (written next to it)."""
+    from cvae.model import Arch, Model
+    from cvae.prior import FlowPrior, PriorArch, PriorPlan, cvae_digest
+
+    model, sections = cvae_sections()
+    save_checkpoint(world["run"] / "last.cvae", "cvae", training_meta(), sections)
+    model = Model(Arch(**TINY))
+    model.load_state_sections(sections)
+    prior_arch = PriorArch(latent=2, hidden=4, blocks=1, n_freq=1)
+    prior = FlowPrior(prior_arch, max_batch=8)
+    prior.init_params(0)
+    prior_sections = prior.state_sections()
+    if poison:
+        prior_sections[poison][0] = np.nan
+    plan = PriorPlan(arch=prior_arch, cvae_sha256=cvae_digest(model), cvae_checkpoint="last.cvae",
+                     epochs=1, batch=8, lr=1e-3, drop=0.1, seed=0, step=2, complete=True)
+    meta = plan.meta(2, [1.0])
+    if arch is not None:
+        meta["arch"] = {**meta["arch"], **arch}
+    save_checkpoint(world["run"] / "prior.cvae", "prior", meta, prior_sections)
+
+
+@pytest.mark.parametrize("arch, fragment", [
+    ({"hidden": 10**9}, "not one cvae can build"),
+    ({"latent": 10**9, "dims": None}, "not one cvae can build"),
+    ({"dims": [0, 40000]}, "not one cvae can build"),
+    ({"blocks": 2}, "lacks section 'param.res2a.W'"),
+])
+def test_a_prior_header_asking_for_another_network_stops_every_command(world, arch, fragment):
+    prior_file(world, arch=arch)
+    for args in (["generate", "--checkpoint", world["run"], "--out", world["out"] / "g.pgm"],
+                 ["eval", "--checkpoint", world["run"], "--data", world["data"], "--k", "1",
+                  "--samples", "4"],
+                 ["prior", "train", "--checkpoint", world["run"], "--data", world["data"],
+                  "--resume", "--quiet"]):
+        assert_refused(world, args, "prior.cvae", fragment)
+
+
+def test_nan_in_a_prior_stops_generate(world):
+    prior_file(world, poison="param.out.b")
+    assert_refused(world, ["generate", "--checkpoint", world["run"], "--prior", "flow",
+                           "--out", world["out"] / "g.pgm"], "prior.cvae is damaged", "nan")
+
+
+def test_wrong_kinds_stop_commands(world):
+    prior_file(world)
+    assert_refused(world, ["generate", "--checkpoint", world["run"] / "prior.cvae",
+                           "--out", world["out"] / "g.pgm"], "is a 'prior' checkpoint, not a 'cvae'")
+    assert_refused(world, ["classifier", "eval", "--classifier", world["run"] / "last.cvae",
+                           "--data", world["data"]], "is a 'cvae' checkpoint, not a 'classifier'")
+    assert_refused(world, ["eval", "--checkpoint", world["run"], "--data", world["data"],
+                           "--classifier", world["run"] / "prior.cvae"],
+                   "is a 'prior' checkpoint, not a 'classifier'")
+
+
+@pytest.mark.parametrize("arch, poison, fragment", [
+    ({"h1": 10**9, "h2": 3, "act": "relu"}, None, "not one cvae can build"),
+    ({"h1": 4, "h2": 3, "act": "relu"}, "param.fc3.b", "'param.fc3.b' holds nan"),
+])
+def test_a_damaged_classifier_stops_classifier_eval(world, arch, poison, fragment):
+    from cvae.classifier import ClassifierArch, DigitClassifier
+
+    model = DigitClassifier(ClassifierArch(h1=4, h2=3), max_batch=8)
+    model.init_params(0)
+    sections = model.state_sections(optimizer=False)
+    if poison:
+        sections[poison][0] = np.nan
+    path = world["out"] / "classifier.cvae"
+    save_checkpoint(path, "classifier", {"arch": arch}, sections)
+    assert_refused(world, ["classifier", "eval", "--classifier", path, "--data", world["data"]],
+                   "classifier.cvae", fragment)
+
+
+def test_finite_weights_too_large_for_float32_are_refused_when_decoding(world):
+    """Weights of 1e29 are finite, so the file passes, but they overflow float32 on the way to
+    the pixels: generate says so instead of writing a sheet of NaN."""
+    _, sections = cvae_sections(optimizer=False)
+    for name in sections:
+        sections[name] *= 1e30  # mixed signs: inf - inf is NaN
+    save_checkpoint(world["run"] / "last.cvae", "cvae", {"arch": TINY, "digits": [0, 1]},
+                    sections)
+    assert_refused(world, reading_commands(world, world["run"])[0], "non-finite pixels")
+
+
+def test_a_valid_tiny_run_is_accepted(world):
+    """The same world unpoisoned: generate writes its sheet (so the refusals above are the
+    poison's doing, not the world's)."""
+    _, sections = cvae_sections()
+    save_checkpoint(world["run"] / "last.cvae", "cvae", training_meta(), sections)
+    args = reading_commands(world, world["run"])[0]
+    done = subprocess.run([sys.executable, "-m", "cvae", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (world["out"] / "g.pgm").exists()
