@@ -218,6 +218,22 @@ def header_int(meta, key, path, low=0, high=MAX_COUNT, required=True):
     return value
 
 
+def header_numbers(meta, key, path, low=-math.inf, high=math.inf, required=True):
+    """meta[key], a JSON number or list of numbers, each in [low, high] (finite: the parser
+    refuses NaN and Infinity). Not a string: float("nan") would take one. None when absent and
+    not required."""
+    if key not in meta:
+        if required:
+            raise _damaged(path, f"its header lacks {key!r}")
+        return None
+    value = meta[key]
+    values = value if isinstance(value, list) else [value]
+    if not all(type(v) in (int, float) and low <= v <= high for v in values):
+        raise _damaged(path, f"{key!r} in its header is {value!r:.40}, not numbers in "
+                             f"[{low:g}, {high:g}]")
+    return value
+
+
 # Sections are checked this many floats at a time, so checking holds no second full-size array.
 _CHECK_FLOATS = 1 << 18
 

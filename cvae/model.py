@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cvae.checkpoint import header_int, load_checkpoint
+from cvae.checkpoint import header_int, header_numbers, load_checkpoint
 from cvae.data import NUM_DIGITS as N_CLASSES
 from cvae.data import PIXELS_PER_IMAGE as N_PIXELS
 from cvae.errors import CvaeError
@@ -366,6 +366,8 @@ def check_checkpoint(meta, sections, path):
 
         for key in ("seed", "step", "epoch", "epochs", "batch_in_epoch"):
             header_int(meta, key, path)
+        header_numbers(meta, "lr", path)
+        header_numbers(meta, "epoch_sums", path, required=False)
         Plan.from_meta(meta, path)
 
 

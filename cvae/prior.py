@@ -35,7 +35,7 @@ from cvae.checkpoint import load_checkpoint, save_checkpoint
 from cvae.classifier import cosine_lr
 from cvae.data import NUM_DIGITS
 from cvae.errors import CvaeError
-from cvae.checkpoint import header_int
+from cvae.checkpoint import header_int, header_numbers
 from cvae.model import (ACTIVATIONS, MAX_BATCH, MAX_WIDTH, SlabModel, check_sizes,
                         check_state_sections)
 
@@ -449,6 +449,9 @@ def check_checkpoint(meta, sections, path):
         header_int(meta, key, path)
     header_int(meta, "batch", path, 1, MAX_BATCH)
     header_int(meta, "adam_t", path, required=False)
+    header_numbers(meta, "lr", path, 1e-30)
+    for key in ("drop", "loss_sum", "epoch_losses"):
+        header_numbers(meta, key, path)
     plan, _ = PriorPlan.from_meta(meta, path)
     check_sizes(plan.arch.layers(), max(plan.batch, SAMPLE_BATCH), path)
     check_state_sections(plan.arch.layers(), sections, path)

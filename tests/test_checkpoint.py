@@ -545,3 +545,21 @@ def test_a_valid_tiny_run_is_accepted(world):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (world["out"] / "g.pgm").exists()
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"lr": "nan"}, "'lr' in its header is 'nan', not numbers"),  # float("nan") would take it
+    ({"epoch_losses": [1.0, "inf"]}, "'epoch_losses'"),
+    ({"drop": 1.0}, "inconsistent prior training settings"),
+    ({"batch": 2**40}, "'batch'"),
+    ({"seed": -1}, "'seed'"),
+])
+def test_a_prior_header_with_bad_settings_is_refused_on_load(world, changes, fragment):
+    from cvae.prior import KIND
+
+    prior_file(world)
+    path = world["run"] / "prior.cvae"
+    meta, sections, _ = load_checkpoint(path, expected_kind=KIND)
+    save_checkpoint(path, KIND, {**meta, **changes}, sections)
+    with pytest.raises(CvaeError, match=fragment):
+        load_checkpoint(path)
