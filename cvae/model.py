@@ -122,7 +122,7 @@ class SlabModel:
 
     def _carve(self, layers, act_rows, actgrad_names, per_sample, max_batch, threads):
         """Lay out the slab; sets slab, layout, section_sizes, params, grads, adam_m, adam_v."""
-        check_sizes(layers, max_batch, "the network")
+        check_sizes(layers, max_batch, "this network")
         self.layer_dims = tuple(layers)
         self.max_batch = max_batch
         self.threads = threads
@@ -333,8 +333,9 @@ def arch_from_json(data, source="checkpoint"):
     if not (isinstance(data, dict) and {"h1", "h2", "latent", "act"} <= data.keys()):
         raise CvaeError(f"{source}: no valid architecture in its header")
     sizes = [data[key] for key in ("h1", "h2", "latent")]
-    # Integers only (int() would take 1.5, "64" or True), bounded before anything is built.
-    if (not all(type(n) is int and 1 <= n <= MAX_WIDTH // 2 for n in sizes)
+    # Integers only (int() would take 1.5, "64" or True), bounded before anything is built
+    # (the layers' exact bounds are check_sizes', as when a model is created).
+    if (not all(type(n) is int and 1 <= n <= MAX_WIDTH for n in sizes)
             or data["act"] not in ACTIVATIONS):
         raise CvaeError(f"{source}: its header's architecture {data!r:.120} is not one cvae can "
                         f"build")

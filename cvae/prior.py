@@ -31,11 +31,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cvae.checkpoint import load_checkpoint, save_checkpoint
+from cvae.checkpoint import header_int, header_numbers, load_checkpoint, save_checkpoint
 from cvae.classifier import cosine_lr
 from cvae.data import NUM_DIGITS
 from cvae.errors import CvaeError
-from cvae.checkpoint import header_int, header_numbers
 from cvae.model import (ACTIVATIONS, MAX_BATCH, MAX_WIDTH, SlabModel, check_sizes,
                         check_state_sections)
 
@@ -125,14 +124,15 @@ class PriorArch:
         if not (isinstance(data, dict)
                 and {"latent", "hidden", "blocks", "n_freq", "act"} <= data.keys()):
             raise CvaeError(f"{source}: no valid prior architecture in its header")
-        bounds = {"latent": MAX_WIDTH // 2, "hidden": MAX_WIDTH // 2, "blocks": 8, "n_freq": 24}
+        # Checked before constructing (the default dims alone are a tuple of `latent` ints);
+        # the layers' exact bounds are check_sizes', as when a prior is created.
+        bounds = {"latent": MAX_WIDTH, "hidden": MAX_WIDTH, "blocks": 8, "n_freq": 24}
         dims = data.get("dims")
-        # Checked before constructing: the default dims alone are a tuple of `latent` ints.
         if (not all(type(data[key]) is int and 1 <= data[key] <= high
                     for key, high in bounds.items())
                 or data["act"] not in ACTIVATIONS
                 or not (dims is None or isinstance(dims, list) and all(
-                    type(d) is int and 0 <= d < MAX_WIDTH // 2 for d in dims))):
+                    type(d) is int and 0 <= d < MAX_WIDTH for d in dims))):
             raise CvaeError(f"{source}: its header's prior architecture {data!r:.120} is not "
                             f"one cvae can build")
         try:

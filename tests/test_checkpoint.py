@@ -563,3 +563,14 @@ def test_a_prior_header_with_bad_settings_is_refused_on_load(world, changes, fra
     save_checkpoint(path, KIND, {**meta, **changes}, sections)
     with pytest.raises(CvaeError, match=fragment):
         load_checkpoint(path)
+
+
+def test_creating_a_network_beyond_the_bounds_is_the_same_clear_error_as_loading_one():
+    """The bounds a checkpoint is held to are the ones every network is built under, so
+    whatever cvae can create it can load again."""
+    from cvae.model import MAX_BATCH, MAX_WIDTH, Arch, Model
+
+    with pytest.raises(CvaeError, match=f"a batch of {MAX_BATCH + 1} is beyond the {MAX_BATCH}"):
+        Model(Arch(**{**TINY, "act": "elu"}), max_batch=MAX_BATCH + 1)
+    with pytest.raises(CvaeError, match=f"layer enc3 would be 3x{MAX_WIDTH + 2}, beyond"):
+        Model(Arch(h1=4, h2=3, latent=MAX_WIDTH // 2 + 1), max_batch=8)
