@@ -38,6 +38,7 @@ ALIGNMENT = 64
 DIGEST_SIZE = 32
 _PREFIX = struct.Struct("<8sIQ")
 _FLOAT32 = np.dtype("<f4")
+_MAX_DIMS = 32
 # Non-contiguous or non-float32 sections are converted this many bytes at a time, so saving
 # never holds a second full copy of a large array.
 _CHUNK_BYTES = 1 << 20
@@ -266,7 +267,9 @@ def _validate_table(path, table, data_size):
         name, shape, offset, nbytes = entry["name"], entry["shape"], entry["offset"], entry["nbytes"]
         if not isinstance(name, str) or not name or name in checked:
             raise _damaged(path, f"bad or duplicate section name {name!r:.80}")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        # numpy 1.x builds arrays of up to 32 dimensions (2.x: 64); cvae writes at most 2.
+        if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
+                and all(type(d) is int and d >= 0 for d in shape)):
             raise _damaged(path, f"section {name!r} has a bad shape {shape!r:.80}")
         if type(offset) is not int or type(nbytes) is not int or offset < 0 or offset % ALIGNMENT:
             raise _damaged(path, f"section {name!r} has a bad offset {offset!r:.40}")
