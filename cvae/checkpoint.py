@@ -357,7 +357,7 @@ def load_checkpoint(path, expected_kind=None):
 
     kind = header["kind"]
     if expected_kind is not None and kind != expected_kind:
-        raise CvaeError(f"{path} is a {kind!r} checkpoint, not a {expected_kind!r} checkpoint")
+        raise CvaeError(f"{path} is a {kind!r:.60} checkpoint, not a {expected_kind!r} checkpoint")
 
     sections = {
         name: np.frombuffer(buffer, dtype=_FLOAT32, count=nbytes // 4, offset=data_start + offset).reshape(shape)

@@ -369,6 +369,12 @@ def check_checkpoint(meta, sections, path):
             header_int(meta, key, path)
         header_numbers(meta, "lr", path)
         header_numbers(meta, "epoch_sums", path, required=False)
+        # What the run was trained on: prior train compares and prints its image counts.
+        data = meta.get("data", {})
+        if not isinstance(data, dict):
+            raise CvaeError(f"{path} is damaged: 'data' in its header is not an object")
+        for key in ("train_images", "test_images"):
+            header_int(data, key, path, required=False)
         Plan.from_meta(meta, path)
 
 

@@ -437,6 +437,14 @@ def test_a_header_architecture_that_does_not_fit_stops_generate(world, arch, fra
     assert_refused(world, reading_commands(world, world["run"])[0], fragment)
 
 
+@pytest.mark.parametrize("data", [[["train_images", 16]], {"train_images": "16"}])
+def test_a_malformed_data_description_stops_prior_train(world, data):
+    _, sections = cvae_sections()
+    save_checkpoint(world["run"] / "last.cvae", "cvae", training_meta(data=data), sections)
+    assert_refused(world, ["prior", "train", "--checkpoint", world["run"], "--data",
+                           world["data"], "--epochs", "1", "--quiet"], "last.cvae is damaged")
+
+
 def test_a_huge_training_batch_stops_resume_before_any_allocation(world):
     _, sections = cvae_sections()
     save_checkpoint(world["run"] / "last.cvae", "cvae", training_meta(batch=10**9), sections)

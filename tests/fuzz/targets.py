@@ -239,7 +239,7 @@ def _mutate_header(header, rng):
     if how < 0.1 and isinstance(container, dict):
         del container[key]
     elif how < 0.15 and isinstance(container, list):
-        container.append(old)
+        container.extend([old] * rng.choice([1, 1, 2, 40]))  # 40: past numpy's dimensions
     elif how < 0.45 and type(old) is int:
         container[key] = rng.choice([old + 1, old - 1, old * 2, old + 64, -old, old * 1000,
                                      old // 2])
