@@ -171,6 +171,9 @@ def corruptions(good):
     yield "bad JSON", forge(b"{not json"), "damaged: header is not valid JSON"
     yield "non-UTF-8 header", forge(b'{"a": "\xff"}'), "damaged: header is not valid JSON"
     yield "header not an object", forge(b"[1, 2]"), "damaged: header lacks"
+    yield "deeply nested header", forge(b"[" * 100000 + b"]" * 100000), "nested too deeply"
+    yield "NaN in the header", forge(b'{"meta": {"lr": NaN}}'), "header holds a non-finite number NaN"
+    yield "1e999 in the header", forge(b'{"meta": {"lr": 1e999}}'), "non-finite number 1e999"
     base = {"kind": KIND, "dtype": "float32", "meta": {}}
     section = {"name": "w", "shape": [4], "offset": 0, "nbytes": 16}
     yield "wrong dtype", forge({**base, "dtype": "float64", "sections": []}), "unsupported dtype"
@@ -189,7 +192,7 @@ def corruptions(good):
 def test_every_corruption_is_a_clear_error_naming_the_file(saved, tmp_path):
     good = saved.read_bytes()
     cases = list(corruptions(good))
-    assert len(cases) == 26
+    assert len(cases) == 29
     for name, data, message in cases:
         path = tmp_path / f"{name.replace(' ', '_')}.cvae"
         path.write_bytes(data)
