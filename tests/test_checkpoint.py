@@ -407,6 +407,21 @@ def test_nan_weights_behind_a_correct_checksum_stop_every_command(world):
         assert "finite" in line
 
 
+def test_the_report_names_a_poisoned_checkpoint_instead_of_drawing_from_it(world):
+    """`cvae report` builds its page from whatever the run still has, so a damaged checkpoint
+    is a note on the page (with the loader's message), not a failure and not a figure."""
+    _, sections = cvae_sections(poison=("param.dec3.W", np.nan))
+    save_checkpoint(world["run"] / "last.cvae", "cvae", training_meta(), sections)
+    page = world["out"] / "report.html"
+    done = subprocess.run([sys.executable, "-m", "cvae", "report", world["run"], "--data",
+                           world["data"], "--out", page], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    html = page.read_text()
+    assert "last.cvae is damaged: section &#x27;param.dec3.W&#x27; holds nan" in html \
+        or "last.cvae is damaged: section 'param.dec3.W' holds nan" in html
+
+
 def test_inf_in_adam_state_stops_resume(world):
     _, sections = cvae_sections(poison=("adam_m.enc1.W", np.inf))
     save_checkpoint(world["run"] / "last.cvae", "cvae", training_meta(), sections)
