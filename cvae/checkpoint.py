@@ -35,9 +35,21 @@ ALIGNMENT = 64
 DIGEST_SIZE = 32
 _PREFIX = struct.Struct("<8sIQ")
 _FLOAT32 = np.dtype("<f4")
+_MAX_DIMS = 32
 # Non-contiguous or non-float32 sections are converted this many bytes at a time, so saving
 # never holds a second full copy of a large array.
 _CHUNK_BYTES = 1 << 20
+
+# The one place every checkpoint passes through before anything is built from it: each kind's
+# module (cvae.model, cvae.prior, cvae.classifier) registers, when it is imported, a
+# check_checkpoint(meta, sections, path) that checks the header against the sections
+# (architecture, sizes, digits) and raises CvaeError, and cvae.train one for a training
+# checkpoint's position. Every reader of a kind goes through that kind's module, so its check
+# is registered before its first load; this module, below them, never imports them.
+KIND_CHECKS = {}
+# Largest integer a header may hold where it counts something (steps, seeds, sizes): the
+# kernels take them as 64-bit, and nothing cvae writes comes near.
+MAX_COUNT = 2**63 - 1
 
 SUFFIX = ".cvae"
 
@@ -163,6 +175,91 @@ def _guess_expected_size(buffer, header_length):
         return None
 
 
+def _reject_non_finite(text):
+    raise ValueError(f"non-finite number {text}")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf
+        raise ValueError(f"non-finite number {text}")
+    return value
+
+
+def _parse_header(path, raw):
+    """The header's JSON, refusing NaN and Infinity (Python's json reads them by default, and
+    a NaN learning rate or loss is as poisonous as a NaN weight)."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_non_finite,
+                          parse_float=_finite_float)
+    except UnicodeDecodeError:
+        raise _damaged(path, "header is not valid JSON") from None
+    except RecursionError:
+        raise _damaged(path, "header is not valid JSON (nested too deeply)") from None
+    except ValueError as e:
+        if "non-finite number" in str(e):
+            raise _damaged(path, f"header holds a {str(e)[:60]}") from None
+        raise _damaged(path, "header is not valid JSON") from None
+
+
+def header_int(meta, key, path, low=0, high=MAX_COUNT, required=True):
+    """meta[key] as an int in [low, high] (a JSON integer, not a bool, float or string);
+    None when it is absent and not required. Anything else is a CvaeError naming the file."""
+    if key not in meta:
+        if required:
+            raise _damaged(path, f"its header lacks {key!r}")
+        return None
+    value = meta[key]
+    if type(value) is not int or not low <= value <= high:
+        raise _damaged(path, f"{key!r} in its header is {value!r:.40}, not an integer in "
+                             f"[{low}, {high}]")
+    return value
+
+
+def header_numbers(meta, key, path, low=-math.inf, high=math.inf, required=True):
+    """meta[key], a JSON number or list of numbers, each in [low, high] (finite: the parser
+    refuses NaN and Infinity). Not a string: float("nan") would take one. None when absent and
+    not required."""
+    if key not in meta:
+        if required:
+            raise _damaged(path, f"its header lacks {key!r}")
+        return None
+    value = meta[key]
+    values = value if isinstance(value, list) else [value]
+    if not all(type(v) in (int, float) and low <= v <= high for v in values):
+        raise _damaged(path, f"{key!r} in its header is {value!r:.40}, not numbers in "
+                             f"[{low:g}, {high:g}]")
+    return value
+
+
+# Sections are checked this many floats at a time, so checking holds no second full-size array.
+_CHECK_FLOATS = 1 << 18
+
+
+def _check_finite(path, sections):
+    for name, array in sections.items():
+        flat = array.reshape(-1)
+        for start in range(0, flat.size, _CHECK_FLOATS):
+            chunk = flat[start:start + _CHECK_FLOATS]
+            if not np.isfinite(chunk).all():
+                bad = start + int(np.flatnonzero(~np.isfinite(chunk))[0])
+                raise _damaged(path, f"section {name!r} holds {flat[bad]} at index {bad} (every "
+                                     f"stored value must be finite)")
+
+
+def register_kind_check(kind, check):
+    """check(meta, sections, path) runs on every file of `kind` that load_checkpoint reads
+    (after the checks registered before it: the network's, then e.g. the training's)."""
+    KIND_CHECKS.setdefault(kind, [])
+    if check not in KIND_CHECKS[kind]:
+        KIND_CHECKS[kind].append(check)
+
+
+def _check_kind(path, kind, meta, sections):
+    for check in KIND_CHECKS.get(kind, ()):
+        check(meta, sections, path)
+
+
 def _validate_table(path, table, data_size):
     """Check the section table against the data area; returns {name: (shape, offset, nbytes)}."""
     if not isinstance(table, list):
@@ -174,7 +271,9 @@ def _validate_table(path, table, data_size):
         name, shape, offset, nbytes = entry["name"], entry["shape"], entry["offset"], entry["nbytes"]
         if not isinstance(name, str) or not name or name in checked:
             raise _damaged(path, f"bad or duplicate section name {name!r:.80}")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        # numpy 1.x builds arrays of up to 32 dimensions (2.x: 64); cvae writes at most 2.
+        if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
+                and all(type(d) is int and d >= 0 for d in shape)):
             raise _damaged(path, f"section {name!r} has a bad shape {shape!r:.80}")
         if type(offset) is not int or type(nbytes) is not int or offset < 0 or offset % ALIGNMENT:
             raise _damaged(path, f"section {name!r} has a bad offset {offset!r:.40}")
@@ -200,7 +299,10 @@ def load_checkpoint(path, expected_kind=None):
     header (including "kind", "cvae_version" and the section table).
 
     Raises CvaeError naming the file for anything wrong: unreadable, not a checkpoint, newer
-    format, damaged (checksum, truncation, inconsistent table) or the wrong kind. The file is
+    format, damaged (checksum, truncation, inconsistent table, a NaN or Inf anywhere) or the
+    wrong kind. A file of a kind in KIND_CHECKS is also checked against that kind's
+    architecture (sizes within bounds and matching the sections, digits, position), so
+    whatever command loads it can build its network without a further check. The file is
     only ever parsed as JSON and raw floats; nothing in it is executed.
     """
     path = os.fspath(path)
@@ -240,10 +342,7 @@ def load_checkpoint(path, expected_kind=None):
             raise _damaged(path, f"checksum mismatch; {how} ({file_size} bytes, header describes {expected})")
         raise _damaged(path, "checksum mismatch")
 
-    try:
-        header = json.loads(bytes(buffer[_PREFIX.size:_PREFIX.size + header_length]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise _damaged(path, "header is not valid JSON") from None
+    header = _parse_header(path, bytes(buffer[_PREFIX.size:_PREFIX.size + header_length]))
     if not isinstance(header, dict) or not {"kind", "meta", "sections", "dtype"} <= header.keys():
         raise _damaged(path, "header lacks kind/meta/sections/dtype")
     if not isinstance(header["kind"], str):
@@ -262,10 +361,13 @@ def load_checkpoint(path, expected_kind=None):
 
     kind = header["kind"]
     if expected_kind is not None and kind != expected_kind:
-        raise CvaeError(f"{path} is a {kind!r} checkpoint, not a {expected_kind!r} checkpoint")
+        raise CvaeError(f"{path} is a {kind!r:.60} checkpoint, not a {expected_kind!r} checkpoint")
 
     sections = {
         name: np.frombuffer(buffer, dtype=_FLOAT32, count=nbytes // 4, offset=data_start + offset).reshape(shape)
         for name, (shape, offset, nbytes) in table.items()
     }
+    # Header against sections first: it is cheap, and a wrong architecture is the clearer message.
+    _check_kind(path, kind, header["meta"], sections)
+    _check_finite(path, sections)
     return header["meta"], sections, header

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cvae.checkpoint import load_checkpoint, save_checkpoint
+from cvae.checkpoint import header_int, load_checkpoint, register_kind_check, save_checkpoint
 from cvae.data import NUM_DIGITS, PIXELS_PER_IMAGE
 from cvae.errors import CvaeError
-from cvae.model import ACTIVATIONS, SlabModel
+from cvae.model import ACTIVATIONS, MAX_WIDTH, SlabModel, check_sizes, check_state_sections
 
 KIND = "classifier"
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
@@ -43,6 +43,27 @@ class ClassifierArch:
     def to_json(self):
         return dict(h1=self.h1, h2=self.h2, act=self.act)
 
+    @classmethod
+    def from_json(cls, data, source):
+        if not (isinstance(data, dict) and {"h1", "h2", "act"} <= data.keys()):
+            raise CvaeError(f"{source}: no valid classifier architecture in its header")
+        if (not all(type(data[k]) is int and 1 <= data[k] <= MAX_WIDTH for k in ("h1", "h2"))
+                or data["act"] not in ACTIVATIONS):
+            raise CvaeError(f"{source}: its header's architecture {data!r:.120} is not one cvae "
+                            f"can build")
+        return cls(h1=data["h1"], h2=data["h2"], act=data["act"])
+
+
+def check_checkpoint(meta, sections, path):
+    """The validation of a classifier file (kind "classifier"), run by load_checkpoint."""
+    arch = ClassifierArch.from_json(meta.get("arch"), path)
+    check_sizes(arch.layers(), PREDICT_BATCH, path)
+    check_state_sections(arch.layers(), sections, path)
+    header_int(meta, "adam_t", path, required=False)
+
+
+register_kind_check(KIND, check_checkpoint)
+
 
 class DigitClassifier(SlabModel):
     """The classifier's slab and the kernels' Classifier over it."""
@@ -52,6 +73,7 @@ class DigitClassifier(SlabModel):
         if arch.act not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}")
         self.arch = arch
+        self.source = "the classifier"  # its file once loaded, for error messages
         rows = {"x": arch.x_dim, "fc1": arch.h1, "fc2": arch.h2, "fc3": arch.n_classes}
         k = self._carve(arch.layers(), rows, ("fc1", "fc2", "fc3"), ("loss",), max_batch,
                         threads, precision)
@@ -87,6 +109,10 @@ class DigitClassifier(SlabModel):
             stop = min(start + self.max_batch, n)
             self._last_batch = stop - start
             self.net.forward(pixels[start:stop], logits[start:stop], features[start:stop])
+        if not (np.isfinite(logits).all() and np.isfinite(features).all()):
+            # Finite weights can still overflow float32: no trained classifier's do.
+            raise CvaeError(f"{self.source}: the classifier gives non-finite outputs (NaN or "
+                            f"Inf): its weights are too large to be a trained classifier's")
         return logits, features
 
     def accuracy(self, dataset):
@@ -115,15 +141,9 @@ def load_classifier(path, threads=1):
     if not os.path.isfile(path):
         raise CvaeError(f"classifier {path} does not exist")
     meta, sections, _ = load_checkpoint(path, expected_kind=KIND)
-    try:
-        a = meta["arch"]
-        arch = ClassifierArch(h1=int(a["h1"]), h2=int(a["h2"]), act=str(a["act"]))
-    except (KeyError, TypeError, ValueError):
-        raise CvaeError(f"{path}: no valid classifier architecture in its header") from None
-    if min(arch.h1, arch.h2) <= 0 or arch.act not in ACTIVATIONS:
-        raise CvaeError(f"{path}: its header's architecture {a} is not one cvae can build")
-    model = DigitClassifier(arch, threads=threads)
+    model = DigitClassifier(ClassifierArch.from_json(meta["arch"], path), threads=threads)
     model.load_state_sections(sections, source=path)
+    model.source = path
     return model, meta
 
 

@@ -109,7 +109,11 @@ def read_pgm(path):
         match = (_PGM_MAXVAL if name == "maxval" else _PGM_FIELD).match(data, position)
         if match is None:
             raise CvaeError(f"{path} is a malformed PGM: bad or missing {name}")
-        fields.append(int(match.group(1)))
+        # Python refuses int() of more than 4300 digits (ValueError); no real size needs 10.
+        digits = match.group(1).lstrip(b"0") or b"0"
+        if len(digits) > 9:
+            raise CvaeError(f"{path} is a malformed PGM: its {name} has {len(digits)} digits")
+        fields.append(int(digits))
         position = match.end()
     width, height, maxval = fields
     if width == 0 or height == 0:

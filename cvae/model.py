@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cvae.checkpoint import load_checkpoint
+from cvae.checkpoint import header_int, load_checkpoint, register_kind_check
 from cvae.data import NUM_DIGITS as N_CLASSES
 from cvae.data import PIXELS_PER_IMAGE as N_PIXELS
 from cvae.errors import CvaeError
@@ -38,6 +38,12 @@ VARIANTS = {
     "full": dict(h1=640, h2=320, latent=128, digits=tuple(range(10))),
 }
 ACTIVATIONS = ("elu", "relu")
+# Bounds on what any network's slab may be built with, far above anything cvae trains (the
+# widest layer of `full` is 794 inputs, batches are at most the 60,000 training images) and
+# checked before the slab is allocated, so a hostile or damaged header cannot ask for
+# terabytes. A checkpoint's own sizes are further bound by its file: its sections must match.
+MAX_WIDTH = 1 << 15
+MAX_BATCH = 1 << 16
 
 
 def pad(n):
@@ -80,6 +86,44 @@ def _activation_rows(arch):
             "dec_in": z + c, "dec1": arch.h2, "dec2": arch.h1, "dec3": x}
 
 
+def check_sizes(layers, max_batch, source):
+    """Every layer's widths in [1, MAX_WIDTH] and the batch in [1, MAX_BATCH], else CvaeError."""
+    for name, n_in, n_out in layers:
+        if not (1 <= n_in <= MAX_WIDTH and 1 <= n_out <= MAX_WIDTH):
+            raise CvaeError(f"{source}: layer {name} would be {n_in}x{n_out}, beyond the "
+                            f"{MAX_WIDTH} units per layer cvae builds")
+    if not 1 <= max_batch <= MAX_BATCH:
+        raise CvaeError(f"{source}: a batch of {max_batch} is beyond the {MAX_BATCH} cvae builds")
+
+
+def check_state_sections(layers, sections, source):
+    """A checkpoint's sections against the layers its header declares: every parameter present
+    with its layer's shape, Adam's moments all present or all absent, nothing else, and second
+    moments non-negative (Adam takes their square root). CvaeError naming source otherwise."""
+    shapes = {}
+    for name, n_in, n_out in layers:
+        shapes[f"{name}.W"], shapes[f"{name}.b"] = (n_out, n_in), (n_out,)
+    groups = ("param", "adam_m", "adam_v") if any(k.startswith("adam_") for k in sections) \
+        else ("param",)
+    expected = {f"{group}.{name}": shape for group in groups for name, shape in shapes.items()}
+    for name, shape in expected.items():
+        array = sections.get(name)
+        if array is None:
+            raise CvaeError(f"{source} is damaged: it lacks section {name!r} of the "
+                            f"architecture its header declares")
+        if tuple(array.shape) != shape:
+            raise CvaeError(f"{source} is damaged: section {name!r} is {list(array.shape)}, but "
+                            f"the architecture its header declares needs {list(shape)}")
+    extra = sorted(set(sections) - set(expected))
+    if extra:
+        raise CvaeError(f"{source} is damaged: section {extra[0]!r:.60} is not part of the "
+                        f"architecture its header declares")
+    for name in expected:
+        if name.startswith("adam_v.") and (sections[name] < 0).any():
+            raise CvaeError(f"{source} is damaged: Adam's second moments in {name!r} are "
+                            f"negative")
+
+
 class SlabModel:
     """One slab for a stack of linear layers: parameters, gradients and Adam moments (each
     group contiguous, layers in order), then the activation buffers, per-sample terms and
@@ -95,6 +139,7 @@ class SlabModel:
         resolve "auto" with cvae.kernels.resolve_precision first."""
         if precision not in PRECISIONS:
             raise CvaeError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        check_sizes(layers, max_batch, "this network")
         self.precision = precision
         self.layer_dims = tuple(layers)
         self.max_batch = max_batch
@@ -244,6 +289,7 @@ class Model(SlabModel):
         if arch.act not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}")
         self.arch = arch
+        self.source = "the model"  # its checkpoint's path once loaded, for error messages
         k = self._carve(arch.layers(), _activation_rows(arch),
                         ("enc1", "enc2", "enc3", "dec_in", "dec1", "dec2", "dec3"),
                         ("rec", "kl"), max_batch, threads, precision)
@@ -321,18 +367,52 @@ class Model(SlabModel):
         probs = np.empty((b, self.arch.x_dim), dtype=np.float32)
         self._last_batch = b
         self.net.decode(np.ascontiguousarray(z, dtype=np.float32), labels, probs)
+        if not np.isfinite(probs).all():
+            # Finite weights can still overflow float32 (1e30 times 1e30): no trained model's do.
+            raise CvaeError(f"{self.source}: decoding gives non-finite pixels (NaN): its weights "
+                            f"are too large to be a trained model's")
         return probs
 
 
 def arch_from_json(data, source="checkpoint"):
-    try:
-        arch = Arch(h1=int(data["h1"]), h2=int(data["h2"]), latent=int(data["latent"]),
-                    act=str(data["act"]))
-    except (KeyError, TypeError, ValueError):
-        raise CvaeError(f"{source}: no valid architecture in its header") from None
-    if min(arch.h1, arch.h2, arch.latent) <= 0 or arch.act not in ACTIVATIONS:
-        raise CvaeError(f"{source}: its header's architecture {data} is not one cvae can build")
-    return arch
+    if not (isinstance(data, dict) and {"h1", "h2", "latent", "act"} <= data.keys()):
+        raise CvaeError(f"{source}: no valid architecture in its header")
+    sizes = [data[key] for key in ("h1", "h2", "latent")]
+    # Integers only (int() would take 1.5, "64" or True), bounded before anything is built
+    # (the layers' exact bounds are check_sizes', as when a model is created).
+    if (not all(type(n) is int and 1 <= n <= MAX_WIDTH for n in sizes)
+            or data["act"] not in ACTIVATIONS):
+        raise CvaeError(f"{source}: its header's architecture {data!r:.120} is not one cvae can "
+                        f"build")
+    return Arch(h1=sizes[0], h2=sizes[1], latent=sizes[2], act=data["act"])
+
+
+def check_digits(meta, path):
+    """meta["digits"], when present: a non-empty list of distinct digits 0-9."""
+    digits = meta.get("digits")
+    if "digits" in meta and not (
+            isinstance(digits, list) and digits and len(set(map(repr, digits))) == len(digits)
+            and all(type(d) is int and 0 <= d < N_CLASSES for d in digits)):
+        raise CvaeError(f"{path} is damaged: its digits {digits!r:.60} are not distinct digits "
+                        f"0-{N_CLASSES - 1}")
+
+
+def check_checkpoint(meta, sections, path):
+    """The validation of a CVAE checkpoint (kind "cvae"), run by load_checkpoint: architecture
+    within bounds and matching the sections, digits in range, Adam's step, and for a training
+    checkpoint its whole position (train.Plan)."""
+    arch = arch_from_json(meta.get("arch"), source=path)
+    batch = header_int(meta, "batch", path, 1, MAX_BATCH, required=False)
+    check_sizes(arch.layers(), batch or 1, path)
+    check_state_sections(arch.layers(), sections, path)
+    check_digits(meta, path)
+    header_int(meta, "adam_t", path, required=False)
+    if "precision" in meta and meta["precision"] not in PRECISIONS:
+        raise CvaeError(f"{path} is damaged: its precision {meta['precision']!r:.40} is not one "
+                        f"of {', '.join(PRECISIONS)}")
+
+
+register_kind_check("cvae", check_checkpoint)
 
 
 def model_from_sections(meta, sections, source, threads=1, max_batch=64, precision="fp32"):
@@ -340,6 +420,7 @@ def model_from_sections(meta, sections, source, threads=1, max_batch=64, precisi
     arch = arch_from_json(meta.get("arch", {}), source=str(source))
     model = Model(arch, max_batch=max_batch, threads=threads, precision=precision)
     model.load_state_sections(sections, source=str(source))
+    model.source = str(source)
     model.adam_t = int(meta.get("adam_t", 0))
     return model
 

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cvae.checkpoint import load_checkpoint
+from cvae.checkpoint import header_int, header_numbers, load_checkpoint, register_kind_check
 from cvae.data import NUM_DIGITS
 from cvae.errors import CvaeError
-from cvae.model import ACTIVATIONS, SlabModel
+from cvae.model import (ACTIVATIONS, MAX_BATCH, MAX_WIDTH, SlabModel, check_sizes,
+                        check_state_sections)
 
 KIND = "prior"
 PRIORS = ("flow", "gaussian")
@@ -116,17 +117,25 @@ class PriorArch:
 
     @classmethod
     def from_json(cls, data, source):
+        if not (isinstance(data, dict)
+                and {"latent", "hidden", "blocks", "n_freq", "act"} <= data.keys()):
+            raise CvaeError(f"{source}: no valid prior architecture in its header")
+        # Checked before constructing (the default dims alone are a tuple of `latent` ints);
+        # the layers' exact bounds are check_sizes', as when a prior is created.
+        bounds = {"latent": MAX_WIDTH, "hidden": MAX_WIDTH, "blocks": 8, "n_freq": 24}
+        dims = data.get("dims")
+        if (not all(type(data[key]) is int and 1 <= data[key] <= high
+                    for key, high in bounds.items())
+                or data["act"] not in ACTIVATIONS
+                or not (dims is None or isinstance(dims, list) and all(
+                    type(d) is int and 0 <= d < MAX_WIDTH for d in dims))):
+            raise CvaeError(f"{source}: its header's prior architecture {data!r:.120} is not "
+                            f"one cvae can build")
         try:
-            arch = cls(latent=int(data["latent"]), hidden=int(data["hidden"]),
-                       blocks=int(data["blocks"]), n_freq=int(data["n_freq"]),
-                       act=str(data["act"]), dims=data.get("dims"))
-        except (KeyError, TypeError, ValueError):
-            raise CvaeError(f"{source}: no valid prior architecture in its header") from None
-        if (min(arch.latent, arch.hidden, arch.n_freq) <= 0 or not 1 <= arch.blocks <= 8
-                or arch.n_freq > 24 or arch.act not in ACTIVATIONS):
-            raise CvaeError(f"{source}: its header's prior architecture {data} is not one cvae "
-                            f"can build")
-        return arch
+            return cls(**{key: data[key] for key in bounds}, act=data["act"], dims=dims)
+        except ValueError:  # dims not `latent` distinct indices
+            raise CvaeError(f"{source}: its header's prior architecture {data!r:.120} is not "
+                            f"one cvae can build") from None
 
 
 class FlowPrior(SlabModel):
@@ -278,3 +287,22 @@ def load_prior(path, model, threads=1, precision="fp32"):
     prior = FlowPrior(arch, threads=threads, precision=precision)
     prior.load_state_sections(sections, source=path)
     return prior, meta
+
+
+def check_checkpoint(meta, sections, path):
+    """The validation of a prior file (kind "prior"), run by load_checkpoint: its numbers
+    where numbers belong, its architecture within bounds and matching the sections (its
+    training position is cvae.train_prior's check)."""
+    for key in ("epochs", "seed", "step"):
+        header_int(meta, key, path)
+    batch = header_int(meta, "batch", path, 1, MAX_BATCH)
+    header_int(meta, "adam_t", path, required=False)
+    header_numbers(meta, "lr", path, 1e-30)
+    for key in ("drop", "loss_sum", "epoch_losses"):
+        header_numbers(meta, key, path)
+    arch = PriorArch.from_json(meta.get("arch"), path)
+    check_sizes(arch.layers(), max(batch, SAMPLE_BATCH), path)
+    check_state_sections(arch.layers(), sections, path)
+
+
+register_kind_check(KIND, check_checkpoint)

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from cvae.checkpoint import header_int, header_numbers, register_kind_check
 from cvae.data import BatchStream
 from cvae.errors import CvaeError
 from cvae.evaluate import test_elbo
@@ -115,6 +116,29 @@ class Plan:
         for key in ("epoch", "batch_in_epoch", "step", "adam_t", "epoch_sums"):
             meta.pop(key, None)
         return meta
+
+
+def check_training_checkpoint(meta, sections, path):
+    """What load_checkpoint checks of a training checkpoint (kind "cvae", written by a
+    Trainer: its header has "epochs"), after the network's check (cvae.model): the run's
+    position and configuration (a Plan), integers and numbers where they belong, and the
+    description of the data it was trained on (prior train compares and prints its counts).
+    An exported model (weights, architecture and digits only) has nothing of it to check."""
+    if "epochs" not in meta:
+        return
+    for key in ("seed", "step", "epoch", "epochs", "batch_in_epoch"):
+        header_int(meta, key, path)
+    header_numbers(meta, "lr", path)
+    header_numbers(meta, "epoch_sums", path, required=False)
+    data = meta.get("data", {})
+    if not isinstance(data, dict):
+        raise CvaeError(f"{path} is damaged: 'data' in its header is not an object")
+    for key in ("train_images", "test_images"):
+        header_int(data, key, path, required=False)
+    Plan.from_meta(meta, path)
+
+
+register_kind_check(KIND, check_training_checkpoint)
 
 
 def make_plan(variant=DEFAULT_VARIANT, hidden=None, latent=None, act=None, digits=None,

@@ -14,8 +14,9 @@ import numpy as np
 
 from cvae.errors import CvaeError
 from cvae.model import PRECISIONS, encode_all
-from cvae.prior import (DEFAULT_BATCH, DEFAULT_DROP, DEFAULT_EPOCHS, DEFAULT_LR, SAMPLE_BATCH,
-                        FlowPrior, PriorArch, cvae_digest)
+from cvae.checkpoint import register_kind_check
+from cvae.prior import (DEFAULT_BATCH, DEFAULT_DROP, DEFAULT_EPOCHS, DEFAULT_LR, KIND,
+                        SAMPLE_BATCH, FlowPrior, PriorArch, cvae_digest)
 from cvae.schedule import cosine_lr
 from cvae.signals import exit_code
 
@@ -82,6 +83,15 @@ class PriorPlan:
                 or plan.precision not in PRECISIONS):
             raise CvaeError(f"{source}: inconsistent prior training settings in its header")
         return plan, losses
+
+
+def check_training_position(meta, sections, path):
+    """What load_checkpoint checks of a prior file after the network's check (cvae.prior):
+    its training position and settings (a PriorPlan)."""
+    PriorPlan.from_meta(meta, path)
+
+
+register_kind_check(KIND, check_training_position)
 
 
 class PriorTrainer:

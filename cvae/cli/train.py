@@ -107,7 +107,7 @@ def report_prior_training(status, trainer, seconds, how, threads, resume_command
               f"{out}\ncvae: resume with: {resume_command}", file=sys.stderr, flush=True)
         return trainer.exit_code()
     loss = trainer.losses[-1] if trainer.losses else None
-    result = {"prior": os.path.abspath(out), "epochs": plan.epochs, "loss": loss,
+    result = {"prior": out, "epochs": plan.epochs, "loss": loss,
               "seconds": seconds, "resumed": resumed, "codes": len(trainer.labels),
               "dims": list(plan.arch.dims), "params": plan.arch.n_params(), "threads": threads}
     if cvae_seconds is not None:
