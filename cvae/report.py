@@ -117,10 +117,18 @@ def _is_scalar(value):
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def format_value(value, per_row=10):
+#: How deep format_value shows nested JSON (a run's files are two levels deep at most; a
+#: damaged or hostile one may nest thousands of levels).
+MAX_DEPTH = 8
+
+
+def format_value(value, per_row=10, depth=0):
     """HTML for one value of a JSON document: None as an em dash, numbers by format_number,
     dicts keyed by digits as a table with the digits as headers (per_row digits a row), other
-    dicts as a key/value table, lists of scalars comma-separated."""
+    dicts as a key/value table, lists of scalars comma-separated; nesting past MAX_DEPTH as
+    an ellipsis."""
+    if depth > MAX_DEPTH and isinstance(value, (dict, list, tuple)):
+        return "…"
     if value is None:
         return "—"
     if isinstance(value, bool) or _is_number(value):
@@ -132,23 +140,24 @@ def format_value(value, per_row=10):
             return "—"
         keys = list(value)
         if all(str(k).isdigit() for k in keys) and all(_is_scalar(v) for v in value.values()):
-            keys.sort(key=lambda k: int(k))
+            keys.sort(key=lambda k: (len(str(k).lstrip("0")), str(k).lstrip("0")))
             rows = []
             for start in range(0, len(keys), per_row):
                 part = keys[start:start + per_row]
                 rows.append("<tr>" + "".join(f"<th>{_e(k)}</th>" for k in part) + "</tr><tr>"
-                            + "".join(f'<td class="num">{format_value(value[k])}</td>'
+                            + "".join(f'<td class="num">'
+                                      f'{format_value(value[k], depth=depth + 1)}</td>'
                                       for k in part) + "</tr>")
             return f'<table class="mini">{"".join(rows)}</table>'
-        rows = "".join(f"<tr><th>{_e(k)}</th><td{_num_class(v)}>{format_value(v)}</td></tr>"
-                       for k, v in value.items())
+        rows = "".join(f"<tr><th>{_e(k)}</th><td{_num_class(v)}>"
+                       f"{format_value(v, depth=depth + 1)}</td></tr>" for k, v in value.items())
         return f'<table class="mini">{rows}</table>'
     if isinstance(value, (list, tuple)):
         if not value:
             return "—"
         if all(_is_scalar(v) for v in value):
-            return ", ".join(format_value(v) for v in value)
-        return "<br>".join(format_value(v) for v in value)
+            return ", ".join(format_value(v, depth=depth + 1) for v in value)
+        return "<br>".join(format_value(v, depth=depth + 1) for v in value)
     return _e(value)
 
 
@@ -210,15 +219,17 @@ def _read_png(path):
     return data, None
 
 
-def _relative(document, run_dir):
-    """A JSON document of the run with its absolute paths (PATH_KEYS, at any depth) shown
-    relative to the run directory: the page names no machine's directories."""
+def _relative(document, run_dir, depth=0):
+    """A JSON document of the run with its absolute paths (PATH_KEYS, down to MAX_DEPTH)
+    shown relative to the run directory: the page names no machine's directories."""
+    if depth > MAX_DEPTH:
+        return document  # format_value shows no deeper
     if isinstance(document, dict):
         return {k: (R.portable(v, run_dir) if k in PATH_KEYS and isinstance(v, str)
-                    and os.path.isabs(v) else _relative(v, run_dir))
+                    and os.path.isabs(v) else _relative(v, run_dir, depth + 1))
                 for k, v in document.items()}
     if isinstance(document, list):
-        return [_relative(v, run_dir) for v in document]
+        return [_relative(v, run_dir, depth + 1) for v in document]
     return document
 
 

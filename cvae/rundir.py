@@ -110,6 +110,8 @@ def read_json(file):
         return None, f"cannot read {os.path.basename(file)}: {e.strerror or e}"
     except ValueError as e:
         return None, f"{os.path.basename(file)} is not valid JSON ({e})"
+    except RecursionError:
+        return None, f"{os.path.basename(file)} is nested too deeply to be cvae's"
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -438,7 +440,7 @@ def read_metrics(run_dir, upto_epoch=None, problems=None):
                     continue
                 try:
                     record = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     why = "not valid JSON" + ("" if line.endswith("\n") else " (cut short)")
                 else:
                     why = metrics_record_problem(record)

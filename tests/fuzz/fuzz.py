@@ -22,6 +22,7 @@ with atheris.instrument_imports(include=["cvae"]):
     import cvae.images  # noqa: F401
     import cvae.model  # noqa: F401
     import cvae.prior  # noqa: F401
+    import cvae.report  # noqa: F401
     import cvae.rundir  # noqa: F401
     import cvae.sheets  # noqa: F401
     import cvae.schedule  # noqa: F401

@@ -7,6 +7,7 @@ starts from inputs that get past the first checks. Run again after a format chan
 """
 
 import gzip
+import json
 import os
 import struct
 import sys
@@ -94,8 +95,35 @@ def classifier_seeds():
     return {"shipped-like": body("classifier", meta, model.state_sections(optimizer=False))}
 
 
+def rundir_json_seeds():
+    """A run's real JSON files: one of each (the first byte picks which, see
+    targets.RUN_JSON)."""
+    config = {"arch": {"h1": 32, "h2": 16, "latent": 4, "act": "elu"}, "digits": [0, 1],
+              "epochs": 2, "prior": "flow", "data_dir": "/nonexistent", "keep": 3}
+    metrics = "".join(json.dumps({"epoch": e, "step": 13 * e, "phase": "QUALITY", "beta": 1.0,
+                                  "lr": 1e-3, "train_loss": 150.0 - e, "test_neg_elbo": 140.0,
+                                  "img_per_s": 1e4, "seconds": 0.5}) + "\n" for e in (1, 2))
+    figures = {"cond_accuracy": 0.9, "cond_accuracy_per_digit": {"0": 0.95, "1": 0.85},
+               "fid": 3.2, "fid_test_floor": 0.7, "diversity": 11.5,
+               "diversity_per_digit": {"0": 11.0, "1": 12.0}}
+    evaluation = {"neg_elbo": 91.8, "rec": 72.3, "kl": 19.5, "iwae_nll": 88.9, "k": 100,
+                  "ssim": 0.91, "ssim_per_digit": {"0": 0.9, "1": 0.92}, "temperature": 1.0,
+                  "prior": "flow", "checkpoint": "last.cvae", "seed": 0, "classifier": None,
+                  "samples": 1000, "diversity_test": 12.4, **figures,
+                  "by_prior": {"flow": {"prior": "flow", "steps": 2, "method": "midpoint",
+                                        "guidance": 2.0, **figures},
+                               "gaussian": {"prior": "gaussian", **figures}}}
+    sidecar = {"rows": 1, "cols": 1, "cell": 28, "gutter": 2, "width": 28, "height": 28,
+               "extra": {"what": "samples", "seed": 0, "checkpoint": "last.cvae"},
+               "cells": [{"x": 0, "y": 0, "row": 0, "col": 0, "index": 0, "label": 0}]}
+    texts = (json.dumps(config), metrics, json.dumps(evaluation), json.dumps(sidecar))
+    return {name.replace(".", "-"): bytes([k]) + text.encode()
+            for k, (name, text) in enumerate(zip(targets.RUN_JSON, texts))}
+
+
 SEEDS = {"idx": idx_seeds, "pgm": pgm_seeds, "checkpoint_cvae": cvae_seeds,
-         "checkpoint_prior": prior_seeds, "checkpoint_classifier": classifier_seeds}
+         "checkpoint_prior": prior_seeds, "checkpoint_classifier": classifier_seeds,
+         "rundir_json": rundir_json_seeds}
 
 
 def main():

@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 seconds="${FUZZ_SECONDS:-60}"
 out="${FUZZ_OUT:-$(mktemp -d -t cvae-fuzz-XXXXXX)}"
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(idx pgm checkpoint_cvae checkpoint_prior checkpoint_classifier)
+[ ${#targets[@]} -gt 0 ] || targets=(idx pgm checkpoint_cvae checkpoint_prior checkpoint_classifier rundir_json)
 
 python -c "import atheris" || { echo "run.sh: atheris is not installed (pip install atheris)" >&2; exit 1; }
 failed=()

@@ -10,9 +10,9 @@ Used by tests/fuzz/fuzz.py (atheris, coverage-guided) and tests/fuzz/test_fuzz_c
 (replays every file of tests/fuzz/corpus/<target>/ under plain pytest). The seed corpus is
 made by tests/fuzz/make_corpus.py.
 
-Targets: idx, pgm, checkpoint_cvae, checkpoint_prior, checkpoint_classifier.
-(The run directory's JSON readers -- config.json, metrics.jsonl, eval.json, sheet sidecars --
-get their targets here once they live in one module: add a check_* and an entry in TARGETS.)
+Targets: idx, pgm, checkpoint_cvae, checkpoint_prior, checkpoint_classifier, and
+rundir_json (config.json, metrics.jsonl, eval.json and sheet sidecars, read by cvae.rundir and
+shown by the report).
 """
 
 import gzip
@@ -280,12 +280,69 @@ def mutate_checkpoint(data, max_size, seed, byte_mutate):
     return body[:max_size]
 
 
+# ---------------------------------------------------------------- the run directory's JSON files
+
+
+#: The first byte of an input picks which of a run's JSON files the rest is.
+RUN_JSON = ("config.json", "metrics.jsonl", "eval.json", "samples.json")
+
+
+def check_rundir_json(data):
+    """A run directory holding one fuzzed JSON file (config.json, metrics.jsonl, eval.json or
+    a sheet's sidecar), read the way the commands read it (cvae.rundir) and shown the way the
+    report shows it: sane values, or a damaged file named, never a crash."""
+    if not data:
+        return
+    from cvae import report
+    from cvae import rundir as R
+    from cvae.prior import PRIORS
+
+    name = RUN_JSON[data[0] % len(RUN_JSON)]
+    run = os.path.join(_SCRATCH, "run")
+    os.makedirs(run, exist_ok=True)
+    for old in os.listdir(run):
+        os.unlink(os.path.join(run, old))
+    with open(os.path.join(run, name), "wb") as f:
+        f.write(data[1:])
+    page = report.Report(run)
+    try:
+        if name == "config.json":
+            config = R.read_config(run)
+            assert isinstance(config, dict)
+            assert R.recorded_prior(run) in PRIORS
+            assert R.recorded_data_dir(run) is None or isinstance(R.recorded_data_dir(run), str)
+            report._config_section(page, *R.read_json(os.path.join(run, name)))
+        elif name == "metrics.jsonl":
+            problems = []
+            records = R.read_metrics(run, problems=problems)
+            assert all(isinstance(r, dict) and type(r["epoch"]) is int for r in records)
+            assert all(isinstance(p, str) for p in problems)
+            report._training_section(page, records)
+        elif name == "eval.json":
+            evaluation, problem = R.read_eval(run)
+            assert evaluation is None or all(isinstance(f, dict)
+                                              for f in evaluation["by_prior"].values())
+            report._metrics_section(page, evaluation, problem, run)
+            for prior in PRIORS:
+                report._prior_figures(evaluation, prior, run)
+            why = R.eval_problem(run, 30, wanted={"seed": 0, "classifier": None},
+                                 priors=PRIORS, flow={"steps": 2})
+            assert why is None or isinstance(why, str)
+        else:
+            sidecar, problem = R.read_json(os.path.join(run, name))
+            report._sheet_figure(page, "samples.pgm", np.zeros((28, 28), np.uint8), sidecar,
+                                 problem)
+    except CvaeError:
+        _refused()
+
+
 TARGETS = {
     "idx": check_idx,
     "pgm": check_pgm,
     "checkpoint_cvae": check_checkpoint_cvae,
     "checkpoint_prior": check_checkpoint_prior,
     "checkpoint_classifier": check_checkpoint_classifier,
+    "rundir_json": check_rundir_json,
 }
 CUSTOM_MUTATORS = {name: mutate_checkpoint for name in TARGETS if name.startswith("checkpoint_")}
 
