@@ -59,6 +59,10 @@ def main(argv=None):
                    help="the Python where cvae is installed (default: this one)")
     p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON,
                    help=f"the Python with torch (default: {DEFAULT_PEER_PYTHON})")
+    p.add_argument("--cvae-option", action="append", default=[], metavar="OPTION",
+                   help="an option passed on to cvae generate (repeatable), e.g. "
+                        "--cvae-option=--prior=gaussian --cvae-option=--precision=bf16: the "
+                        "PyTorch script draws from N(0, I) in fp32")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.per_digit < 1 or args.threads < 1:
@@ -72,7 +76,7 @@ def main(argv=None):
     work = tempfile.mkdtemp(prefix="compare-generate-", dir=args.work)
     plans = {
         "cvae": lambda d: [args.cvae_python, "-m", "cvae", "generate", "--checkpoint", args.checkpoint,
-                           "--out", os.path.join(d, "x.pgm")] + common,
+                           "--out", os.path.join(d, "x.pgm")] + common + args.cvae_option,
         "torch": lambda d: [args.peer_python, os.path.join(HERE, "torch_generate.py"), "--variant", args.variant,
                             "--out", os.path.join(d, "x.pgm")] + common,
     }
