@@ -114,3 +114,14 @@ def test_the_checks_see_imports(tmp_path):
     assert ("cvae.data", False) in got and ("cvae.model", False) in got
     assert ("cvae.sheets", True) in got and ("cvae.cli.options", True) in got
 
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists every package under cvae/ (a non-editable install, the wheel
+    and the binary, ships only those listed: cvae/cli/ missing broke the binary once)."""
+    import tomllib
+
+    with open(REPO / "pyproject.toml", "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    packages = {".".join(p.parent.relative_to(REPO).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert packages == listed
