@@ -11,7 +11,7 @@ import struct
 import numpy as np
 import pytest
 
-from cvae import cli
+from cvae import cli, kernels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,3 +157,23 @@ def assert_one_line_error(code, err, *fragments):
     assert lines[0].startswith("cvae: error: ") and "Traceback" not in err, err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------- kernel builds
+
+
+def runnable_builds():
+    """The kernel builds installed that this CPU can run (the baseline always)."""
+    base = kernels._import("baseline")
+    return [b for b in kernels.BUILDS
+            if kernels._import(b) is not None and (b == "baseline" or kernels._runs_here(b, base))]
+
+
+@pytest.fixture
+def forced_build(monkeypatch):
+    """force(build): load that kernel build (CVAE_KERNELS) for the rest of the test."""
+    def force(build):
+        monkeypatch.setenv("CVAE_KERNELS", build)
+        monkeypatch.setattr(kernels, "_loaded", None)
+    yield force
+    kernels._loaded = None

@@ -27,7 +27,7 @@ from cvae.errors import CvaeError
 from cvae.model import Arch, Model
 
 from . import reference as R
-from .conftest import params64
+from .conftest import params64, runnable_builds
 from .test_gradients import make_model
 
 U = 2.0 ** -8           # bf16 unit roundoff
@@ -91,21 +91,6 @@ def net_tolerance_problems(name, got, ref, n_gemms):
 CVAE_FORWARD_DEPTH = {"enc1": 1, "enc2": 2, "mu": 3, "logvar": 3, "z": 3, "dec1": 4, "dec2": 5,
                       "logits": 6}
 CVAE_GRAD_DEPTH = {"dec3": 7, "dec2": 8, "dec1": 9, "enc3": 10, "enc2": 11, "enc1": 12}
-
-
-@pytest.fixture
-def forced_build(monkeypatch):
-    def force(build):
-        monkeypatch.setenv("CVAE_KERNELS", build)
-        monkeypatch.setattr(kernels, "_loaded", None)
-    yield force
-    kernels._loaded = None
-
-
-def runnable_builds():
-    base = kernels._import("baseline")
-    return [b for b in kernels.BUILDS
-            if kernels._import(b) is not None and kernels._runs_here(b, base)]
 
 
 # --------------------------------------------------------------------------- rounding

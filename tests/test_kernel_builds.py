@@ -10,23 +10,8 @@ from cvae.errors import CvaeError
 from cvae.model import Arch
 
 from . import reference as R
-from .conftest import params64
+from .conftest import params64, runnable_builds
 from .test_gradients import TINY, check_against_reference, make_model
-
-
-def runnable_builds():
-    base = kernels._import("baseline")
-    return [b for b in kernels.BUILDS
-            if kernels._import(b) is not None and (b == "baseline" or kernels._runs_here(b, base))]
-
-
-@pytest.fixture
-def forced_build(monkeypatch):
-    def force(build):
-        monkeypatch.setenv("CVAE_KERNELS", build)
-        monkeypatch.setattr(kernels, "_loaded", None)
-    yield force
-    kernels._loaded = None
 
 
 def test_baseline_is_always_built():
