@@ -15,7 +15,8 @@ from .conftest import (REAL, assert_one_line_error, needs_real_data, run_cli, su
 
 pytestmark = pytest.mark.usefixtures("no_real_data")
 
-TINY_ARGS = ["--hidden", "32,16", "--latent", "4", "--batch", "16", "--threads", "1", "--no-images"]
+TINY_ARGS = ["--hidden", "32,16", "--latent", "4", "--batch", "16", "--threads", "1", "--no-images",
+             "--prior", "gaussian"]
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -152,13 +153,14 @@ def test_variant_digits_default_and_images_hook(capsys, tmp_path, data_dir, monk
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", "--variant", "mini", "--hidden", "32,16", "--latent", "4",
                            "--batch", "16", "--threads", "1", "--epochs", "1", "--seed", "5",
-                           "--data", str(data_dir), "--out", str(run), "--quiet")
+                           "--data", str(data_dir), "--out", str(run), "--quiet", "--prior",
+                           "gaussian")
     assert code == 0, err
     meta, _, _ = load_checkpoint(run / "last.cvae")
     assert meta["digits"] == [0, 1]
     ((test, run_dir, seed, digits, flow),) = calls
     assert set(test.labels) <= {0, 1} and os.path.samefile(run_dir, run) and seed == 5 and tuple(digits) == (0, 1)
-    assert flow is None  # no --prior flow: N(0, I) only
+    assert flow is None  # --prior gaussian: N(0, I) only
 
     calls.clear()
     code, _, _ = run_cli(capsys, "train", *TINY_ARGS, "--epochs", "1", "--data", str(data_dir),

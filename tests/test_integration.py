@@ -45,8 +45,13 @@ def trained_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("integration")
     result = cvae("train", "--variant", "mini", "--epochs", 2, "--threads", 2, "--out", "run",
                   "--json", cwd=work)
-    epochs = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    return work / "run", epochs
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    # One object per epoch, then the flow prior's (trained by default after the CVAE): one per
+    # epoch and the summary.
+    assert "prior" in lines[-1] and lines[-1]["cvae_seconds"] > 0, lines[-1]
+    prior_epochs = [line["prior_epoch"] for line in lines if "prior_epoch" in line]
+    assert prior_epochs == list(range(1, lines[-1]["epochs"] + 1))
+    return work / "run", [line for line in lines if "epoch" in line]
 
 
 def test_training_lowers_the_loss_and_the_test_elbo_is_plausible(trained_run):
@@ -69,7 +74,10 @@ def test_every_output_file_is_valid(trained_run):
         assert all(np.isfinite(a).all() for a in sections.values())
     assert meta["epoch"] == 2 and meta["digits"] == [0, 1]
     json.loads((run / "config.json").read_text())
-    for sheet in ("samples", "reconstructions", "interpolations", "interpolations-classes"):
+    meta, _, _ = load_checkpoint(run / "prior.cvae", expected_kind="prior")
+    assert meta["complete"]
+    for sheet in ("samples", "samples-flow", "reconstructions", "interpolations",
+                  "interpolations-classes"):
         check_sheet(run / f"{sheet}.pgm")
 
 

@@ -30,7 +30,7 @@ from .conftest import assert_one_line_error, run_cli, subprocess_env, write_mnis
 pytestmark = pytest.mark.usefixtures("no_real_data")
 
 CVAE_ARGS = ["--hidden", "32,16", "--latent", "4", "--batch", "16", "--threads", "1",
-             "--no-images", "--epochs", "1", "--quiet"]
+             "--no-images", "--epochs", "1", "--quiet", "--prior", "gaussian"]
 PRIOR_ARGS = ["--hidden", "16", "--blocks", "1", "--epochs", "2", "--batch", "32",
               "--threads", "1"]
 GEN_ARGS = ["--per-digit", "3", "--threads", "1"]

@@ -26,7 +26,8 @@ from .conftest import REPO, assert_one_line_error, run_cli, write_split
 # The report draws a missing latent.png from $CVAE_DATA or the cache: never the real ones.
 pytestmark = pytest.mark.usefixtures("no_real_data")
 DIGITS = (0, 1, 2, 3)
-TINY = ["--hidden", "32,16", "--latent", "4", "--batch", "16", "--threads", "1"]
+TINY = ["--hidden", "32,16", "--latent", "4", "--batch", "16", "--threads", "1", "--prior",
+        "gaussian"]
 RUN_SHEETS = ["samples.pgm", "reconstructions.pgm", "interpolations.pgm",
               "interpolations-classes.pgm"]
 FLOW_SHEETS = ["samples.pgm", "samples-flow.pgm", *RUN_SHEETS[1:]]

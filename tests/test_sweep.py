@@ -236,7 +236,7 @@ def separate_jobs(capsys, data_dir, directory, name, latent, *extra):
     run = directory / name
     code, _, err = run_cli(capsys, "train", "--hidden", "32,16", "--latent", latent, "--epochs", "2",
                            "--batch", "16", "--threads", "1", "--data", data_dir, "--out", run,
-                           "--quiet", *extra)
+                           "--quiet", "--prior", "gaussian", *extra)
     assert code == 0, err
     if "--stop-after-epochs" in extra:
         return
@@ -297,7 +297,7 @@ def test_commands_are_jobs_that_collect_tabulates(capsys, tmp_path, data_dir):
 
 
 def test_markdown_marks_missing_metrics_and_the_best_elbo():
-    base = {"latent": 4, "hidden": [32, 16], "act": "elu", "schedule": "progressive", "epochs": 2,
+    base = {"model": "MLP", "latent": 4, "hidden": [32, 16], "act": "elu", "schedule": "progressive", "epochs": 2,
             "digits": [0, 1], "batch": 16, "lr": 0.001, "seed": 0, "k": 3, "rec": 1.0, "kl": 2.0,
             "iwae_nll": 2.5, "ssim": 0.5, "eval_seed": 0}
     rows_ = [{**base, "name": "a", "neg_elbo": 3.0, "fid": None, "samples": "a/samples.pgm"},
@@ -310,7 +310,7 @@ def test_markdown_marks_missing_metrics_and_the_best_elbo():
     assert b.rstrip().endswith("| — |")  # no samples sheet
     header = next(line for line in md.splitlines() if line.startswith("| run |"))
     assert "| seed |" in header and "| batch |" not in header  # only the varying settings
-    assert "Common to every run: digits 0-1, batch 16, lr 0.001, eval seed 0." in md
+    assert "Common to every run: model MLP, digits 0-1, batch 16, lr 0.001, eval seed 0." in md
 
 
 # ---------------------------------------------------------------- bad input
@@ -323,7 +323,7 @@ def test_markdown_marks_missing_metrics_and_the_best_elbo():
     (["--latent", "4,4"], "twice"),
     (["--latent", "0"], "positive integer"),
     (["--latent", "four"], "positive integer"),
-    (["--hidden", "32,16"], "H1xH2"),
+    (["--hidden", "32;16"], "H1xH2"),
     (["--hidden", "32x16,32X16"], "twice"),
     (["--hidden", "32x0"], "H1xH2"),
     (["--act", "tanh"], "activation"),

@@ -107,16 +107,25 @@ def test_the_priors_time_is_printed_beside_the_cvaes(capsys, tmp_path, data_dir)
     assert code == 0 and out == "" and err == ""
 
 
-def test_without_prior_a_run_is_as_before(capsys, tmp_path, data_dir):
+def test_the_flow_prior_is_the_default_and_gaussian_skips_it(capsys, tmp_path, data_dir):
     run = tmp_path / "run"
-    code, _, err = train(capsys, data_dir, run, "--quiet")
+    code, out, err = train(capsys, data_dir, run)
     assert code == 0, err
-    assert not (run / "prior.cvae").exists() and not (run / "samples-flow.pgm").exists()
-    assert "prior" not in json.loads((run / "config.json").read_text())
-    code, _, err = train(capsys, data_dir, tmp_path / "g", "--prior", "gaussian", "--quiet",
-                         "--no-images")
+    assert prior_header(run)["complete"] and (run / "samples-flow.pgm").is_file()
+    assert "flow prior:" in out
+    assert json.loads((run / "config.json").read_text())["prior"] == "flow"
+    gauss = tmp_path / "g"
+    code, _, err = train(capsys, data_dir, gauss, "--prior", "gaussian", "--quiet")
     assert code == 0, err
-    assert not (tmp_path / "g" / "prior.cvae").exists()
+    assert not (gauss / "prior.cvae").exists() and not (gauss / "samples-flow.pgm").exists()
+    assert json.loads((gauss / "config.json").read_text())["prior"] == "gaussian"
+    # A run from before the flow prior was the default records no choice: it meant N(0, I),
+    # so resuming it finds nothing to do rather than training a prior nobody asked for.
+    config = json.loads((gauss / "config.json").read_text())
+    del config["prior"]
+    (gauss / "config.json").write_text(json.dumps(config))
+    code, out, _ = run_cli(capsys, "train", "--resume", gauss)
+    assert code == 0 and "nothing to do" in out and not (gauss / "prior.cvae").exists()
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +188,7 @@ def test_resume_of_a_stopped_run_ends_with_its_prior(capsys, tmp_path, data_dir)
 
 def test_resume_with_prior_flow_adds_one_to_a_finished_run(capsys, tmp_path, data_dir):
     run = tmp_path / "run"
-    assert train(capsys, data_dir, run, "--quiet")[0] == 0
+    assert train(capsys, data_dir, run, "--quiet", "--prior", "gaussian")[0] == 0
     samples = (run / "samples.pgm").read_bytes()
     code, out, err = run_cli(capsys, "train", "--resume", run, "--prior", "flow", "--threads", 1)
     assert code == 0, err

@@ -15,18 +15,18 @@ from cvae.cli.options import (Formatter, add_arch_options, add_precision, add_ou
 from cvae.data import Dataset
 from cvae.errors import CvaeError
 from cvae.kernels import default_threads, resolve_precision
-from cvae.model import VARIANTS, Arch
 from cvae.prior import (DEFAULT_BATCH, DEFAULT_BLOCKS, DEFAULT_DROP, DEFAULT_EPOCHS,
                         DEFAULT_HIDDEN, DEFAULT_LR, PRIORS)
 from cvae.schedule import SCHEDULES, parse_schedule_settings
 from cvae.train import (DEFAULT_PRECISION, DEFAULT_VARIANT, JsonReporter, Reporter,
-                        RichReporter, make_plan)
+                        RichReporter, make_arch, make_plan)
 from cvae.workflows import (Finish, finish_run, load_resume_point, resume_run, start_run,
                             train_run_prior)
 
 # Options that fix the computation: with --resume they must match the run (or be left out).
 # --prior is not one: the prior is trained after the CVAE, on its final parameters.
-RUN_OPTIONS = ("variant", "hidden", "latent", "act", "digits", "epochs", "batch", "lr", "seed",
+DEFAULT_PRIOR = "flow"
+RUN_OPTIONS = ("variant", "hidden", "channels", "latent", "act", "digits", "epochs", "batch", "lr", "seed",
                "schedule", "beta", "schedule_set", "precision")
 
 
@@ -55,10 +55,23 @@ def resolved_precision(args, say_to, default=DEFAULT_PRECISION):
 
 def plan_from_args(args, say_to):
     return make_plan(variant=args.variant, hidden=args.hidden, latent=args.latent, act=args.act,
+                     channels=args.channels,
                      digits=args.digits, schedule=args.schedule, beta=args.beta,
                      schedule_settings=parse_schedule_settings(args.schedule_set),
                      epochs=args.epochs, seed=args.seed, batch=args.batch, lr=args.lr,
                      precision=resolved_precision(args, say_to))
+
+
+def arch_with(arch, variant, options):
+    """The architecture --variant and the size options describe: the variant's sizes with the
+    options over them, or without --variant, the run's own (arch) with the options over them."""
+    if variant is None:
+        conv = arch.to_json().get("type") == "conv"
+        variant = "conv" if conv else DEFAULT_VARIANT
+        own = (dict(hidden=(arch.hidden,), channels=arch.channels) if conv
+               else dict(hidden=(arch.h1, arch.h2)))
+        options = {**own, "latent": arch.latent, "act": arch.act, **options}
+    return make_arch(variant, **options)
 
 
 def check_resume_conflicts(args, plan, path):
@@ -67,15 +80,12 @@ def check_resume_conflicts(args, plan, path):
     if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise CvaeError("--resume continues in the run's own directory: leave out --out")
     problems = []
-    arch = plan.arch
-    if "variant" in given or "hidden" in given or "latent" in given or "act" in given:
-        v = VARIANTS[given["variant"]] if "variant" in given else None
-        h1, h2 = given.get("hidden") or ((v["h1"], v["h2"]) if v else (arch.h1, arch.h2))
-        latent = given.get("latent") or (v["latent"] if v else arch.latent)
-        wanted = Arch(h1=h1, h2=h2, latent=latent, act=given.get("act") or arch.act)
-        if wanted != arch:
-            problems.append(f"the architecture {h1}-{h2}-{latent} {wanted.act} (the run is "
-                            f"{arch.h1}-{arch.h2}-{arch.latent} {arch.act})")
+    arch_options = {k: given[k] for k in ("hidden", "channels", "latent", "act") if k in given}
+    if arch_options or "variant" in given:
+        wanted = arch_with(plan.arch, given.get("variant"), arch_options)
+        if wanted != plan.arch:
+            problems.append(f"the architecture {wanted.describe()} (the run is "
+                            f"{plan.arch.describe()})")
     if "precision" in given:
         given["precision"] = resolve_precision(given["precision"])[0]
     checks = {"digits": tuple(plan.digits), "epochs": plan.epochs, "batch": plan.batch,
@@ -171,10 +181,11 @@ def train_locked(args, run_dir):
         trainer = resume_run(args.resume, args.threads, data_dir, reporter,
                              loaded=(model, plan, path), keep=args.keep)
     else:
-        prior = args.prior or "gaussian"
+        # The flow prior by default: N(0, I) samples are visibly worse (README, "The flow
+        # prior") and the prior costs a few percent of the CVAE's training time.
+        prior = args.prior or DEFAULT_PRIOR
         cvae_done = False
-        extra = {"variant": args.variant, "argv": args.argv,
-                 **({"prior": args.prior} if args.prior else {})}
+        extra = {"variant": args.variant, "argv": args.argv, "prior": prior}
         trainer = start_run(run_dir, plan_from_args(args, tell), args.data, args.threads, reporter,
                             config_extra=extra, say=tell, notice=notice(args), keep=args.keep)
     if not cvae_done:
@@ -219,10 +230,11 @@ def add_train_parser(subparsers):
             "(nats per image) and saves RUN/epoch-NNNN.cvae and RUN/last.cvae; metrics go to\n"
             "RUN/metrics.jsonl. Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint\n"
             "and exits 130 (143); continue with --resume RUN.\n\n"
-            "--prior flow: once the CVAE is complete, train a flow-matching prior over its latent\n"
-            "codes (RUN/prior.cvae, the defaults of 'cvae prior train'), then draw samples-flow.pgm\n"
-            "with it beside samples.pgm (N(0, I)); the prior's time is printed beside the CVAE's.\n"
-            "Ctrl-C stops the prior the same way, and --resume RUN finishes it.\n\n"
+            "Once the CVAE is complete, a flow-matching prior is trained over its latent codes\n"
+            "(RUN/prior.cvae, the defaults of 'cvae prior train'; --prior gaussian skips it), then\n"
+            "samples-flow.pgm is drawn with it beside samples.pgm (N(0, I)); the prior's time is\n"
+            "printed beside the CVAE's. Ctrl-C stops the prior the same way, and --resume RUN\n"
+            "finishes it.\n\n"
             "schedules:\n"
             "  progressive  FAST (β from beta_start, learning rate x fast_lr_mult) -> BALANCED (β\n"
             "               to 1, rate back to --lr) -> QUALITY (β = 1, rate decays); ends at β = 1.\n"
@@ -269,8 +281,8 @@ def add_train_parser(subparsers):
     p.add_argument("--prior", choices=PRIORS, default=None,
                    help="the latent prior the run ends with: flow trains RUN/prior.cvae after "
                         "the CVAE and adds samples-flow.pgm; gaussian is N(0, I), nothing to "
-                        "train (default: gaussian; with --resume, the run's, and a --prior given "
-                        "is recorded)")
+                        f"train (default: {DEFAULT_PRIOR}; with --resume, the run's, and a "
+                        "--prior given is recorded)")
     p.add_argument("--no-images", action="store_true",
                    help="skip the reconstructions, digit sheet and interpolations after training")
     add_output_mode(p, json_help="one JSON object per epoch on stdout instead of the progress "
