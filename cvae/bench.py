@@ -11,7 +11,7 @@ import time
 from cvae.data import BatchStream, Dataset
 from cvae.errors import CvaeError
 from cvae.kernels import build_name, resolve_precision
-from cvae.model import VARIANTS, Arch, Model
+from cvae.model import VARIANTS, Model, arch_for_variant
 
 
 def parse_int_list(text, what):
@@ -68,7 +68,7 @@ def run_bench(variants, batches, threads_list, steps, warmup, repeat, data_dir, 
             dataset = datasets[digits]
             if len(dataset) < batch:
                 raise CvaeError(f"--batch {batch} is larger than the {len(dataset)} training images")
-            arch = Arch.variant(variant, act=act)
+            arch = arch_for_variant(variant, act=act)
             models = {t: Model(arch, max_batch=batch, threads=t, precision=precision)
                       for t in threads_list}
             for model in models.values():

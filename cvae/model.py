@@ -78,6 +78,13 @@ class Arch:
     def to_json(self):
         return dict(h1=self.h1, h2=self.h2, latent=self.latent, act=self.act)
 
+    def describe(self):
+        return f"{self.h1}-{self.h2}-{self.latent} {self.act}"
+
+
+def arch_for_variant(name, act="elu", hidden=None, latent=None, channels=None):
+    return Arch.variant(name, act=act, hidden=hidden, latent=latent)
+
 
 # Activation buffers: name -> rows, for the feature-major [rows][batch] layout.
 def _activation_rows(arch):

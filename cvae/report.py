@@ -308,10 +308,9 @@ class Report:
 def _summary(config, records, evaluation, checkpoint, run_dir):
     rows = []
     if isinstance(config, dict):
-        arch = config.get("arch") if isinstance(config.get("arch"), dict) else {}
+        arch = R.arch_text(config.get("arch"))
         if arch:
-            rows.append(("architecture", _e(f"{arch.get('h1')}-{arch.get('h2')}-"
-                                            f"{arch.get('latent')} {arch.get('act', '')}".strip())))
+            rows.append(("architecture", _e(arch)))
         if _is_number(config.get("n_params")):
             rows.append(("parameters", f"{config['n_params']:,}"))
         if config.get("digits") is not None:

@@ -371,6 +371,19 @@ def read_config(run_dir):
     return config if isinstance(config, dict) else {}
 
 
+def arch_text(arch):
+    """config.json's "arch" in words, whatever it holds (it is shown, not trusted): the MLP's
+    '640-320-128 elu', conv's 'conv 32-64-512-128 elu', '' for no architecture."""
+    if not isinstance(arch, dict) or not arch:
+        return ""
+    if arch.get("type") == "conv":
+        channels = arch.get("channels")
+        sizes = [*(channels if isinstance(channels, list) else [channels]), arch.get("hidden"),
+                 arch.get("latent")]
+        return f"conv {'-'.join(map(str, sizes))} {arch.get('act', '')}".strip()
+    return f"{arch.get('h1')}-{arch.get('h2')}-{arch.get('latent')} {arch.get('act', '')}".strip()
+
+
 def write_config(run_dir, config):
     write_text_atomic(path(run_dir, CONFIG), json.dumps(config, indent=2, default=str) + "\n")
 

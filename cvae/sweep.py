@@ -67,9 +67,9 @@ SWEEP_MD = "sweep.md"
 SWEEP_JSONL = "sweep.jsonl"
 
 #: The grid options, in the order that makes up a run's name.
-GRID = ("latent", "hidden", "act", "schedule")
+GRID = ("variant", "latent", "hidden", "act", "schedule")
 #: Options shared by every run of a sweep (also training options --collect refuses).
-SHARED = ("variant", "digits", "epochs", "batch", "lr", "seed", "threads", "data", "precision")
+SHARED = ("digits", "epochs", "batch", "lr", "seed", "threads", "data", "precision")
 EVAL_OPTIONS = ("k", "samples", "temperature", "classifier")
 #: The prior axis: which priors generate the judged digits (each one row of the table), and
 #: the flow prior's training.
@@ -93,11 +93,11 @@ class Sweep:
     """A sweep's settings, as `cvae sweep` takes them: None means 'the default'."""
 
     out: str = None
-    latent: tuple = None        # grid: each a tuple of values, or None (the variant's)
-    hidden: tuple = None
+    variant: tuple = None       # grid: each a tuple of values, or None (the default)
+    latent: tuple = None        # (None: the variant's)
+    hidden: tuple = None        # (H1, H2) pairs, or (H,) for conv
     act: tuple = None
     schedule: tuple = None
-    variant: str = None         # shared by every run
     digits: tuple = None
     epochs: int = None
     batch: int = None
@@ -127,10 +127,11 @@ class Sweep:
 class Run:
     """One combination: its name, its run directory and its plan."""
 
-    def __init__(self, name, run_dir, plan):
+    def __init__(self, name, run_dir, plan, variant=DEFAULT_VARIANT):
         self.name = name
         self.run_dir = run_dir
         self.plan = plan
+        self.variant = variant
         self.state = None      # "new", "restart", "partial", "complete", "finished"
         self.eval_problem = None
         # of a complete run with the flow prior asked: "none", "stale", "partial", "complete"
@@ -140,9 +141,13 @@ class Run:
 
     def train_options(self, sweep):
         """The `cvae train` options (without --out) that start this run."""
-        plan = self.plan
-        opts = ["--hidden", f"{plan.arch.h1},{plan.arch.h2}", "--latent", str(plan.arch.latent),
-                "--act", plan.arch.act, "--schedule", plan.schedule.name,
+        plan, arch = self.plan, self.plan.arch
+        if is_conv(arch):
+            opts = ["--variant", self.variant, "--channels", ",".join(map(str, arch.channels)),
+                    "--hidden", str(arch.hidden)]
+        else:  # as before conv existed: the sizes and digits make the variant
+            opts = ["--hidden", f"{arch.h1},{arch.h2}"]
+        opts += ["--latent", str(arch.latent), "--act", arch.act, "--schedule", plan.schedule.name,
                 "--digits", digits_text(plan.digits), "--epochs", str(plan.epochs),
                 "--batch", str(plan.batch), "--lr", repr(plan.lr), "--seed", str(plan.seed)]
         if sweep.threads is not None:
@@ -151,11 +156,22 @@ class Run:
             opts += ["--data", sweep.data]
         if sweep.precision is not None:
             opts += ["--precision", sweep.precision]
-        return opts
+        # The sweep trains a run's flow prior itself, with its own settings (--prior-epochs),
+        # and only when --prior asks for it.
+        return opts + ["--prior", "gaussian"]
+
+
+def is_conv(arch):
+    return arch.to_json().get("type") == "conv"
 
 
 def run_name(plan):
+    """latent128-h640x320-elu-progressive; a conv run conv-c32x64-latent128-h512-elu-progressive
+    (the MLP's names are those of sweeps from before conv)."""
     a = plan.arch
+    if is_conv(a):
+        c1, c2 = a.channels
+        return f"conv-c{c1}x{c2}-latent{a.latent}-h{a.hidden}-{a.act}-{plan.schedule.name}"
     return f"latent{a.latent}-h{a.h1}x{a.h2}-{a.act}-{plan.schedule.name}"
 
 
@@ -164,15 +180,16 @@ def plan_runs(sweep):
     lists = [getattr(sweep, name) or (None,) for name in GRID]
     precision, _ = resolve_precision(sweep.precision or DEFAULT_PRECISION)
     runs, names = [], set()
-    for latent, hidden, act, schedule in itertools.product(*lists):
-        plan = make_plan(variant=sweep.variant or DEFAULT_VARIANT, hidden=hidden, latent=latent,
+    for variant, latent, hidden, act, schedule in itertools.product(*lists):
+        variant = variant or DEFAULT_VARIANT
+        plan = make_plan(variant=variant, hidden=hidden, latent=latent,
                          act=act, digits=sweep.digits, schedule=schedule, epochs=sweep.epochs,
                          seed=sweep.seed, batch=sweep.batch, lr=sweep.lr, precision=precision)
         name = run_name(plan)
         if name in names:  # distinct list values always give distinct names; never clobber
             raise CvaeError(f"two combinations of the sweep are the same run ({name})")
         names.add(name)
-        runs.append(Run(name, os.path.join(sweep.out, name), plan))
+        runs.append(Run(name, os.path.join(sweep.out, name), plan, variant))
     return runs
 
 
@@ -227,8 +244,9 @@ def config_differences(have, want):
 
 
 def _short(value):
-    if isinstance(value, dict) and set(value) >= {"h1", "h2", "latent"}:
-        return f"{value['h1']}-{value['h2']}-{value['latent']} {value.get('act', '?')}"
+    if isinstance(value, dict) and ({"h1", "h2", "latent"} <= set(value)
+                                    or value.get("type") == "conv"):
+        return R.arch_text(value)
     if isinstance(value, dict) and "name" in value:
         return value["name"] + (" " + ",".join(f"{k}={v:g}" for k, v in value.get("params", {}).items())
                                 if value.get("params") else "")
@@ -324,11 +342,17 @@ def read_rows(table_dir, run_dir, priors=None):
     ev = ev or {"by_prior": {"gaussian": {}}}
     arch = config.get("arch") if isinstance(config.get("arch"), dict) else {}
     schedule = config.get("schedule") if isinstance(config.get("schedule"), dict) else {}
-    hidden = [arch["h1"], arch["h2"]] if "h1" in arch and "h2" in arch else None
+    if arch.get("type") == "conv":
+        hidden = [arch["hidden"]] if "hidden" in arch else None
+        channels = arch.get("channels")
+        model = "conv " + "×".join(map(str, channels)) if isinstance(channels, list) else "conv"
+    else:
+        hidden = [arch["h1"], arch["h2"]] if "h1" in arch and "h2" in arch else None
+        model = "MLP"
     base = {
         "name": os.path.basename(os.path.normpath(run_dir)),
         "run_dir": os.path.relpath(run_dir, table_dir),
-        "latent": arch.get("latent"), "hidden": hidden, "act": arch.get("act"),
+        "model": model, "latent": arch.get("latent"), "hidden": hidden, "act": arch.get("act"),
         "schedule": schedule.get("name"), "schedule_params": schedule.get("params"),
         "epochs": config.get("epochs"), "digits": config.get("digits"),
         "batch": config.get("batch"), "lr": config.get("lr"), "seed": config.get("seed"),
@@ -372,8 +396,8 @@ def _sort_key(row):
             return (0, tuple(value))
         return (0, value)
 
-    keys = ("latent", "hidden", "act", "schedule", "epochs", "digits", "batch", "lr", "seed", "name",
-            "prior")
+    keys = ("model", "latent", "hidden", "act", "schedule", "epochs", "digits", "batch", "lr", "seed",
+            "name", "prior")
     return tuple(part(row.get(k)) for k in keys)
 
 
@@ -411,7 +435,7 @@ METRIC_COLUMNS = tuple((EVAL[key].header, key, EVAL[key].places, EVAL[key].defin
                        + (" (of the row's prior)" if key in SAMPLE_METRICS else ""))
                        for key in METRICS)
 #: Settings that get a column only when the rows differ in them (else one line above the table).
-OPTIONAL_SETTINGS = (("digits", "digits"), ("batch", "batch"), ("lr", "lr"), ("seed", "seed"),
+OPTIONAL_SETTINGS = (("model", "model"), ("digits", "digits"), ("batch", "batch"), ("lr", "lr"), ("seed", "seed"),
                      ("eval seed", "eval_seed"))
 
 
@@ -476,12 +500,15 @@ def render_markdown(rows, title):
     definitions = [
         ("run", "the run directory (beside this file); its `config.json` holds every setting"),
         ("latent", "latent size"),
-        ("hidden", "hidden layer sizes h1 × h2 (encoder 794 → h1 → h2, decoder the mirror)"),
+        ("hidden", "hidden layer sizes: the MLP's h1 × h2 (encoder 794 → h1 → h2, decoder the "
+                   "mirror); conv's one fully connected layer h"),
         ("act", "hidden activation"),
         ("schedule", "β / learning-rate schedule (`cvae train --help`)"),
         ("epochs", "training epochs"),
     ]
-    definitions += [(h, {"digits": "digits trained and evaluated on", "batch": "minibatch size",
+    definitions += [(h, {"model": "the network: the MLP, or conv C1×C2 (`--variant conv`, its "
+                                  "convolutions' channels)",
+                         "digits": "digits trained and evaluated on", "batch": "minibatch size",
                          "lr": "base learning rate", "seed": "training seed",
                          "eval seed": "noise seed of the evaluation"}[h]) for h, _ in varying]
     flow = (f" ({next(iter(flows))})" if len(flows) == 1 and next(iter(flows)) else "")
@@ -750,7 +777,7 @@ def _do_locked_run(run, sweep, tag, say, threads, data_dir, evaluate, priors):
         say(f"{tag}: training ({run.plan.epochs} epochs)")
         argv = ["train", "--out", run.run_dir, *run.train_options(sweep)]
         trainer = start_run(run.run_dir, run.plan, data_dir, threads, reporter,
-                            config_extra={"variant": sweep.variant or DEFAULT_VARIANT,
+                            config_extra={"variant": run.variant,
                                           "argv": argv, "sweep_argv": list(sweep.argv)})
         status = "trained"
     else:

@@ -20,7 +20,8 @@ from cvae.checkpoint import header_int, header_numbers, register_kind_check
 from cvae.data import BatchStream
 from cvae.errors import CvaeError
 from cvae.evaluate import test_elbo
-from cvae.model import PRECISIONS, VARIANTS, Arch, Model, arch_from_json, model_from_sections
+from cvae.model import (PRECISIONS, VARIANTS, Arch, Model, arch_for_variant, arch_from_json,
+                        model_from_sections)
 from cvae.progress import Bar
 from cvae.schedule import make_schedule, schedule_from_json
 from cvae.signals import exit_code, signal_name, stop_on_signals
@@ -45,7 +46,7 @@ DEFAULT_PRECISION = "auto"
 class Plan:
     """Everything that determines the computation; stored in every checkpoint's meta."""
 
-    arch: Arch
+    arch: Arch  # or ConvArch
     digits: tuple
     schedule: object
     epochs: int
@@ -141,13 +142,30 @@ def check_training_checkpoint(meta, sections, path):
 register_kind_check(KIND, check_training_checkpoint)
 
 
+def make_arch(variant=DEFAULT_VARIANT, hidden=None, latent=None, act=None, channels=None):
+    """The variant's architecture with the sizes given overriding its own: hidden is the MLP's
+    (H1, H2) or conv's (H,) or H; channels (C1, C2) is conv's only."""
+    conv = "channels" in VARIANTS[variant]
+    if hidden is not None:
+        hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+        if len(hidden) != (1 if conv else 2):
+            raise CvaeError(f"--hidden {','.join(map(str, hidden))}: the {variant} variant takes "
+                            + ("one hidden size, e.g. 512" if conv
+                               else "two hidden sizes H1,H2, e.g. 640,320"))
+        hidden = hidden[0] if conv else hidden
+    if channels is not None and not conv:
+        raise CvaeError(f"--channels is for --variant conv (the {variant} variant has no "
+                        f"convolutions)")
+    return arch_for_variant(variant, act=act, hidden=hidden, latent=latent, channels=channels)
+
+
 def make_plan(variant=DEFAULT_VARIANT, hidden=None, latent=None, act=None, digits=None,
               schedule=None, beta=None, schedule_settings=None, epochs=None, seed=None,
-              batch=None, lr=None, precision="fp32"):
+              batch=None, lr=None, precision="fp32", channels=None):
     """The Plan of a fresh run: the variant's sizes and digits unless overridden, the defaults
     for everything left None. beta is for the constant schedule only; precision fp32 or bf16
     (resolve auto with cvae.kernels.resolve_precision first)."""
-    arch = Arch.variant(variant, act=act, hidden=hidden, latent=latent)
+    arch = make_arch(variant, hidden=hidden, latent=latent, act=act, channels=channels)
     settings = dict(schedule_settings or {})
     schedule_name = schedule or DEFAULT_SCHEDULE
     if beta is not None:
@@ -250,8 +268,7 @@ class RichReporter(Reporter):
     def start(self, trainer):
         plan = trainer.plan
         self.console.print(
-            f"[bold]cvae train[/bold] {trainer.run_dir}: {plan.arch.h1}-{plan.arch.h2}-{plan.arch.latent} "
-            f"{plan.arch.act}, {trainer.model.arch.n_params():,} parameters, digits "
+            f"[bold]cvae train[/bold] {trainer.run_dir}: {plan.arch.describe()}, {trainer.model.arch.n_params():,} parameters, digits "
             f"{','.join(map(str, plan.digits))} ({len(trainer.train_set):,} train / "
             f"{len(trainer.test_set):,} test images), batch {plan.batch}, lr {plan.lr:g}, "
             f"{plan.schedule.describe()}, {trainer.model.threads} threads, {plan.precision}, "

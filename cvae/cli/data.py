@@ -9,11 +9,13 @@ from cvae.data import merge_idx_parts
 from cvae.errors import CvaeError
 from cvae.fetch import default_cache_dir, fetch_mnist, resolve_data_dir, verify_mnist_dir
 from cvae.kernels import default_threads
-from cvae.model import Arch, Model
+from cvae.model import Model
+from cvae.train import make_arch
 
 
 def cmd_info(args):
-    arch = Arch.variant(args.variant, act=args.act, hidden=args.hidden, latent=args.latent)
+    arch = make_arch(args.variant, act=args.act, hidden=args.hidden, latent=args.latent,
+                     channels=args.channels)
     model = Model(arch, max_batch=args.batch, threads=args.threads)
     groups = model.slab_report()
     mb = {k: v * 4 / 1e6 for k, v in groups.items()}
@@ -27,7 +29,7 @@ def cmd_info(args):
     from rich.table import Table
 
     console = Console(highlight=False)
-    console.print(f"architecture {arch.h1}-{arch.h2}-{arch.latent} {arch.act}: "
+    console.print(f"architecture {arch.describe()}: "
                   f"[bold]{arch.n_params():,}[/bold] parameters; slab for batch {args.batch}, "
                   f"{args.threads} threads (kernels {model.kernel_isa})")
     table = Table()

@@ -73,14 +73,28 @@ probability = number_type(float, "a number", lambda v: 0 <= v < 1, "at least 0 a
 
 
 def hidden_sizes(text):
+    """--hidden: H1,H2 (the MLP variants' two hidden layers) or H (conv's one hidden layer);
+    which of the two the variant takes is checked with the variant (train.make_plan)."""
     parts = text.split(",")
     try:
         sizes = tuple(int(p) for p in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected two sizes like 640,320") from None
-    if len(sizes) != 2 or min(sizes) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected two positive sizes like 640,320")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected sizes like 640,320 (conv: 512)") \
+            from None
+    if len(sizes) not in (1, 2) or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two positive sizes like 640,320 "
+                                         f"(conv: one, like 512)")
     return sizes
+
+
+def channel_sizes(text):
+    """--channels C1,C2: the conv variant's two convolution widths."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(re.fullmatch(r"\d+", p.strip()) and int(p) > 0
+                                  for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two positive channel counts like "
+                                         f"32,64")
+    return tuple(int(p) for p in parts)
 
 
 def digits_type(text):
@@ -116,11 +130,13 @@ def latent_item(text):
 
 
 def hidden_item(text):
-    match = re.fullmatch(r"(\d+)x(\d+)", text, flags=re.IGNORECASE)
-    if not match or min(int(match.group(1)), int(match.group(2))) <= 0:
+    """A sweep's hidden sizes: H1xH2 (the MLP's two layers) or H (conv's one)."""
+    match = re.fullmatch(r"(\d+)(?:x(\d+))?", text, flags=re.IGNORECASE)
+    sizes = tuple(int(g) for g in match.groups() if g is not None) if match else ()
+    if not sizes or min(sizes) <= 0:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a pair of hidden sizes H1xH2: give e.g. 640x320,512x256")
-    return int(match.group(1)), int(match.group(2))
+            f"{text!r} is not hidden sizes H1xH2 (conv: H): give e.g. 640x320,512x256")
+    return sizes
 
 
 def choice_item(choices, what):
@@ -136,13 +152,23 @@ def choice_item(choices, what):
 # ---------------------------------------------------------------- option groups
 
 
+def variant_sizes(name):
+    """A variant's sizes for --help: e.g. 'full: 640,320 latent 128'."""
+    v = VARIANTS[name]
+    if "channels" in v:
+        return (f"{name}: channels {v['channels'][0]},{v['channels'][1]} hidden {v['hidden']} "
+                f"latent {v['latent']}")
+    return f"{name}: {v['h1']},{v['h2']} latent {v['latent']}"
+
+
 def add_arch_options(p, variant_default="full"):
-    sizes = "; ".join(f"{name}: {v['h1']},{v['h2']} latent {v['latent']}"
-                      for name, v in VARIANTS.items())
+    sizes = "; ".join(variant_sizes(name) for name in VARIANTS)
     p.add_argument("--variant", choices=tuple(VARIANTS), default=variant_default,
-                   help=f"model size ({sizes})" + ("" if variant_default else " (default: full)"))
-    p.add_argument("--hidden", type=hidden_sizes, metavar="H1,H2",
-                   help="hidden layer sizes, overriding the variant's")
+                   help=f"model ({sizes})" + ("" if variant_default else " (default: full)"))
+    p.add_argument("--hidden", type=hidden_sizes, metavar="H1,H2|H",
+                   help="hidden layer sizes, overriding the variant's (conv: one size)")
+    p.add_argument("--channels", type=channel_sizes, metavar="C1,C2",
+                   help="conv only: the two convolutions' channels, overriding the variant's")
     p.add_argument("--latent", type=positive_int, metavar="L",
                    help="latent size, overriding the variant's")
     p.add_argument("--act", choices=ACTIVATIONS, default=None,

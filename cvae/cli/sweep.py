@@ -16,7 +16,7 @@ from cvae.sweep import (EVAL_DEFAULTS, GRID, PRIORS, Sweep, check_sweep, collect
 
 
 def sweep_from_args(args):
-    fields = GRID + ("variant", "digits", "epochs", "batch", "lr", "seed", "threads", "data",
+    fields = GRID + ("digits", "epochs", "batch", "lr", "seed", "threads", "data",
                      "precision", "k", "samples", "temperature", "classifier", "prior",
                      "prior_epochs")
     return Sweep(out=args.out, mode=mode(args), argv=list(args.argv),
@@ -90,12 +90,18 @@ def register(subparsers):
             "run under DIR."),
         epilog="example: cvae sweep --latent 128,256 --act elu,relu --epochs 30 --out runs/latent")
     grid = p.add_argument_group("grid (each a comma-separated list; every combination is one run)")
+    grid.add_argument("--variant", type=list_type(choice_item(tuple(VARIANTS), "a variant"),
+                                                   "full,conv"),
+                      metavar="V1,V2", default=None,
+                      help="models, each with its sizes and digits, which the other grid options "
+                           "override (default: full)")
     grid.add_argument("--latent", type=list_type(latent_item, "128,256"), metavar="L1,L2,...",
                       default=None, help="latent sizes (default: the variant's)")
     grid.add_argument("--hidden", type=list_type(hidden_item, "640x320,512x256"),
                       metavar="H1xH2,...", default=None,
                       help="hidden layer sizes, each pair written H1xH2, pairs separated by commas, "
-                           "e.g. 640x320,512x256 (default: the variant's)")
+                           "e.g. 640x320,512x256; conv's single size H, e.g. 512,1024 (default: "
+                           "the variant's)")
     grid.add_argument("--act", type=list_type(choice_item(ACTIVATIONS, "an activation"), "elu,relu"),
                       metavar="A1,A2", default=None,
                       help=f"hidden activations, of {','.join(ACTIVATIONS)} (default: elu)")
@@ -105,8 +111,6 @@ def register(subparsers):
                       help=f"β / learning-rate schedules, of {','.join(SCHEDULES)} (see 'cvae train "
                            f"--help') (default: progressive)")
     shared = p.add_argument_group("shared by every run (as in 'cvae train')")
-    shared.add_argument("--variant", choices=tuple(VARIANTS), default=None,
-                        help="base sizes and digits, overridden by the grid (default: full)")
     shared.add_argument("--digits", type=digits_type, default=None,
                         help="digits to train on, e.g. 0-9 or 0,1 (default: the variant's)")
     shared.add_argument("--epochs", type=positive_int, default=None, help="epochs per run (default: 30)")
