@@ -137,8 +137,9 @@ def choice_item(choices, what):
 
 
 def add_arch_options(p, variant_default="full"):
-    sizes = "; ".join(f"{name}: {v['h1']},{v['h2']} latent {v['latent']}"
-                      for name, v in VARIANTS.items())
+    sizes = "; ".join(f"{name}: {v['h1']},{v['h2']} latent {v['latent']}" if "h1" in v else
+                      f"{name}: channels {','.join(map(str, v['channels']))}, {v['hidden']} "
+                      f"latent {v['latent']}" for name, v in VARIANTS.items())
     p.add_argument("--variant", choices=tuple(VARIANTS), default=variant_default,
                    help=f"model size ({sizes})" + ("" if variant_default else " (default: full)"))
     p.add_argument("--hidden", type=hidden_sizes, metavar="H1,H2",
