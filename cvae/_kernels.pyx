@@ -26,7 +26,7 @@ gradients and updated parameters: ``nonfinite()`` (``adam_update`` also returns 
 from cython.parallel cimport prange, threadid
 from libc.math cimport cosf, expf, fabsf, logf, sinf
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 cdef extern from "cvae_simd.h" nogil:
     const int VW "CVAE_VW"
@@ -117,6 +117,8 @@ def bf16_round(const float[::1] x not None, uint16_t[::1] out not None):
 
 cdef struct Linear:
     int n_in, n_out, ld     # ld: n_in padded to 16, the row stride of W and gW
+    # b, gb, mb, vb NULL: no bias (a transposed convolution's weight, whose bias is per output
+    # channel, not per row of W; see ConvNet).
     float *W
     float *b
     float *gW
@@ -171,7 +173,8 @@ cdef void linear_forward(const Linear *L, const float *Xt, float *Yt, int bp, in
         nv = min(NV, (bp - j0) // VW)
         tile(mr, nv, L.n_in, L.W + i0 * L.ld, L.ld, 1, Xt + j0, bp, Yt + i0 * bp + j0, bp)
         for i in range(mr):
-            bias_act_row(Yt + (i0 + i) * bp + j0, nv * VW, L.b[i0 + i], act)
+            bias_act_row(Yt + (i0 + i) * bp + j0, nv * VW, L.b[i0 + i] if L.b != NULL else 0.0,
+                         act)
 
 
 cdef void linear_backward_input(const Linear *L, const float *dYt, float *dXt, const float *Xt,
@@ -243,18 +246,20 @@ cdef int linear_backward_params(const Linear *L, const float *dYt, const float *
             j0 = ct * NR
             nv = min(NV, (L.ld - j0) // VW)
             tile(mr, nv, batch, dYt + i0 * bp, bp, 1, Xb + j0, L.ld, C + j0, L.ld)
-        for i in range(i0, i0 + mr):
-            s = 0.0
-            for k in range(batch):
-                s = s + dYt[i * bp + k]
-            L.gb[i] = s
+        if L.b != NULL:
+            for i in range(i0, i0 + mr):
+                s = 0.0
+                for k in range(batch):
+                    s = s + dYt[i * bp + k]
+                L.gb[i] = s
         if adam != NULL:
             for i in range(mr):
                 bad += adam_row(L.W + (i0 + i) * L.ld, L.mW + (i0 + i) * L.ld,
                                 L.vW + (i0 + i) * L.ld, C + i * L.ld, L.ld, adam.step_size,
                                 adam.inv_bc2_sqrt)
-            bad += adam_row(L.b + i0, L.mb + i0, L.vb + i0, L.gb + i0, mr, adam.step_size,
-                            adam.inv_bc2_sqrt)
+            if L.b != NULL:
+                bad += adam_row(L.b + i0, L.mb + i0, L.vb + i0, L.gb + i0, mr, adam.step_size,
+                                adam.inv_bc2_sqrt)
     return bad
 
 
@@ -298,7 +303,8 @@ cdef int linear_adam(const Linear *L, const Adam *adam, int nthreads) noexcept n
     else:
         for i in prange(L.n_out, num_threads=nthreads, schedule='runtime'):
             bad += adam_w_row(L, i, L.gW + i * L.ld, adam)
-    bad += adam_row(L.b, L.mb, L.vb, L.gb, L.n_out, adam.step_size, adam.inv_bc2_sqrt)
+    if L.b != NULL:
+        bad += adam_row(L.b, L.mb, L.vb, L.gb, L.n_out, adam.step_size, adam.inv_bc2_sqrt)
     return bad
 
 
@@ -332,7 +338,8 @@ cdef void linear_forward_bf16(const Linear *L, const float *Xt, float *Yt, int b
         bf_tile(mr, nv, kp, <const uint32_t *>(L.Wh + i0 * L.ld), L.ld // 2, 1, L.pb + j0, bp,
                 Yt + i0 * bp + j0, bp, 0)
         for i in range(mr):
-            bias_act_row(Yt + (i0 + i) * bp + j0, nv * VW, L.b[i0 + i], act)
+            bias_act_row(Yt + (i0 + i) * bp + j0, nv * VW, L.b[i0 + i] if L.b != NULL else 0.0,
+                         act)
 
 
 cdef void dx_bf16(const Linear *L, const float *dYt, int bp, float *dXb,
@@ -393,13 +400,15 @@ cdef int dw_bf16(const Linear *L, const float *dYt, const float *Xt, int batch, 
                               L.ld, ct, n_ct)
             bf_tile(mr, nv, kp, <const uint32_t *>(dyh + i0 * bp), bp // 2, 1, L.pb + j0, L.ld,
                     C + j0, L.ld, 0)
-        for i in range(i0, i0 + mr):
-            L.gb[i] = row_sum(dYt + i * bp, batch)
+        if L.b != NULL:
+            for i in range(i0, i0 + mr):
+                L.gb[i] = row_sum(dYt + i * bp, batch)
         if adam != NULL:
             for i in range(0, mr, 2):
                 bad += adam_w_pair(L, (i0 + i) // 2, C + i * L.ld, C + (i + 1) * L.ld, adam)
-            bad += adam_row(L.b + i0, L.mb + i0, L.vb + i0, L.gb + i0, mr, adam.step_size,
-                            adam.inv_bc2_sqrt)
+            if L.b != NULL:
+                bad += adam_row(L.b + i0, L.mb + i0, L.vb + i0, L.gb + i0, mr, adam.step_size,
+                                adam.inv_bc2_sqrt)
     return bad
 
 
@@ -725,13 +734,7 @@ cdef class Net:
         ``precision`` bf16 rounds every GEMM's inputs to bf16 (fp32 accumulation); the layout
         then has the bf16 sections (cvae.model)."""
         cdef float *base = &slab[0]
-        self.bf16 = precision_flag(precision)
-        self.precision = precision
-        self.slab = slab
-        self.latent = latent
-        self.max_bp = max_bp
-        self.act = ACTIVATIONS[act]
-        self.nthreads = nthreads
+        self._buffers(slab, layout, latent, max_bp, act, nthreads, precision)
         dims = {name: (n_in, n_out) for name, n_in, n_out in layers}
         self.enc1 = linear_in_slab(base, layout, dims, "enc1", self.bf16)
         self.enc2 = linear_in_slab(base, layout, dims, "enc2", self.bf16)
@@ -747,7 +750,6 @@ cdef class Net:
         self.h1_t = at(base, layout, "act.enc1")
         self.h2_t = at(base, layout, "act.enc2")
         self.o_t = at(base, layout, "act.enc3")
-        self.eps_t = at(base, layout, "act.eps")
         self.d0_t = at(base, layout, "act.dec_in")
         self.g1_t = at(base, layout, "act.dec1")
         self.g2_t = at(base, layout, "act.dec2")
@@ -759,6 +761,20 @@ cdef class Net:
         self.dg1_t = at(base, layout, "actgrad.dec1")
         self.dg2_t = at(base, layout, "actgrad.dec2")
         self.dlogits_t = at(base, layout, "actgrad.dec3")
+
+    cdef _buffers(self, float[::1] slab, dict layout, int latent, int max_bp, str act,
+                  int nthreads, str precision):
+        """What every CVAE (this MLP and ConvNet) shares: settings, the noise and loss
+        buffers, the scratch."""
+        cdef float *base = &slab[0]
+        self.bf16 = precision_flag(precision)
+        self.precision = precision
+        self.slab = slab
+        self.latent = latent
+        self.max_bp = max_bp
+        self.act = ACTIVATIONS[act]
+        self.nthreads = nthreads
+        self.eps_t = at(base, layout, "act.eps")
         self.rec = at(base, layout, "per_sample.rec")
         self.kl = at(base, layout, "per_sample.kl")
         self.xb = at(base, layout, "scratch.batch_major")
@@ -942,6 +958,302 @@ cdef class Net:
         for k in range(batch):
             for p in range(self.n_pix):
                 probs_out[k, p] = self.dlogits_t[p * bp + k]
+
+
+# ---------------------------------------------------------------- convolutions
+# Every convolution here is 4x4, stride 2, padding 1: an H x W map becomes H/2 x W/2, and the
+# transposed convolution takes it back. A map of C channels is feature-major like every other
+# activation, [C][H][W][bp], which is already [C][H*W*bp]: a convolution is one GEMM,
+#   Y[C_out][P*bp] = W[C_out][C_in*16] . col[C_in*16][P*bp]      (P = output positions)
+# where im2col's row k = (c, ky, kx) holds, for every output position, the bp batch values of
+# the input pixel that tap reads (zeros in the padding). So a convolution's weight is a Linear
+# with n_in = C_in*16 and "batch" P*bp, and the Linear routines are its three GEMMs: the
+# forward, dX = col2im(W^T . dY) and dW = dY . col^T. A transposed convolution is the adjoint
+# pair (its forward is that dX, its dX that forward); its weight is stored as PyTorch's
+# ConvTranspose2d, (C_in, C_out, 4, 4) = W[C_in][C_out*16], with no bias in the Linear (its
+# bias is per output channel: a ConvBias). Padding batch columns of every gradient are zero,
+# so GEMMs whose K runs over P*bp (dW) may include them.
+
+cdef struct ConvBias:
+    int n
+    float *b
+    float *gb
+    float *mb
+    float *vb
+
+
+cdef void im2col(const float *X, float *col, int C, int H, int W, int bp,
+                 int nthreads) noexcept nogil:
+    """col[(c, ky, kx)][(oy, ox)][bp] = X[c][2oy - 1 + ky][2ox - 1 + kx][bp], zero outside."""
+    cdef int Ho = H // 2, Wo = W // 2
+    cdef long P = Ho * Wo
+    cdef int r, c, ky, kx, oy, ox, iy, ix
+    cdef float *dst
+    for r in prange(C * 16, num_threads=nthreads, schedule='static'):
+        c = r // 16
+        ky = (r // 4) % 4
+        kx = r % 4
+        for oy in range(Ho):
+            iy = 2 * oy - 1 + ky
+            for ox in range(Wo):
+                ix = 2 * ox - 1 + kx
+                dst = col + (r * P + oy * Wo + ox) * bp
+                if 0 <= iy < H and 0 <= ix < W:
+                    memcpy(dst, X + (<long>(c * H + iy) * W + ix) * bp, bp * sizeof(float))
+                else:
+                    memset(dst, 0, bp * sizeof(float))
+
+
+cdef void col2im(const float *col, float *X, int C, int H, int W, int bp, const float *bias,
+                 const float *y, int act, int nthreads) noexcept nogil:
+    """X[c][iy][ix][bp] = the sum of the (up to 4) col entries of the taps that read that pixel,
+    in a fixed tap order (a gather: no two tasks write one pixel, no atomics). Then, by rows of
+    the map, with ``bias``: X = act(X + bias[c]) (the transposed convolution's output); with
+    ``y``: X *= act'(.) of the layer whose output y is (an input gradient)."""
+    cdef int Ho = H // 2, Wo = W // 2
+    cdef long P = Ho * Wo
+    cdef int row, c, iy, ix, ky, kx, oy, ox, k
+    cdef float *dst
+    cdef const float *src
+    for row in prange(C * H, num_threads=nthreads, schedule='static'):
+        c = row // H
+        iy = row % H
+        for ix in range(W):
+            dst = X + (<long>row * W + ix) * bp
+            memset(dst, 0, bp * sizeof(float))
+            for ky in range((iy + 1) % 2, 4, 2):
+                oy = (iy + 1 - ky) // 2
+                if oy < 0 or oy >= Ho:
+                    continue
+                for kx in range((ix + 1) % 2, 4, 2):
+                    ox = (ix + 1 - kx) // 2
+                    if ox < 0 or ox >= Wo:
+                        continue
+                    src = col + ((c * 16 + ky * 4 + kx) * P + oy * Wo + ox) * bp
+                    for k in range(bp):
+                        dst[k] = dst[k] + src[k]
+        if bias != NULL:
+            bias_act_row(X + <long>row * W * bp, W * bp, bias[c], act)
+        elif y != NULL and act != ACT_NONE:
+            act_grad_row(X + <long>row * W * bp, y + <long>row * W * bp, W * bp, act)
+
+
+cdef void conv_forward(const Linear *L, const float *X, float *col, float *Y, int H, int W,
+                       int bp, int act, int nthreads) noexcept nogil:
+    """Y[C_out][(H/2)(W/2)bp] = act(W . im2col(X) + b); col keeps im2col(X) for dW."""
+    im2col(X, col, L.n_in // 16, H, W, bp, nthreads)
+    linear_forward(L, col, Y, (H // 2) * (W // 2) * bp, act, nthreads)
+
+
+cdef void conv_backward_input(const Linear *L, const float *dY, float *dcol, float *dX,
+                              const float *X, int x_act, int H, int W, int bp, float *xb,
+                              int nthreads) noexcept nogil:
+    """dX[C_in][H*W*bp] = col2im(W^T . dY), times act'(.) of the layer that produced X."""
+    linear_backward_input(L, dY, dcol, NULL, ACT_NONE, (H // 2) * (W // 2) * bp, xb, nthreads)
+    col2im(dcol, dX, L.n_in // 16, H, W, bp, NULL, X, x_act, nthreads)
+
+
+cdef void tconv_forward(const Linear *L, const ConvBias *B, const float *X, float *colT,
+                        float *Y, int H, int W, int bp, int act, float *xb,
+                        int nthreads) noexcept nogil:
+    """The transposed convolution from X[C_in][(H/2)(W/2)bp] to Y[C_out][H*W*bp]:
+    act(col2im(W^T . X) + b), conv_backward_input's computation."""
+    linear_backward_input(L, X, colT, NULL, ACT_NONE, (H // 2) * (W // 2) * bp, xb, nthreads)
+    col2im(colT, Y, L.n_in // 16, H, W, bp, B.b, NULL, act, nthreads)
+
+
+cdef int tconv_backward(const Linear *L, const ConvBias *B, const float *dY, const float *X,
+                        float *dX, int x_act, float *col, int H, int W, int bp,
+                        const Adam *adam, float *xb, float *scratch,
+                        int nthreads) noexcept nogil:
+    """The transposed convolution's gradients from dY[C_out][H*W*bp]: dX = W . im2col(dY)
+    (conv_forward's GEMM, times act'(.) of X's layer), dW = X . im2col(dY)^T, db = the sums of
+    dY's channels; with ``adam`` W and b are updated (after dX has read W). Returns the
+    non-finite count as linear_backward_params."""
+    cdef int N = (H // 2) * (W // 2) * bp
+    cdef int c, f
+    cdef int bad
+    im2col(dY, col, L.n_in // 16, H, W, bp, nthreads)
+    linear_forward(L, col, dX, N, ACT_NONE, nthreads)
+    if x_act != ACT_NONE:
+        for f in prange(L.n_out, num_threads=nthreads, schedule='static'):
+            act_grad_row(dX + <long>f * N, X + <long>f * N, N, x_act)
+    bad = linear_backward_params(L, X, col, xb, N, N, adam, scratch, nthreads)
+    for c in prange(B.n, num_threads=nthreads, schedule='static'):
+        B.gb[c] = row_sum(dY + <long>c * H * W * bp, H * W * bp)
+    if adam != NULL:
+        bad += adam_row(B.b, B.mb, B.vb, B.gb, B.n, adam.step_size, adam.inv_bc2_sqrt)
+    return bad
+
+
+cdef ConvBias conv_bias_in_slab(Linear *L, int n):
+    """A transposed convolution's bias (n output channels) from the slab pointers that
+    linear_in_slab gave its Linear, which then has none."""
+    cdef ConvBias B
+    B.n = n
+    B.b, B.gb, B.mb, B.vb = L.b, L.gb, L.mb, L.vb
+    L.b = L.gb = L.mb = L.vb = NULL
+    return B
+
+
+cdef class ConvNet(Net):
+    """The convolutional CVAE over a slab that Python carved (cvae.model.Model of a ConvArch):
+    encoder conv1 (1 -> C1, 28 -> 14), conv2 (C1 -> C2, 14 -> 7), [flatten ; onehot] -> enc_fc
+    (H) -> enc_out (mu, logvar); decoder [z ; onehot] -> dec_fc1 (H) -> dec_fc2 (C2*49) ->
+    tconv1 (C2 -> C1, 7 -> 14) -> tconv2 (C1 -> 1, 14 -> 28) -> logits. The same loss, noise,
+    fused Adam and Python methods as Net, whose buffers it reuses by role (h1, h2: the conv
+    outputs, o, d0, g1, g2, logits)."""
+    cdef Linear conv1, conv2, enc_fc, enc_out, dec_fc1, dec_fc2, tconv1, tconv2
+    cdef ConvBias tb1, tb2
+    cdef float *col1
+    cdef float *col2
+    cdef float *colT
+    cdef float *h3_t
+    cdef float *g3_t
+    cdef float *dh3_t
+    cdef float *dg3_t
+    cdef int c1, c2
+
+    def __init__(self, float[::1] slab not None, dict layout, tuple layers, int latent,
+                 int max_bp, str act, int nthreads, str precision="fp32"):
+        """``layers``: (name, n_in, n_out, n_bias) of conv1, conv2, enc_fc, enc_out, dec_fc1,
+        dec_fc2, tconv1, tconv2 (ConvArch.layers); ``precision`` as for Net."""
+        cdef float *base = &slab[0]
+        cdef int bf = precision_flag(precision)
+        self._buffers(slab, layout, latent, max_bp, act, nthreads, precision)
+        dims = {layer[0]: (layer[1], layer[2]) for layer in layers}
+        self.conv1 = linear_in_slab(base, layout, dims, "conv1", bf)
+        self.conv2 = linear_in_slab(base, layout, dims, "conv2", bf)
+        self.enc_fc = linear_in_slab(base, layout, dims, "enc_fc", bf)
+        self.enc_out = linear_in_slab(base, layout, dims, "enc_out", bf)
+        self.dec_fc1 = linear_in_slab(base, layout, dims, "dec_fc1", bf)
+        self.dec_fc2 = linear_in_slab(base, layout, dims, "dec_fc2", bf)
+        self.tconv1 = linear_in_slab(base, layout, dims, "tconv1", bf)
+        self.tconv2 = linear_in_slab(base, layout, dims, "tconv2", bf)
+        self.c1 = self.conv1.n_out
+        self.c2 = self.conv2.n_out
+        self.n_pix = 784
+        hidden = self.enc_fc.n_out
+        if not (self.conv1.n_in == 16 and self.conv2.n_in == 16 * self.c1
+                and self.enc_fc.n_in == 49 * self.c2 + 10 and self.enc_out.n_in == hidden
+                and self.enc_out.n_out == 2 * latent and self.dec_fc1.n_in == latent + 10
+                and self.dec_fc2.n_out == 49 * self.c2
+                and self.tconv1.n_out == self.c2 and self.tconv1.n_in == 16 * self.c1
+                and self.tconv2.n_out == self.c1 and self.tconv2.n_in == 16):
+            raise ValueError("layers do not form a convolutional CVAE of this latent size")
+        self.tb1 = conv_bias_in_slab(&self.tconv1, self.c1)
+        self.tb2 = conv_bias_in_slab(&self.tconv2, 1)
+        self.x_t = at(base, layout, "act.x")
+        self.col1 = at(base, layout, "act.col1")
+        self.h1_t = at(base, layout, "act.conv1")
+        self.col2 = at(base, layout, "act.col2")
+        self.h2_t = at(base, layout, "act.conv2")
+        self.h3_t = at(base, layout, "act.enc_fc")
+        self.o_t = at(base, layout, "act.enc_out")
+        self.d0_t = at(base, layout, "act.dec_in")
+        self.g1_t = at(base, layout, "act.dec_fc1")
+        self.g2_t = at(base, layout, "act.dec_fc2")
+        self.g3_t = at(base, layout, "act.tconv1")
+        self.logits_t = at(base, layout, "act.tconv2")
+        self.dh1_t = at(base, layout, "actgrad.conv1")
+        self.dh2_t = at(base, layout, "actgrad.conv2")
+        self.dh3_t = at(base, layout, "actgrad.enc_fc")
+        self.do_t = at(base, layout, "actgrad.enc_out")
+        self.dd0_t = at(base, layout, "actgrad.dec_in")
+        self.dg1_t = at(base, layout, "actgrad.dec_fc1")
+        self.dg2_t = at(base, layout, "actgrad.dec_fc2")
+        self.dg3_t = at(base, layout, "actgrad.tconv1")
+        self.dlogits_t = at(base, layout, "actgrad.tconv2")
+        self.colT = at(base, layout, "scratch.col")
+
+    cdef void _encode(self, const uint8_t *pixels, const uint8_t *labels, int batch,
+                      int bp) noexcept nogil:
+        cdef int nt = self.nthreads
+        pixel_rows(pixels, self.x_t, self.n_pix, batch, bp, nt)
+        conv_forward(&self.conv1, self.x_t, self.col1, self.h1_t, 28, 28, bp, self.act, nt)
+        conv_forward(&self.conv2, self.h1_t, self.col2, self.h2_t, 14, 14, bp, self.act, nt)
+        onehot_rows(self.h2_t + 49 * self.c2 * bp, labels, 10, batch, bp)
+        linear_forward(&self.enc_fc, self.h2_t, self.h3_t, bp, self.act, nt)
+        linear_forward(&self.enc_out, self.h3_t, self.o_t, bp, ACT_NONE, nt)
+
+    cdef void _decode(self, const uint8_t *labels, int batch, int bp) noexcept nogil:
+        """Decoder from the z rows already in d0_t."""
+        cdef int nt = self.nthreads
+        onehot_rows(self.d0_t + self.latent * bp, labels, 10, batch, bp)
+        linear_forward(&self.dec_fc1, self.d0_t, self.g1_t, bp, self.act, nt)
+        linear_forward(&self.dec_fc2, self.g1_t, self.g2_t, bp, self.act, nt)
+        tconv_forward(&self.tconv1, &self.tb1, self.g2_t, self.colT, self.g3_t, 14, 14, bp,
+                      self.act, self.xb, nt)
+        tconv_forward(&self.tconv2, &self.tb2, self.g3_t, self.colT, self.logits_t, 28, 28, bp,
+                      ACT_NONE, self.xb, nt)
+
+    cdef void _backward(self, int batch, int bp, float beta, const Adam *adam) noexcept nogil:
+        cdef int nt = self.nthreads, act = self.act
+        cdef int n1 = 196 * bp, n2 = 49 * bp
+        self.bad = 0
+        # Each layer's dX reads W before the (optionally fused) update of that W.
+        self.bad += tconv_backward(&self.tconv2, &self.tb2, self.dlogits_t, self.g3_t,
+                                   self.dg3_t, act, self.colT, 28, 28, bp, adam, self.xb,
+                                   self.scratch, nt)
+        self.bad += tconv_backward(&self.tconv1, &self.tb1, self.dg3_t, self.g2_t, self.dg2_t,
+                                   act, self.colT, 14, 14, bp, adam, self.xb, self.scratch, nt)
+        linear_backward_input(&self.dec_fc2, self.dg2_t, self.dg1_t, self.g1_t, act, bp,
+                              self.xb, nt)
+        self.bad += linear_backward_params(&self.dec_fc2, self.dg2_t, self.g1_t, self.xb, batch,
+                                           bp, adam, self.scratch, nt)
+        linear_backward_input(&self.dec_fc1, self.dg1_t, self.dd0_t, self.d0_t, ACT_NONE, bp,
+                              self.xb, nt)
+        self.bad += linear_backward_params(&self.dec_fc1, self.dg1_t, self.d0_t, self.xb, batch,
+                                           bp, adam, self.scratch, nt)
+        reparam_backward(self.o_t, self.eps_t, self.dd0_t, self.do_t, self.latent, batch, bp,
+                         beta / batch, nt)
+        linear_backward_input(&self.enc_out, self.do_t, self.dh3_t, self.h3_t, act, bp,
+                              self.xb, nt)
+        self.bad += linear_backward_params(&self.enc_out, self.do_t, self.h3_t, self.xb, batch,
+                                           bp, adam, self.scratch, nt)
+        linear_backward_input(&self.enc_fc, self.dh3_t, self.dh2_t, self.h2_t, act, bp,
+                              self.xb, nt)
+        self.bad += linear_backward_params(&self.enc_fc, self.dh3_t, self.h2_t, self.xb, batch,
+                                           bp, adam, self.scratch, nt)
+        conv_backward_input(&self.conv2, self.dh2_t, self.colT, self.dh1_t, self.h1_t, act, 14,
+                            14, bp, self.xb, nt)
+        self.bad += linear_backward_params(&self.conv2, self.dh2_t, self.col2, self.xb, n2, n2,
+                                           adam, self.scratch, nt)
+        self.bad += linear_backward_params(&self.conv1, self.dh1_t, self.col1, self.xb, n1, n1,
+                                           adam, self.scratch, nt)
+
+    def adam_update(self, float lr, long adam_t):
+        """Adam step number adam_t from the stored gradients (the unfused path)."""
+        cdef Adam adam = adam_step(lr, adam_t)
+        cdef int nt = self.nthreads
+        self.bad = 0
+        with nogil:
+            self.bad += linear_adam(&self.conv1, &adam, nt)
+            self.bad += linear_adam(&self.conv2, &adam, nt)
+            self.bad += linear_adam(&self.enc_fc, &adam, nt)
+            self.bad += linear_adam(&self.enc_out, &adam, nt)
+            self.bad += linear_adam(&self.dec_fc1, &adam, nt)
+            self.bad += linear_adam(&self.dec_fc2, &adam, nt)
+            self.bad += linear_adam(&self.tconv1, &adam, nt)
+            self.bad += adam_row(self.tb1.b, self.tb1.mb, self.tb1.vb, self.tb1.gb, self.tb1.n,
+                                 adam.step_size, adam.inv_bc2_sqrt)
+            self.bad += linear_adam(&self.tconv2, &adam, nt)
+            self.bad += adam_row(self.tb2.b, self.tb2.mb, self.tb2.vb, self.tb2.gb, self.tb2.n,
+                                 adam.step_size, adam.inv_bc2_sqrt)
+        return self.bad
+
+    def sync_bf16(self):
+        """Round W into its bf16 copies (after initialisation or loading); a no-op in fp32."""
+        cdef int nt = self.nthreads
+        with nogil:
+            linear_sync_bf16(&self.conv1, nt)
+            linear_sync_bf16(&self.conv2, nt)
+            linear_sync_bf16(&self.enc_fc, nt)
+            linear_sync_bf16(&self.enc_out, nt)
+            linear_sync_bf16(&self.dec_fc1, nt)
+            linear_sync_bf16(&self.dec_fc2, nt)
+            linear_sync_bf16(&self.tconv1, nt)
+            linear_sync_bf16(&self.tconv2, nt)
 
 
 # ---------------------------------------------------------------- the digit classifier

@@ -15,6 +15,13 @@ values per float.
 Storage follows the kernels: a weight is [out][in padded to 16]; activations are
 feature-major [features padded to 16][batch padded to 16]. The views in ``params``,
 ``grads``, ``acts``, ... hide both paddings.
+
+The convolutional CVAE (ConvArch) uses the same slab: a convolution's weight is PyTorch's
+(C_out, C_in, 4, 4) stored as [C_out][C_in*16], a transposed convolution's is
+ConvTranspose2d's (C_in, C_out, 4, 4) as [C_in][C_out*16] with its bias per output channel;
+an image map of C channels is feature-major [C*H*W][batch], and each convolution's im2col
+lives in the activation area (``act.col1``, ``act.col2``: the weight gradients read them) or
+in ``scratch.col``.
 """
 
 from dataclasses import dataclass
@@ -36,7 +43,9 @@ VARIANTS = {
     "mini": dict(h1=256, h2=128, latent=32, digits=(0, 1)),
     "mid": dict(h1=512, h2=256, latent=64, digits=(0, 1)),
     "full": dict(h1=640, h2=320, latent=128, digits=tuple(range(10))),
+    "conv": dict(channels=(32, 64), hidden=512, latent=128, digits=tuple(range(10))),
 }
+CONV_VARIANTS = ("conv",)
 ACTIVATIONS = ("elu", "relu")
 # Bounds on what any network's slab may be built with, far above anything cvae trains (the
 # widest layer of `full` is 794 inputs, batches are at most the 60,000 training images) and
@@ -44,6 +53,10 @@ ACTIVATIONS = ("elu", "relu")
 # terabytes. A checkpoint's own sizes are further bound by its file: its sections must match.
 MAX_WIDTH = 1 << 15
 MAX_BATCH = 1 << 16
+# A convolution's channels: its im2col buffers grow with channels x positions x batch (at
+# 256 channels and a batch of 64, 50 MB each), not with anything a checkpoint must hold, so
+# they get a bound of their own.
+MAX_CHANNELS = 256
 
 
 def pad(n):
@@ -61,7 +74,10 @@ class Arch:
 
     @classmethod
     def variant(cls, name, act="elu", hidden=None, latent=None):
-        """The variant's sizes, overridden by hidden (h1, h2) and latent when given."""
+        """The variant's sizes, overridden by hidden (h1, h2) and latent when given (an MLP
+        variant; arch_for_variant takes conv too)."""
+        if name in CONV_VARIANTS:
+            raise CvaeError(f"variant {name!r} is convolutional: use arch_for_variant")
         v = VARIANTS[name]
         h1, h2 = hidden or (v["h1"], v["h2"])
         return cls(h1=h1, h2=h2, latent=latent or v["latent"], act=act or "elu")
@@ -82,20 +98,93 @@ class Arch:
         return f"{self.h1}-{self.h2}-{self.latent} {self.act}"
 
 
+# The convolutions' geometry: 4x4 kernels, stride 2, padding 1, 28 -> 14 -> 7 (the kernels
+# hard-code it too, cvae._kernels.ConvNet).
+CONV_SIDE = (28, 14, 7)
+
+
+@dataclass(frozen=True)
+class ConvArch:
+    """The convolutional CVAE (issue 17): conv 1 -> C1 (28 -> 14), conv C1 -> C2 (14 -> 7),
+    [flatten ; onehot] -> fc H -> fc 2L; [z ; onehot] -> fc H -> fc C2*49 -> transposed conv
+    C2 -> C1 (7 -> 14) -> transposed conv C1 -> 1 (14 -> 28) -> 784 logits; act after every
+    layer but the two outputs."""
+    channels: tuple = (32, 64)
+    hidden: int = 512
+    latent: int = 128
+    act: str = "elu"
+    x_dim: int = N_PIXELS
+    n_classes: int = N_CLASSES
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(self.channels))
+
+    def layers(self):
+        """(name, n_in, n_out, n_bias) of the eight weight layers, encoder then decoder: each
+        weight is [n_out][n_in] (module doc), its bias n_bias long."""
+        (c1, c2), h, z, c = self.channels, self.hidden, self.latent, self.n_classes
+        flat = c2 * CONV_SIDE[2] ** 2
+        return (("conv1", 16, c1, c1), ("conv2", 16 * c1, c2, c2),
+                ("enc_fc", flat + c, h, h), ("enc_out", h, 2 * z, 2 * z),
+                ("dec_fc1", z + c, h, h), ("dec_fc2", h, flat, flat),
+                ("tconv1", 16 * c1, c2, c1), ("tconv2", 16, c1, 1))
+
+    def positions(self):
+        """Per sample, the columns of each convolution's GEMMs (its small map's positions)."""
+        small, tiny = CONV_SIDE[1] ** 2, CONV_SIDE[2] ** 2
+        return {"conv1": small, "conv2": tiny, "tconv1": tiny, "tconv2": small}
+
+    def n_params(self):
+        return sum(n_out * n_in + n_bias for _, n_in, n_out, n_bias in self.layers())
+
+    def to_json(self):
+        return {"type": "conv", "channels": list(self.channels), "hidden": self.hidden,
+                "latent": self.latent, "act": self.act}
+
+    def describe(self):
+        c1, c2 = self.channels
+        return f"conv {c1}-{c2}-{self.hidden}-{self.latent} {self.act}"
+
+
 def arch_for_variant(name, act="elu", hidden=None, latent=None, channels=None):
-    return Arch.variant(name, act=act, hidden=hidden, latent=latent)
+    """The variant's architecture (Arch, or ConvArch for conv) with the given overrides:
+    hidden is (h1, h2) for the MLP variants and one int for conv; channels (C1, C2) is conv's
+    only."""
+    if name not in VARIANTS:
+        raise CvaeError(f"variant {name!r}: choose from {', '.join(VARIANTS)}")
+    if name not in CONV_VARIANTS:
+        if channels is not None:
+            raise CvaeError(f"--channels applies to the convolutional variants only, not "
+                            f"{name!r}")
+        return Arch.variant(name, act=act, hidden=hidden, latent=latent)
+    v = VARIANTS[name]
+    return ConvArch(channels=tuple(channels or v["channels"]), hidden=hidden or v["hidden"],
+                    latent=latent or v["latent"], act=act or "elu")
+
+
+def _layer(layer):
+    """(name, n_in, n_out, n_bias) of a layer tuple; an MLP's (name, n_in, n_out) has a bias
+    per output."""
+    return tuple(layer) if len(layer) == 4 else (*layer, layer[2])
 
 
 # Activation buffers: name -> rows, for the feature-major [rows][batch] layout.
 def _activation_rows(arch):
     x, c, z = arch.x_dim, arch.n_classes, arch.latent
+    if isinstance(arch, ConvArch):
+        (c1, c2), h = arch.channels, arch.hidden
+        small, tiny = CONV_SIDE[1] ** 2, CONV_SIDE[2] ** 2
+        return {"x": x, "col1": 16 * small, "conv1": c1 * small, "col2": 16 * c1 * tiny,
+                "conv2": c2 * tiny + c, "enc_fc": h, "enc_out": 2 * z, "eps": z,
+                "dec_in": z + c, "dec_fc1": h, "dec_fc2": c2 * tiny, "tconv1": c1 * small,
+                "tconv2": x}
     return {"x": x + c, "enc1": arch.h1, "enc2": arch.h2, "enc3": 2 * z, "eps": z,
             "dec_in": z + c, "dec1": arch.h2, "dec2": arch.h1, "dec3": x}
 
 
 def check_sizes(layers, max_batch, source):
     """Every layer's widths in [1, MAX_WIDTH] and the batch in [1, MAX_BATCH], else CvaeError."""
-    for name, n_in, n_out in layers:
+    for name, n_in, n_out, _ in map(_layer, layers):
         if not (1 <= n_in <= MAX_WIDTH and 1 <= n_out <= MAX_WIDTH):
             raise CvaeError(f"{source}: layer {name} would be {n_in}x{n_out}, beyond the "
                             f"{MAX_WIDTH} units per layer cvae builds")
@@ -108,8 +197,8 @@ def check_state_sections(layers, sections, source):
     with its layer's shape, Adam's moments all present or all absent, nothing else, and second
     moments non-negative (Adam takes their square root). CvaeError naming source otherwise."""
     shapes = {}
-    for name, n_in, n_out in layers:
-        shapes[f"{name}.W"], shapes[f"{name}.b"] = (n_out, n_in), (n_out,)
+    for name, n_in, n_out, n_bias in map(_layer, layers):
+        shapes[f"{name}.W"], shapes[f"{name}.b"] = (n_out, n_in), (n_bias,)
     groups = ("param", "adam_m", "adam_v") if any(k.startswith("adam_") for k in sections) \
         else ("param",)
     expected = {f"{group}.{name}": shape for group in groups for name, shape in shapes.items()}
@@ -139,16 +228,20 @@ class SlabModel:
     the same for every network."""
 
     def _carve(self, layers, act_rows, actgrad_names, per_sample, max_batch, threads,
-               precision="fp32"):
+               precision="fp32", positions=None, scratch=None):
         """Lay out the slab; sets slab, layout, section_sizes, params, grads, adam_m, adam_v.
 
         ``precision``: fp32, or bf16 (GEMM inputs rounded to bf16, see the module's doc);
-        resolve "auto" with cvae.kernels.resolve_precision first."""
+        resolve "auto" with cvae.kernels.resolve_precision first. ``positions``: layer name
+        -> GEMM columns per sample (a convolution's positions; 1 when absent), which size the
+        batch-major and bf16 scratch. ``scratch``: further scratch sections, name -> floats."""
         if precision not in PRECISIONS:
             raise CvaeError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         check_sizes(layers, max_batch, "this network")
+        positions = positions or {}
+        self.layer_dims = tuple(layers)     # as given: (name, n_in, n_out[, n_bias])
+        layers = self._layers = tuple(map(_layer, layers))
         self.precision = precision
-        self.layer_dims = tuple(layers)
         self.max_batch = max_batch
         self.threads = threads
         self.max_bp = pad(max_batch)
@@ -166,27 +259,32 @@ class SlabModel:
             total += pad(n)
 
         for group in ("param", "grad", "adam_m", "adam_v"):
-            for name, n_in, n_out in layers:
+            for name, n_in, n_out, n_bias in layers:
                 carve(f"{group}.{name}.W", n_out * pad(n_in))
-                carve(f"{group}.{name}.b", n_out)
+                carve(f"{group}.{name}.b", n_bias)
         for name, r in act_rows.items():
             carve(f"act.{name}", pad(r) * self.max_bp)
         for name in actgrad_names:
             carve(f"actgrad.{name}", pad(act_rows[name]) * self.max_bp)
         for name in per_sample:
             carve(f"per_sample.{name}", self.max_bp)
-        widest = max(pad(n_in) for _, n_in, _ in layers)
-        carve("scratch.batch_major", self.max_bp * widest)
+        # A GEMM's columns: max_bp, times a convolution's positions.
+        cols = {name: positions.get(name, 1) * self.max_bp for name, *_ in layers}
+        widest = max(pad(n_in) for _, n_in, _, _ in layers)
+        carve("scratch.batch_major", max(cols[name] * pad(n_in) for name, n_in, _, _ in layers))
         carve("scratch.tiles", threads * k.tile_rows * widest)
+        for name, n in (scratch or {}).items():
+            carve(name, n)
         if precision == "bf16":
-            for name, n_in, n_out in layers:
+            for name, n_in, n_out, _ in layers:
                 carve(f"bf16.{name}.W", n_out * pad(n_in) // 2)
                 carve(f"bf16.{name}.Wp", -(-n_out // 2) * pad(n_in))
-            # A GEMM's packed operand: at most ceil(rows / 2) pairs of max_bp columns, or
-            # max_bp / 2 pairs of samples by a padded row, for rows up to the widest layer side.
-            widest_side = max(max(pad(n_in), pad(n_out)) for _, n_in, n_out in layers)
-            carve("scratch.bf16_a", widest_side // 2 * self.max_bp)
-            carve("scratch.bf16_b", widest_side // 2 * self.max_bp)
+            # A GEMM's packed operand: at most ceil(rows / 2) pairs of its columns, or half its
+            # columns in pairs by a padded row, for rows up to the widest side of its layer.
+            packed = max(max(pad(n_in), pad(n_out)) // 2 * cols[name]
+                         for name, n_in, n_out, _ in layers)
+            carve("scratch.bf16_a", packed)
+            carve("scratch.bf16_b", packed)
 
         raw = np.zeros(total + ALIGN, dtype=np.float32)
         shift = (-raw.ctypes.data % 64) // 4
@@ -206,14 +304,14 @@ class SlabModel:
 
     def _tensor_views(self, group):
         views = {}
-        for name, n_in, n_out in self.layer_dims:
+        for name, n_in, n_out, n_bias in self._layers:
             views[f"{name}.W"] = self._view(f"{group}.{name}.W", (n_out, pad(n_in)))[:, :n_in]
-            views[f"{name}.b"] = self._view(f"{group}.{name}.b", (n_out,))
+            views[f"{name}.b"] = self._view(f"{group}.{name}.b", (n_bias,))
         return views
 
     def group_block(self, group):
         """The contiguous slab block of one group (param, grad, adam_m, adam_v), padding included."""
-        names = [f"{group}.{name}.{t}" for name, _, _ in self.layer_dims for t in "Wb"]
+        names = [f"{group}.{name}.{t}" for name, *_ in self._layers for t in "Wb"]
         start = self.layout[names[0]]
         end = self.layout[names[-1]] + pad(self.section_sizes[names[-1]])
         return self.slab[start:end]
@@ -226,9 +324,11 @@ class SlabModel:
         return full[:rows][row_slice, :b].T
 
     def init_params(self, seed):
-        """PyTorch's nn.Linear default: U(-1/sqrt(in), 1/sqrt(in)) for W and b; Adam reset."""
+        """PyTorch's nn.Linear default: U(-1/sqrt(in), 1/sqrt(in)) for W and b; Adam reset.
+        The same for Conv2d and ConvTranspose2d, whose fan_in (weight.size(1) * 16) is a
+        weight's n_in here."""
         rng = np.random.default_rng(seed)
-        for name, n_in, _ in self.layer_dims:
+        for name, n_in, _, _ in self._layers:
             bound = 1.0 / np.sqrt(n_in)
             for t in ("W", "b"):
                 view = self.params[f"{name}.{t}"]
@@ -286,7 +386,8 @@ class SlabModel:
 
 
 class Model(SlabModel):
-    """The CVAE: its slab and the kernels' Net over it.
+    """The CVAE, MLP (Arch) or convolutional (ConvArch): its slab and the kernels' Net or
+    ConvNet over it.
 
     ``threads`` is the OpenMP thread count for every kernel call; ``max_batch`` sizes the
     activation buffers. ``precision``: fp32 or bf16 (see the module's doc).
@@ -297,11 +398,24 @@ class Model(SlabModel):
             raise ValueError(f"activation must be one of {ACTIVATIONS}")
         self.arch = arch
         self.source = "the model"  # its checkpoint's path once loaded, for error messages
-        k = self._carve(arch.layers(), _activation_rows(arch),
-                        ("enc1", "enc2", "enc3", "dec_in", "dec1", "dec2", "dec3"),
-                        ("rec", "kl"), max_batch, threads, precision)
-        self.net = k.Net(self.slab, self.layout, arch.layers(), arch.latent, self.max_bp,
-                         arch.act, threads, precision)
+        rows = _activation_rows(arch)
+        if isinstance(arch, ConvArch):
+            if not all(1 <= c <= MAX_CHANNELS for c in arch.channels):
+                raise CvaeError(f"channels {arch.channels}: cvae builds 1 to {MAX_CHANNELS}")
+            grads = ("conv1", "conv2", "enc_fc", "enc_out", "dec_in", "dec_fc1", "dec_fc2",
+                     "tconv1", "tconv2")
+            # The im2col of whichever convolution's input or gradient is not kept for its dW.
+            col = max(rows["col1"], rows["col2"]) * pad(max_batch)
+            k = self._carve(arch.layers(), rows, grads, ("rec", "kl"), max_batch, threads,
+                            precision, positions=arch.positions(), scratch={"scratch.col": col})
+            net = k.ConvNet
+        else:
+            k = self._carve(arch.layers(), rows,
+                            ("enc1", "enc2", "enc3", "dec_in", "dec1", "dec2", "dec3"),
+                            ("rec", "kl"), max_batch, threads, precision)
+            net = k.Net
+        self.net = net(self.slab, self.layout, arch.layers(), arch.latent, self.max_bp,
+                       arch.act, threads, precision)
         self._eval_rec = np.zeros(self.max_bp, dtype=np.float32)
         self._eval_kl = np.zeros(self.max_bp, dtype=np.float32)
 
@@ -309,6 +423,18 @@ class Model(SlabModel):
         z = self.arch.latent
         r = _activation_rows(self.arch)
         view = self._feature_major
+        if isinstance(self.arch, ConvArch):
+            flat = r["dec_fc2"]
+            return {"conv1": view(f"{prefix}.conv1", r["conv1"]),
+                    "conv2": view(f"{prefix}.conv2", r["conv2"], slice(0, flat)),
+                    "enc_fc": view(f"{prefix}.enc_fc", r["enc_fc"]),
+                    "mu": view(f"{prefix}.enc_out", r["enc_out"], slice(0, z)),
+                    "logvar": view(f"{prefix}.enc_out", r["enc_out"], slice(z, 2 * z)),
+                    "z": view(f"{prefix}.dec_in", r["dec_in"], slice(0, z)),
+                    "dec_fc1": view(f"{prefix}.dec_fc1", r["dec_fc1"]),
+                    "dec_fc2": view(f"{prefix}.dec_fc2", r["dec_fc2"]),
+                    "tconv1": view(f"{prefix}.tconv1", r["tconv1"]),
+                    "logits": view(f"{prefix}.tconv2", r["tconv2"])}
         return {"enc1": view(f"{prefix}.enc1", r["enc1"]),
                 "enc2": view(f"{prefix}.enc2", r["enc2"]),
                 "mu": view(f"{prefix}.enc3", r["enc3"], slice(0, z)),
@@ -320,7 +446,8 @@ class Model(SlabModel):
 
     @property
     def acts(self):
-        """Last forward's activations as (batch, features) views (post-activation)."""
+        """Last forward's activations as (batch, features) views (post-activation); a
+        convolution's features are PyTorch's flattening of (C, H, W)."""
         return self._named_views("act")
 
     @property
@@ -382,6 +509,10 @@ class Model(SlabModel):
 
 
 def arch_from_json(data, source="checkpoint"):
+    """Arch or ConvArch (``"type": "conv"``; no type: the MLP, as every older checkpoint) from
+    a header's architecture, validated before anything is built."""
+    if isinstance(data, dict) and data.get("type") == "conv":
+        return _conv_arch_from_json(data, source)
     if not (isinstance(data, dict) and {"h1", "h2", "latent", "act"} <= data.keys()):
         raise CvaeError(f"{source}: no valid architecture in its header")
     sizes = [data[key] for key in ("h1", "h2", "latent")]
@@ -392,6 +523,21 @@ def arch_from_json(data, source="checkpoint"):
         raise CvaeError(f"{source}: its header's architecture {data!r:.120} is not one cvae can "
                         f"build")
     return Arch(h1=sizes[0], h2=sizes[1], latent=sizes[2], act=data["act"])
+
+
+def _conv_arch_from_json(data, source):
+    channels = data.get("channels")
+    sizes = [data.get("hidden"), data.get("latent")]
+    # As the MLP's: integers only, bounded before anything is built; channels by their own
+    # bound (their buffers grow with them), the fc widths by check_sizes'.
+    if (set(data) != {"type", "channels", "hidden", "latent", "act"}
+            or not (isinstance(channels, list) and len(channels) == 2)
+            or not all(type(c) is int and 1 <= c <= MAX_CHANNELS for c in channels)
+            or not all(type(n) is int and 1 <= n <= MAX_WIDTH for n in sizes)
+            or data["act"] not in ACTIVATIONS):
+        raise CvaeError(f"{source}: its header's architecture {data!r:.120} is not one cvae can "
+                        f"build")
+    return ConvArch(channels=tuple(channels), hidden=sizes[0], latent=sizes[1], act=data["act"])
 
 
 def check_digits(meta, path):

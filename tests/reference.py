@@ -379,3 +379,204 @@ def flow_init_params(latent, hidden, blocks, n_freq, seed=0, n_classes=N_CLASSES
         params[f"{layer}.W"] = rng.normal(0, 1 / np.sqrt(fan_in), (fan_out, fan_in))
         params[f"{layer}.b"] = rng.normal(0, 0.1, fan_out)
     return params
+
+
+# --------------------------------------------------------------------------- the convolutional CVAE
+#
+# Per image (issue 17): x (1, 28, 28) = pixels / 255
+#   h1 = act(conv2d(x, conv1))                      (C1, 14, 14)   4x4, stride 2, padding 1
+#   h2 = act(conv2d(h1, conv2))                     (C2, 7, 7)
+#   h3 = act([flatten(h2) ; onehot(y)] @ enc_fc.W.T + b)
+#   o  = h3 @ enc_out.W.T + b;  mu, logvar;  z = mu + eps * exp(logvar / 2)
+#   g1 = act([z ; onehot(y)] @ dec_fc1.W.T + b)
+#   g2 = act(g1 @ dec_fc2.W.T + b) as (C2, 7, 7)
+#   g3 = act(conv_transpose2d(g2, tconv1))          (C1, 14, 14)
+#   logits = conv_transpose2d(g3, tconv2)           (1, 28, 28) -> 784
+# Weights are given as the kernels store them: conv (C_out, C_in*16) = PyTorch's
+# (C_out, C_in, 4, 4); transposed conv (C_in, C_out*16) = ConvTranspose2d's (C_in, C_out, 4, 4).
+
+CONV_LAYERS = ("conv1", "conv2", "enc_fc", "enc_out", "dec_fc1", "dec_fc2", "tconv1", "tconv2")
+CONV_PARAM_NAMES = tuple(f"{layer}.{kind}" for layer in CONV_LAYERS for kind in ("W", "b"))
+CONV_ACT_NAMES = ("conv1", "conv2", "enc_fc", "dec_fc1", "dec_fc2", "tconv1", "mu", "logvar",
+                  "z", "logits")
+
+
+def im2col(x):
+    """(b, C, H, W) -> (b, C*16, H/2 * W/2): row (c, ky, kx), column (oy, ox) holds
+    x[c, 2oy - 1 + ky, 2ox - 1 + kx] (zero outside the image)."""
+    b, c, h, w = x.shape
+    ho, wo = h // 2, w // 2
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    cols = np.empty((b, c, 4, 4, ho, wo), dtype=x.dtype)
+    for ky in range(4):
+        for kx in range(4):
+            cols[:, :, ky, kx] = xp[:, :, ky:ky + 2 * ho:2, kx:kx + 2 * wo:2]
+    return cols.reshape(b, c * 16, ho * wo)
+
+
+def col2im(cols, c, h, w):
+    """The adjoint of im2col: (b, c*16, h/2 * w/2) -> (b, c, h, w), overlapping taps summed."""
+    b = cols.shape[0]
+    ho, wo = h // 2, w // 2
+    cols = cols.reshape(b, c, 4, 4, ho, wo)
+    xp = np.zeros((b, c, h + 2, w + 2), dtype=cols.dtype)
+    for ky in range(4):
+        for kx in range(4):
+            xp[:, :, ky:ky + 2 * ho:2, kx:kx + 2 * wo:2] += cols[:, :, ky, kx]
+    return xp[:, :, 1:-1, 1:-1]
+
+
+def conv2d(x, weight, bias):
+    """4x4, stride 2, padding 1; weight (C_out, C_in*16)."""
+    b, _, h, w = x.shape
+    y = np.einsum("ok,bkp->bop", weight, im2col(x)) + bias[None, :, None]
+    return y.reshape(b, weight.shape[0], h // 2, w // 2)
+
+
+def conv_transpose2d(x, weight, bias):
+    """The transposed convolution of conv2d's geometry: (b, C_in, h, w) -> (b, C_out, 2h, 2w);
+    weight (C_in, C_out*16)."""
+    b, c_in, h, w = x.shape
+    c_out = weight.shape[1] // 16
+    cols = np.einsum("ik,bip->bkp", weight, x.reshape(b, c_in, h * w))
+    return col2im(cols, c_out, 2 * h, 2 * w) + bias[None, :, None, None]
+
+
+def conv2d_direct(x, weight, bias):
+    """conv2d by its definition, loop by loop (checks im2col in the tests)."""
+    b, c_in, h, w = x.shape
+    c_out = weight.shape[0]
+    k = weight.reshape(c_out, c_in, 4, 4)
+    y = np.zeros((b, c_out, h // 2, w // 2)) + bias[None, :, None, None]
+    for oy in range(h // 2):
+        for ox in range(w // 2):
+            for ky in range(4):
+                for kx in range(4):
+                    iy, ix = 2 * oy - 1 + ky, 2 * ox - 1 + kx
+                    if 0 <= iy < h and 0 <= ix < w:
+                        y[:, :, oy, ox] += x[:, :, iy, ix] @ k[:, :, ky, kx].T
+    return y
+
+
+def conv_transpose2d_direct(x, weight, bias):
+    """conv_transpose2d by its definition (PyTorch's): every input pixel scatters its kernel."""
+    b, c_in, h, w = x.shape
+    c_out = weight.shape[1] // 16
+    k = weight.reshape(c_in, c_out, 4, 4)
+    yp = np.zeros((b, c_out, 2 * h + 2, 2 * w + 2))
+    for iy in range(h):
+        for ix in range(w):
+            for ky in range(4):
+                for kx in range(4):
+                    yp[:, :, 2 * iy + ky, 2 * ix + kx] += x[:, :, iy, ix] @ k[:, :, ky, kx]
+    return yp[:, :, 1:-1, 1:-1] + bias[None, :, None, None]
+
+
+def conv_forward_backward(params, pixels, labels, eps, beta, act, dtype=np.float64):
+    """forward_backward of the convolutional CVAE: (loss, rec, kl, grads, acts, act_grads)
+    with acts and act_grads keyed by CONV_ACT_NAMES, (batch, features) with a map flattened as
+    (C, H, W); act_grads are w.r.t. pre-activations (and mu, logvar, z, logits)."""
+    P = {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
+    pixels = np.asarray(pixels)
+    b = pixels.shape[0]
+    L = P["enc_out.W"].shape[0] // 2
+    c1, c2 = P["conv1.W"].shape[0], P["conv2.W"].shape[0]
+    x = (pixels.astype(dtype) / dtype(255)).reshape(b, 1, 28, 28)
+    y = onehot(labels, dtype)
+    eps = np.asarray(eps, dtype=dtype).reshape(b, L)
+
+    # ---- forward
+    p1 = conv2d(x, P["conv1.W"], P["conv1.b"])
+    h1 = act_forward(p1, act)
+    p2 = conv2d(h1, P["conv2.W"], P["conv2.b"])
+    h2 = act_forward(p2, act)
+    a = np.concatenate([h2.reshape(b, -1), y], axis=1)
+    p3 = a @ P["enc_fc.W"].T + P["enc_fc.b"]
+    h3 = act_forward(p3, act)
+    o = h3 @ P["enc_out.W"].T + P["enc_out.b"]
+    mu, logvar = o[:, :L], o[:, L:]
+    std = np.exp(logvar / 2)
+    z = mu + eps * std
+    d0 = np.concatenate([z, y], axis=1)
+    q1 = d0 @ P["dec_fc1.W"].T + P["dec_fc1.b"]
+    g1 = act_forward(q1, act)
+    q2 = g1 @ P["dec_fc2.W"].T + P["dec_fc2.b"]
+    g2 = act_forward(q2, act)
+    q3 = conv_transpose2d(g2.reshape(b, c2, 7, 7), P["tconv1.W"], P["tconv1.b"])
+    g3 = act_forward(q3, act)
+    logits = conv_transpose2d(g3, P["tconv2.W"], P["tconv2.b"]).reshape(b, 784)
+    xf = x.reshape(b, 784)
+
+    rec_i = (np.maximum(logits, 0) - logits * xf + np.log1p(np.exp(-np.abs(logits)))).sum(axis=1)
+    kl_i = -0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum(axis=1)
+    loss_i = rec_i + beta * kl_i
+    loss, rec, kl = float(loss_i.mean()), float(rec_i.mean()), float(kl_i.mean())
+
+    # ---- backward of the batch mean
+    inv_b = dtype(1) / dtype(b)
+    grads = {}
+    d_logits = (1 / (1 + np.exp(-logits)) - xf) * inv_b
+    # transposed conv: y = col2im(W^T x)  =>  dx = W im2col(dy), dW = x im2col(dy)^T
+    dcols = im2col(d_logits.reshape(b, 1, 28, 28))
+    g3f = g3.reshape(b, c1, 196)
+    grads["tconv2.W"] = np.einsum("bip,bkp->ik", g3f, dcols)
+    grads["tconv2.b"] = d_logits.sum(axis=(0, 1))[None]
+    d_q3 = act_backward(np.einsum("ik,bkp->bip", P["tconv2.W"], dcols).reshape(q3.shape), q3, act)
+    dcols = im2col(d_q3)
+    g2f = g2.reshape(b, c2, 49)
+    grads["tconv1.W"] = np.einsum("bip,bkp->ik", g2f, dcols)
+    grads["tconv1.b"] = d_q3.sum(axis=(0, 2, 3))
+    d_q2 = act_backward(np.einsum("ik,bkp->bip", P["tconv1.W"], dcols).reshape(b, -1), q2, act)
+    grads["dec_fc2.W"] = d_q2.T @ g1
+    grads["dec_fc2.b"] = d_q2.sum(axis=0)
+    d_q1 = act_backward(d_q2 @ P["dec_fc2.W"], q1, act)
+    grads["dec_fc1.W"] = d_q1.T @ d0
+    grads["dec_fc1.b"] = d_q1.sum(axis=0)
+    d_z = (d_q1 @ P["dec_fc1.W"])[:, :L]
+    d_mu = d_z + beta * mu * inv_b
+    d_logvar = d_z * eps * std / 2 + beta * (np.exp(logvar) - 1) / 2 * inv_b
+    d_o = np.concatenate([d_mu, d_logvar], axis=1)
+    grads["enc_out.W"] = d_o.T @ h3
+    grads["enc_out.b"] = d_o.sum(axis=0)
+    d_p3 = act_backward(d_o @ P["enc_out.W"], p3, act)
+    grads["enc_fc.W"] = d_p3.T @ a
+    grads["enc_fc.b"] = d_p3.sum(axis=0)
+    d_p2 = act_backward((d_p3 @ P["enc_fc.W"])[:, :c2 * 49].reshape(p2.shape), p2, act)
+    # conv: y = W im2col(x)  =>  dW = dy im2col(x)^T, dx = col2im(W^T dy)
+    d_p2f = d_p2.reshape(b, c2, 49)
+    grads["conv2.W"] = np.einsum("bop,bkp->ok", d_p2f, im2col(h1))
+    grads["conv2.b"] = d_p2f.sum(axis=(0, 2))
+    d_p1 = act_backward(col2im(np.einsum("ok,bop->bkp", P["conv2.W"], d_p2f), c1, 14, 14), p1,
+                        act)
+    d_p1f = d_p1.reshape(b, c1, 196)
+    grads["conv1.W"] = np.einsum("bop,bkp->ok", d_p1f, im2col(x))
+    grads["conv1.b"] = d_p1f.sum(axis=(0, 2))
+
+    flat = lambda t: t.reshape(b, -1)  # noqa: E731
+    acts = {"conv1": flat(h1), "conv2": flat(h2), "enc_fc": h3, "dec_fc1": g1, "dec_fc2": g2,
+            "tconv1": flat(g3), "mu": mu, "logvar": logvar, "z": z, "logits": logits}
+    act_grads = {"conv1": flat(d_p1), "conv2": flat(d_p2), "enc_fc": d_p3, "dec_fc1": d_q1,
+                 "dec_fc2": d_q2, "tconv1": flat(d_q3), "mu": d_mu, "logvar": d_logvar,
+                 "z": d_z, "logits": d_logits}
+    return loss, rec, kl, grads, acts, act_grads
+
+
+def conv_loss_only(params, pixels, labels, eps, beta, act):
+    return conv_forward_backward(params, pixels, labels, eps, beta, act)[0]
+
+
+def conv_init_params(channels, hidden, latent, seed=0, scale=1.0):
+    """Small random float64 parameters of the convolutional CVAE (kernel storage shapes)."""
+    c1, c2 = channels
+    rng = np.random.default_rng(seed)
+    shapes = {"conv1": ((c1, 16), c1), "conv2": ((c2, 16 * c1), c2),
+              "enc_fc": ((hidden, 49 * c2 + N_CLASSES), hidden),
+              "enc_out": ((2 * latent, hidden), 2 * latent),
+              "dec_fc1": ((hidden, latent + N_CLASSES), hidden),
+              "dec_fc2": ((49 * c2, hidden), 49 * c2),
+              "tconv1": ((c2, 16 * c1), c1), "tconv2": ((c1, 16), 1)}
+    params = {}
+    for layer, ((rows, fan_in), n_bias) in shapes.items():
+        params[f"{layer}.W"] = rng.normal(0, scale / np.sqrt(fan_in), (rows, fan_in))
+        params[f"{layer}.b"] = rng.normal(0, 0.1 * scale, n_bias)
+    return params
