@@ -33,8 +33,7 @@ from cvae.prior import KIND as PRIOR_KIND
 from cvae.progress import Bar, counter
 from cvae import rundir as R
 from cvae.sheets import (DEFAULT_N, classes_path_for, generate_idx, generated_set,
-                         interpolation_sheets,
-                         reconstruction_sheet, sample_sheets)
+                         interpolation_sheets, reconstruction_sheet, sample_sheets)
 from cvae.signals import stop_on_signals
 from cvae.train import KIND as CVAE_KIND
 from cvae.train import Trainer, data_description, new_model, restore
@@ -299,6 +298,11 @@ def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
             recipe["precision"] = model.precision
         reference = judge if _judge_is_reference(judge, judge_meta, recipe, train_set,
                                                  test_set) else None
+        size = len(train_set) if cas_size is None else cas_size
+        if size < recipe["batch"]:
+            raise CvaeError(f"--cas: a training set of {size} images of digits "
+                            f"{digits_text(digits)} is fewer than one batch "
+                            f"({recipe['batch']}) of the classifier's recipe")
 
     start = time.perf_counter()
     options = dict(classifier=judge, samples=samples, temperature=temperature, priors=priors,

@@ -22,7 +22,7 @@ from cvae.evaluate import accuracy_by_digit
 from cvae.model import Arch, Model
 from cvae.sheets import set_labels
 from cvae.train_classifier import recipe_of, train_with_recipe
-from .conftest import assert_one_line_error, run_cli, write_mnist_dir, write_split
+from .conftest import assert_one_line_error, make_digits, run_cli, write_mnist_dir, write_split
 
 pytestmark = pytest.mark.usefixtures("no_real_data")
 
@@ -199,6 +199,14 @@ def test_bad_combinations_are_one_line_errors(world, run, tmp_path, capsys):
     code, out, err = run_cli(capsys, "eval", "--checkpoint", run, "--data", other,
                              *EVAL_ARGS, "--cas")
     assert_one_line_error(code, err, "digit")
+    # Fewer training digits than one batch of the recipe (128).
+    (tmp_path / "few").mkdir()
+    few = write_split(tmp_path / "few", "train", *make_digits(100, 0))
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        shutil.copy(world["data"] / name, few)
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", run, "--data", few,
+                             *EVAL_ARGS, "--cas")
+    assert_one_line_error(code, err, "fewer than one batch (128)")
     # A judge whose header's recipe cvae cannot train.
     bad, _ = small_judge(world, tmp_path / "bad.cvae", epochs=-1)
     code, out, err = run_cli(capsys, "eval", "--checkpoint", run, "--data", world["data"],
