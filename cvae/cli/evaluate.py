@@ -132,8 +132,8 @@ def register(subparsers):
                         "cas_per_digit): a classifier trained with the judging classifier's "
                         "recipe on generated digits (as many of each digit as the real "
                         "training split holds: it needs the train files), tested on the real "
-                        "test digits, beside the same recipe trained on real digits (cas_real); "
-                        "about a minute per prior on 2 threads for MNIST")
+                        "test digits, beside the same recipe trained on real digits (cas_real): "
+                        "one classifier training per prior, as long as 'cvae classifier train'")
     add_prior_options(p, both=True)
     add_precision(p, None, "the CVAE's and the flow prior's GEMMs (the classifier judges in "
                            "fp32; default: the one the run was trained in), and given, of the "
