@@ -441,17 +441,19 @@ def _prior_figures(evaluation, name, run_dir):
     if not figures:
         return f"{label}: " + _e(f"eval.json has no figures of this prior: {again} again")
     accuracy = figures.get("cond_accuracy")
-    if accuracy is None:
+    if accuracy is None and not _is_number(figures.get("cas")):
         return f"{label}: " + _e("eval.json has no figures of generated digits (no classifier "
                                  "judged them)")
-    text = f"conditional accuracy <b>{_percent(accuracy)}</b>"
-    per_digit = figures.get("cond_accuracy_per_digit")
-    if isinstance(per_digit, dict):
-        judged = [(d, v) for d, v in per_digit.items() if _is_number(v)]
-        if judged:
-            digit, lowest = min(judged, key=lambda item: item[1])
-            text += f" (lowest: digit {_e(digit)}, {_percent(lowest)})"
-    parts = [text]
+    parts = []
+    if accuracy is not None:
+        text = f"conditional accuracy <b>{_percent(accuracy)}</b>"
+        per_digit = figures.get("cond_accuracy_per_digit")
+        if isinstance(per_digit, dict):
+            judged = [(d, v) for d, v in per_digit.items() if _is_number(v)]
+            if judged:
+                digit, lowest = min(judged, key=lambda item: item[1])
+                text += f" (lowest: digit {_e(digit)}, {_percent(lowest)})"
+        parts.append(text)
     if _is_number(figures.get("fid")):
         floor = figures.get("fid_test_floor")
         parts.append(f"FID <b>{format_number(figures['fid'])}</b>"
@@ -460,6 +462,10 @@ def _prior_figures(evaluation, name, run_dir):
         test = evaluation.get("diversity_test")
         parts.append(f"diversity <b>{format_number(figures['diversity'])}</b>"
                      + (f" (test digits: {format_number(test)})" if _is_number(test) else ""))
+    if _is_number(figures.get("cas")):  # cvae eval --cas
+        real = evaluation.get("cas_real")
+        parts.append(f"CAS <b>{_percent(figures['cas'])}</b>"
+                     + (f" (real digits: {_percent(real)})" if _is_number(real) else ""))
     t = evaluation.get("temperature")
     at = f", T = {format_value(t)}" if t is not None else ""
     return f"{label} (eval.json{at}): " + "; ".join(parts)

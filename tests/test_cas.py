@@ -7,6 +7,7 @@ not what a test is about, so the module runs in seconds.
 """
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -230,8 +231,13 @@ def test_sweep_table_and_report_show_cas_only_when_present(world, run, tmp_path)
     table = sweep.render_markdown(rows, "t")
     assert "| CAS | CAS real |" in table and "**CAS**" in table
     assert "CAS " in sweep.summary(rows)
+    for prior, sheet in (("gaussian", "samples.pgm"), ("flow", "samples-flow.pgm")):
+        assert cli.main(["generate", "--checkpoint", str(run), "--prior", prior, "--out",
+                         str(run / sheet), "--per-digit", "10", "--threads", "1"]) == 0
     page, _ = report.build_report(run, data=world["data"], threads=1)
     assert "CAS of real digits" in page and "CAS per digit" in page
+    # each sheet's caption: its prior's CAS beside the real digits'
+    assert len(re.findall(r"CAS <b>\d+\.\d%</b> \(real digits: \d+\.\d%\)", page)) == 2
     page, _ = report.build_report(plain, data=world["data"], threads=1)
     # (not "CAS" itself: the page's base64 pictures may hold those letters)
     assert 'title="cas' not in page and ">CAS" not in page
