@@ -431,8 +431,8 @@ def _percent(value):
 
 def _prior_figures(evaluation, name, run_dir):
     """HTML: a sample sheet's prior and its figures of eval.json (conditional accuracy and its
-    lowest digit, FID beside its floor, diversity beside the test digits'), or why there are
-    none."""
+    lowest digit, FID beside its floor, diversity beside the test digits', with --cas its CAS
+    beside the real digits'), or why there are none."""
     label = f"<b>{_e(_prior_label(name))}</b>"
     again = f"run 'cvae eval --checkpoint {run_dir}'"
     if not isinstance(evaluation, dict):
