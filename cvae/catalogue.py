@@ -90,10 +90,8 @@ SAMPLE_METRICS = ("cond_accuracy", "cond_accuracy_per_digit", "fid", "fid_test_f
                   "diversity", "diversity_per_digit")
 
 #: The figures of `cvae eval --cas` that are per prior (by_prior, the first prior's also at the
-#: top level), and those of the whole evaluation; none of them without --cas.
+#: top level); cas_real ... cas_seconds are the whole evaluation's. None of them without --cas.
 CAS_METRICS = ("cas", "cas_per_digit")
-CAS_SETTINGS = ("cas_real", "cas_real_per_digit", "cas_images", "cas_recipe", "cas_real_source",
-                "cas_seconds")
 
 #: metrics.jsonl (cvae train, one object per epoch).
 EPOCH = {
