@@ -1,4 +1,5 @@
-"""`cvae eval --cas`: the classification accuracy score (cvae.workflows.classification_accuracy_scores).
+"""`cvae eval --cas`: the classification accuracy score
+(cvae.workflows.classification_accuracy_scores).
 
 Tiny IDX data (make_digits: a class-specific bar per digit), a run of digits 0-3 trained long
 enough to draw its digits (with a tiny flow prior), and an untrained one that draws noise.
