@@ -56,6 +56,23 @@ EVAL = {
                          "of a label: what real digits score", "test diversity", 3),
     "diversity_test_per_digit": _m("test digits' diversity per digit",
                                    "the same, for each digit"),
+    "cas": _m("CAS", "classification accuracy score (Ravuri & Vinyals 2019): the accuracy on "
+              "the real test digits of the project's classifier trained, with its usual recipe, "
+              "on generated digits only, as many as the real training set holds of each digit; "
+              "higher is better", "CAS", 4),
+    "cas_per_digit": _m("CAS per digit", "the same, on each digit's test images"),
+    "cas_real": _m("CAS of real digits", "the same recipe trained on the real training digits: "
+                   "what a generator's CAS is compared with", "CAS real", 4),
+    "cas_real_per_digit": _m("CAS of real digits per digit", "the same, for each digit"),
+    "cas_images": _m("CAS training digits", "generated digits each CAS classifier is trained "
+                     "on (per prior): the size and digit counts of the real training set"),
+    "cas_recipe": _m("CAS recipe", "how every CAS classifier is trained: the judging "
+                     "classifier's recipe (epochs, batch, lr, seed, max shift, arch, precision)"),
+    "cas_real_source": _m("CAS real reference", "where cas_real comes from: the judging "
+                          "classifier itself (trained with that recipe on the same real "
+                          "digits) or a classifier trained for it"),
+    "cas_seconds": _m("CAS seconds", "time the CAS took: generating and training for each "
+                      "prior, and the real reference"),
     "by_prior": _m("by prior", "the generated digits' figures of each prior judged"),
     "temperature": _m("temperature", "standard deviation T of the draws z ~ N(0, T² I) of the "
                       "generated digits (the flow prior carries them on)", "T", 2),
@@ -71,6 +88,10 @@ EVAL = {
 #: The figures of generated digits: one set per prior (eval.json's by_prior).
 SAMPLE_METRICS = ("cond_accuracy", "cond_accuracy_per_digit", "fid", "fid_test_floor",
                   "diversity", "diversity_per_digit")
+
+#: The figures of `cvae eval --cas` that are per prior (by_prior, the first prior's also at the
+#: top level); cas_real ... cas_seconds are the whole evaluation's. None of them without --cas.
+CAS_METRICS = ("cas", "cas_per_digit")
 
 #: metrics.jsonl (cvae train, one object per epoch).
 EPOCH = {

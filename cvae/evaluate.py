@@ -30,6 +30,8 @@ test file:
   fid_test_floor compares B itself with A: same sizes, same digit mix, so the floor is what
   real digits score and the gap is the generator's. Without a classifier for the data both
   are None, and classifier_note says why.
+* cas, cas_per_digit (`cvae eval --cas`, composed in cvae.workflows): accuracy_by_digit of a
+  classifier trained on generated digits, on the real test images.
 
 Every loop here is per batch (or per importance sample of a batch), never per image.
 """
@@ -355,6 +357,16 @@ def judge_samples(model, classifier, digits, samples, temperature, seed, test_se
             "fid_test_floor": frechet_distance(*real_b, *real_a),
             "diversity": float(np.mean(list(diversity.values()))),
             "diversity_per_digit": diversity}
+
+
+def accuracy_by_digit(classifier, test_set, digits):
+    """(accuracy, {digit: accuracy}) of a classifier on test_set's images of the given digits,
+    its argmax over all ten classes: the CAS of a classifier trained on generated digits,
+    and its reference trained on real ones (cvae.workflows)."""
+    dataset = test_set.restrict(digits)
+    logits, _ = classifier.predict(dataset.images)
+    correct = (logits.argmax(axis=1) == dataset.labels).astype(np.float64)
+    return float(correct.mean()), per_digit_means(correct, dataset.labels, digits)
 
 
 def test_diversity(classifier, test_set, digits):

@@ -31,7 +31,7 @@ import tempfile
 import cvae
 from cvae import rundir as R
 from cvae.atomic import check_writable, write_bytes_atomic
-from cvae.catalogue import EPOCH, EVAL, SAMPLE_METRICS, labels
+from cvae.catalogue import CAS_METRICS, EPOCH, EVAL, SAMPLE_METRICS, labels
 from cvae.data import has_mnist_files
 from cvae.errors import CvaeError
 from cvae.fetch import resolve_data_dir
@@ -337,12 +337,12 @@ def _summary(config, records, evaluation, checkpoint, run_dir):
         t = evaluation.get("temperature")
         tempered = f", T = {format_value(t)}" if t is not None else ""
         by_prior = _by_prior(evaluation)
-        for key in ("neg_elbo", "iwae_nll", "ssim", "cond_accuracy", "fid"):
+        for key in ("neg_elbo", "iwae_nll", "ssim", "cond_accuracy", "fid", "cas"):
             if key in evaluation:
                 label = EVAL_KEYS[key][0]
-                at = tempered if key in ("cond_accuracy", "fid") else ""
+                at = tempered if key in ("cond_accuracy", "fid", "cas") else ""
                 value = f"<b>{format_value(evaluation[key])}</b>"
-                if by_prior and key in SAMPLE_METRICS:
+                if by_prior and key in SAMPLE_METRICS + CAS_METRICS:
                     value = ", ".join((f"<b>{format_value(f.get(key))}</b>" if i == 0 else
                                        format_value(f.get(key))) + f" ({_e(_prior_label(n))})"
                                       for i, (n, f) in enumerate(by_prior.items()))
@@ -366,7 +366,7 @@ def _metrics_section(report, evaluation, problem, run_dir):
     if by_prior:  # the top-level sample figures are the first prior's: say which
         first = _prior_label(evaluation.get("prior", next(iter(by_prior))))
         known = {**EVAL_KEYS, **{key: (f"{EVAL_KEYS[key][0]} ({first})", EVAL_KEYS[key][1])
-                                 for key in SAMPLE_METRICS}}
+                                 for key in SAMPLE_METRICS + CAS_METRICS}}
     # by_prior is tabulated prior by prior below (with one prior, it is the top level's figures)
     document = {k: v for k, v in evaluation.items()
                 if not (k == "by_prior" and isinstance(v, dict))}
@@ -405,14 +405,16 @@ def _by_prior_table(by_prior, evaluation):
     no room for it here.)"""
     head = "".join(f"<th>{_e(_prior_heading(n, f))}</th>" for n, f in by_prior.items())
     rows = []
-    for key in SAMPLE_METRICS:
+    cas = any(f.get("cas") is not None for f in by_prior.values())  # cvae eval --cas
+    for key in SAMPLE_METRICS + (CAS_METRICS if cas else ()):
         label = EVAL_KEYS.get(key, (key, ""))[0]
         # Per-digit figures five digits a row: two priors' ten digits side by side would not
         # fit a 1280-pixel page.
         cells = "".join(f"<td{_num_class(f.get(key))}>{format_value(f.get(key), per_row=5)}</td>"
                         for f in by_prior.values())
         rows.append(f"<tr><th title=\"{_e(key)}\">{_e(label)}</th>{cells}</tr>")
-    for key in ("diversity_test", "diversity_test_per_digit"):
+    for key in ("diversity_test", "diversity_test_per_digit") + (
+            ("cas_real", "cas_real_per_digit") if cas else ()):
         if evaluation.get(key) is not None:
             value = evaluation[key]
             rows.append(f"<tr><th title=\"{_e(key)}\">{_e(EVAL_KEYS[key][0])}</th>"
@@ -428,8 +430,8 @@ def _percent(value):
 
 def _prior_figures(evaluation, name, run_dir):
     """HTML: a sample sheet's prior and its figures of eval.json (conditional accuracy and its
-    lowest digit, FID beside its floor, diversity beside the test digits'), or why there are
-    none."""
+    lowest digit, FID beside its floor, diversity beside the test digits', with --cas its CAS
+    beside the real digits'), or why there are none."""
     label = f"<b>{_e(_prior_label(name))}</b>"
     again = f"run 'cvae eval --checkpoint {run_dir}'"
     if not isinstance(evaluation, dict):
@@ -438,17 +440,19 @@ def _prior_figures(evaluation, name, run_dir):
     if not figures:
         return f"{label}: " + _e(f"eval.json has no figures of this prior: {again} again")
     accuracy = figures.get("cond_accuracy")
-    if accuracy is None:
+    if accuracy is None and not _is_number(figures.get("cas")):
         return f"{label}: " + _e("eval.json has no figures of generated digits (no classifier "
                                  "judged them)")
-    text = f"conditional accuracy <b>{_percent(accuracy)}</b>"
-    per_digit = figures.get("cond_accuracy_per_digit")
-    if isinstance(per_digit, dict):
-        judged = [(d, v) for d, v in per_digit.items() if _is_number(v)]
-        if judged:
-            digit, lowest = min(judged, key=lambda item: item[1])
-            text += f" (lowest: digit {_e(digit)}, {_percent(lowest)})"
-    parts = [text]
+    parts = []
+    if accuracy is not None:
+        text = f"conditional accuracy <b>{_percent(accuracy)}</b>"
+        per_digit = figures.get("cond_accuracy_per_digit")
+        if isinstance(per_digit, dict):
+            judged = [(d, v) for d, v in per_digit.items() if _is_number(v)]
+            if judged:
+                digit, lowest = min(judged, key=lambda item: item[1])
+                text += f" (lowest: digit {_e(digit)}, {_percent(lowest)})"
+        parts.append(text)
     if _is_number(figures.get("fid")):
         floor = figures.get("fid_test_floor")
         parts.append(f"FID <b>{format_number(figures['fid'])}</b>"
@@ -457,6 +461,10 @@ def _prior_figures(evaluation, name, run_dir):
         test = evaluation.get("diversity_test")
         parts.append(f"diversity <b>{format_number(figures['diversity'])}</b>"
                      + (f" (test digits: {format_number(test)})" if _is_number(test) else ""))
+    if _is_number(figures.get("cas")):  # cvae eval --cas
+        real = evaluation.get("cas_real")
+        parts.append(f"CAS <b>{_percent(figures['cas'])}</b>"
+                     + (f" (real digits: {_percent(real)})" if _is_number(real) else ""))
     t = evaluation.get("temperature")
     at = f", T = {format_value(t)}" if t is not None else ""
     return f"{label} (eval.json{at}): " + "; ".join(parts)

@@ -727,14 +727,15 @@ def check_digits(wanted, trained, source):
                         f"{digits_text(missing)}: a class it never saw decodes to noise")
 
 
-def load_test(data, trained):
-    """The whole test split (so a row is its index in the test file) of the data directory
-    `data` (None: $CVAE_DATA, else the cache), which must hold every trained digit."""
+def load_test(data, trained, split="test"):
+    """The whole test split (so a row is its index in the test file; or split "train") of the
+    data directory `data` (None: $CVAE_DATA, else the cache), which must hold every trained
+    digit."""
     data_dir, source = resolve_data_dir(data)
-    if source == "cache" and not has_mnist_files(data_dir, splits=("test",)):
-        raise CvaeError(f"MNIST test data is not in the cache {data_dir}: run 'cvae data fetch' "
-                        f"first, or give --data DIR")
-    dataset = Dataset.load(data_dir, "test")
+    if source == "cache" and not has_mnist_files(data_dir, splits=(split,)):
+        raise CvaeError(f"MNIST {split} data is not in the cache {data_dir}: run 'cvae data "
+                        f"fetch' first, or give --data DIR")
+    dataset = Dataset.load(data_dir, split)
     absent = [d for d in trained if d not in dataset.digits]
     if absent:
         raise CvaeError(f"{dataset.name} has no images of digit {digits_text(absent)}")

@@ -262,14 +262,61 @@ def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=
 IDX_BLOCK = 8192
 
 
+def set_labels(digits, counts, first, last):
+    """Labels (uint8) of rows first .. last - 1 of a generated set holding counts[i] digits
+    digits[i], all of each digit in turn (equal counts: row // count's digit)."""
+    ends = np.cumsum(np.asarray(counts, dtype=np.int64))
+    return np.asarray(digits, dtype=np.uint8)[
+        np.searchsorted(ends, np.arange(first, last), side="right")]
+
+
+def sample_blocks(model, digits, counts, rows, temperature=1.0, seed=0, prior=None,
+                  spent=None, progress=None):
+    """(images, labels) in blocks of IDX_BLOCK of rows (start, stop) of the generated set
+    holding counts[i] digits digits[i], all of each digit in turn: row i's z from KeyedNormals
+    (seed) row i, so any block or shard of a set draws what the whole set draws. spent[0]
+    gathers the seconds spent sampling and decoding; progress(rows done, rows) after each
+    block."""
+    if prior is None:
+        prior = GaussianPrior(model.arch.latent)
+    start, stop = rows
+    draws = KeyedNormals(seed, first=start)
+    for first in range(start, stop, IDX_BLOCK):
+        last = min(first + IDX_BLOCK, stop)
+        labels = set_labels(digits, counts, first, last)
+        began = time.perf_counter()
+        images = decode_images(model, prior.draw(labels, draws, temperature), labels)
+        if spent is not None:
+            spent[0] += time.perf_counter() - began
+        yield images, labels
+        if progress is not None:
+            progress(last - start, stop - start)
+
+
+def generated_set(model, digits, counts, temperature=1.0, seed=0, prior=None, progress=None):
+    """(images (n, 784) uint8, labels (n,) uint8) in memory: the whole set of sample_blocks,
+    n = sum(counts); what generate_idx writes for equal counts."""
+    total = int(np.sum(counts))
+    images = np.empty((total, N_PIXELS), dtype=np.uint8)
+    labels = np.empty(total, dtype=np.uint8)
+    row = 0
+    for block_images, block_labels in sample_blocks(model, digits, counts, (0, total),
+                                                    temperature, seed, prior,
+                                                    progress=progress):
+        images[row:row + len(block_labels)] = block_images
+        labels[row:row + len(block_labels)] = block_labels
+        row += len(block_labels)
+    return images, labels
+
+
 def generate_idx(model, digits, directory, per_digit=DEFAULT_PER_DIGIT, temperature=1.0, seed=0,
                  split="train", extra=None, prior=None, shard=None, progress=None):
     """The samples of sample_sheets (the same digits from the same draws, in the same order:
     all of the first digit, then the next ...) as an MNIST-format data set in `directory`:
     cvae.data.write_generated_idx's pair and JSON, or with shard (cvae.shard.Shard) its part
-    of the rows, for cvae.data.merge_idx_parts. Streamed in blocks of IDX_BLOCK rows.
-    progress(rows written, rows to write), if given, is called after each block.
-    Returns (files written, digits generated, seconds spent sampling and decoding)."""
+    of the rows, for cvae.data.merge_idx_parts. Streamed in blocks of IDX_BLOCK rows
+    (sample_blocks). progress(rows written, rows to write), if given, is called after each
+    block. Returns (files written, digits generated, seconds spent sampling and decoding)."""
     if prior is None:
         prior = GaussianPrior(model.arch.latent)
     total = len(digits) * per_digit
@@ -280,22 +327,10 @@ def generate_idx(model, digits, directory, per_digit=DEFAULT_PER_DIGIT, temperat
                    "temperature": temperature, "seed": seed, "digits": list(digits),
                    "per_digit": per_digit, "counts": {str(d): per_digit for d in digits},
                    **prior.describe(os.path.abspath(directory)), **(extra or {})}
-    draws = KeyedNormals(seed, first=start)
     spent = [0.0]
-    table = np.asarray(digits, dtype=np.uint8)
-
-    def blocks():
-        for first in range(start, stop, IDX_BLOCK):
-            last = min(first + IDX_BLOCK, stop)
-            labels = table[np.arange(first, last) // per_digit]
-            began = time.perf_counter()
-            images = decode_images(model, prior.draw(labels, draws, temperature), labels)
-            spent[0] += time.perf_counter() - began
-            yield images, labels
-            if progress is not None:
-                progress(last - start, stop - start)
-
-    paths = write_generated_idx(directory, split, blocks(), (start, stop), total, description,
+    blocks = sample_blocks(model, digits, [per_digit] * len(digits), (start, stop),
+                           temperature, seed, prior, spent, progress)
+    paths = write_generated_idx(directory, split, blocks, (start, stop), total, description,
                                 shard=shard)
     return paths, stop - start, spent[0]
 

@@ -368,6 +368,9 @@ def read_rows(table_dir, run_dir, priors=None):
         row["diversity_per_digit"] = judged.get("diversity_per_digit")
         row["diversity_test_per_digit"] = ev.get("diversity_test_per_digit")
         row["prior_settings"] = _flow_settings(run_dir, judged) if prior == "flow" else None
+        if judged.get("cas") is not None:  # only an evaluation with --cas has them
+            row.update(cas=_finite(judged["cas"]), cas_per_digit=judged.get("cas_per_digit"),
+                       cas_real=_finite(ev.get("cas_real")))
         row["eval_seed"] = ev.get("seed")
         row["n_images"] = ev.get("n_images")
         samples = os.path.join(run_dir, R.FLOW_SAMPLES if prior == "flow" else R.SAMPLES)
@@ -451,8 +454,16 @@ def _flow_text(settings):
     return ", ".join(p for p in parts if p)
 
 
+#: The columns of `cvae eval --cas`'s figures: in a table only when a row has them.
+CAS_COLUMNS = tuple((EVAL[key].header, key, EVAL[key].places, EVAL[key].definition
+                     + (" (of the row's prior; `cvae eval --cas`)" if key == "cas" else ""))
+                    for key in ("cas", "cas_real"))
+
+
 def render_markdown(rows, title):
     rows = list(rows)
+    metric_columns = METRIC_COLUMNS + (CAS_COLUMNS if any(r.get("cas") is not None
+                                                          for r in rows) else ())
     varying = [(h, k) for h, k in OPTIONAL_SETTINGS
                if len({json.dumps(r.get(k)) for r in rows}) > 1]
     common = [(h, k) for h, k in OPTIONAL_SETTINGS if (h, k) not in varying]
@@ -473,10 +484,10 @@ def render_markdown(rows, title):
         lines.append(f"Common to every run: {shared}.")
     lines.append("")
     headers = (["run", "latent", "hidden", "act", "schedule", "epochs"] + [h for h, _ in varying]
-               + ["prior"] + [h for h, _, _, _ in METRIC_COLUMNS] + ["samples"])
+               + ["prior"] + [h for h, _, _, _ in metric_columns] + ["samples"])
     lines.append("| " + " | ".join(headers) + " |")
     align = ["---"] + ["---:", "---:", "---", "---", "---:"] + ["---:"] * len(varying) \
-        + ["---"] + ["---:"] * len(METRIC_COLUMNS) + ["---"]
+        + ["---"] + ["---:"] * len(metric_columns) + ["---"]
     lines.append("|" + "|".join(align) + "|")
     for r in rows:
         cells = [f"`{_md(r['name'])}`"]
@@ -486,7 +497,7 @@ def render_markdown(rows, title):
         if r.get("prior") == "flow" and len(flows) > 1 and _flow_text(r.get("prior_settings")):
             prior += f" ({_flow_text(r.get('prior_settings'))})"
         cells.append(_md(prior))
-        for _, key, places, _ in METRIC_COLUMNS:
+        for _, key, places, _ in metric_columns:
             text = _fmt(r.get(key), places)
             if key == "neg_elbo" and best is not None and r.get(key) == best:
                 text = f"**{text}**"
@@ -518,7 +529,7 @@ def render_markdown(rows, title):
                                  f"`cvae prior train`){flow}, carrying those draws to where the "
                                  "codes are. The other metrics are the run's, the same on each "
                                  "of its rows"))
-    definitions += [(h, d) for h, _, _, d in METRIC_COLUMNS]
+    definitions += [(h, d) for h, _, _, d in metric_columns]
     definitions.append(("samples", "the run's digit sheet from the row's prior: 10 samples per "
                                    "digit, temperature 1, one row per digit (PGM, with a JSON "
                                    "sidecar): `samples.pgm` (gaussian) or `samples-flow.pgm` "
@@ -625,7 +636,8 @@ def summary(rows):
         if r.get("temperature") is not None:
             what.append(f"T = {r['temperature']:g}")
         suffix = f" ({', '.join(what)})" if what else ""
-        for label, key, places in (("cond. acc.", "cond_accuracy", 4), ("FID", "fid", 2)):
+        for label, key, places in (("cond. acc.", "cond_accuracy", 4), ("FID", "fid", 2),
+                                   ("CAS", "cas", 4)):
             if r.get(key) is not None:
                 parts.append(f"{label}{suffix} {_fmt(r[key], places)}")
     return ", ".join(parts)

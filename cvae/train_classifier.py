@@ -11,6 +11,7 @@ import numpy as np
 from cvae.classifier import PREDICT_BATCH, ClassifierArch, DigitClassifier
 from cvae.data import IMAGE_SIDE
 from cvae.errors import CvaeError
+from cvae.model import MAX_BATCH, PRECISIONS
 from cvae.schedule import cosine_lr
 
 MAX_SHIFT = 2
@@ -65,3 +66,50 @@ def train_classifier(train_set, epochs=DEFAULT_EPOCHS, batch=DEFAULT_BATCH, lr=D
         raise CvaeError("the classifier's training diverged: a parameter is not finite; try a "
                         "lower --lr")
     return model
+
+
+#: The keys of a classifier's training recipe, as `cvae classifier train` records them in the
+#: file's header (with "arch" and "precision").
+RECIPE_KEYS = ("epochs", "batch", "lr", "seed", "max_shift")
+
+
+def recipe_of(meta=None, arch=None, source="the classifier"):
+    """The training recipe {epochs, batch, lr, seed, max_shift, arch, precision} of a
+    classifier file's header (cvae classifier train writes it), this module's defaults for
+    what the header lacks; arch: the file's ClassifierArch (default: the default arch). A
+    header whose recipe cvae cannot train (a damaged or foreign file) is a CvaeError naming
+    source."""
+    meta = meta or {}
+    defaults = {"epochs": DEFAULT_EPOCHS, "batch": DEFAULT_BATCH, "lr": DEFAULT_LR, "seed": 0,
+                "max_shift": MAX_SHIFT}
+    recipe = {key: meta.get(key, value) for key, value in defaults.items()}
+    recipe["arch"] = (arch or ClassifierArch()).to_json()
+    recipe["precision"] = meta.get("precision", "fp32")
+    counts = all(type(recipe[k]) is int and 0 < recipe[k] <= limit
+                 for k, limit in (("epochs", 10_000), ("batch", MAX_BATCH)))
+    lr = recipe["lr"]
+    if (not counts or type(recipe["seed"]) is not int or recipe["seed"] < 0
+            or type(lr) not in (int, float) or not 0 < lr < 1e3
+            or recipe["precision"] not in PRECISIONS):
+        shown = {k: recipe[k] for k in RECIPE_KEYS + ("precision",)}
+        raise CvaeError(f"{source}: its header's training recipe {shown!r:.160} is not one "
+                        f"cvae can train")
+    return recipe
+
+
+def records_recipe(meta):
+    """Whether a classifier's header records its whole recipe (else recipe_of fills in
+    defaults that it may not have been trained with). A header without "precision" is of a
+    classifier trained before cvae had bf16: fp32."""
+    return all(key in (meta or {}) for key in RECIPE_KEYS)
+
+
+def train_with_recipe(train_set, recipe, threads=1, on_epoch=None):
+    """train_classifier with a recipe_of dict (its max_shift must be this module's)."""
+    if recipe["max_shift"] != MAX_SHIFT:
+        raise CvaeError(f"the recipe shifts images by up to {recipe['max_shift']} pixels; this "
+                        f"cvae trains with {MAX_SHIFT}")
+    return train_classifier(train_set, epochs=recipe["epochs"], batch=recipe["batch"],
+                            lr=recipe["lr"], seed=recipe["seed"], threads=threads,
+                            arch=ClassifierArch(**recipe["arch"]), on_epoch=on_epoch,
+                            precision=recipe["precision"])

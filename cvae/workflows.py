@@ -15,25 +15,29 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 import cvae
 from cvae.atomic import check_writable
 from cvae.checkpoint import load_checkpoint, save_checkpoint
-from cvae.classifier import SHIPPED, classifier_for
+from cvae.catalogue import CAS_METRICS
+from cvae.classifier import SHIPPED, classifier_for, dataset_digest
 from cvae.data import Dataset, digits_text
 from cvae.errors import CvaeError
-from cvae.evaluate import (DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_TEMPERATURE, evaluate_model,
-                           evaluation_work)
+from cvae.evaluate import (DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_TEMPERATURE, accuracy_by_digit,
+                           evaluate_model, evaluation_work)
 from cvae.fetch import ensure_data
 from cvae.kernels import build_name
 from cvae.prior import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS
 from cvae.prior import KIND as PRIOR_KIND
 from cvae.progress import Bar, counter
 from cvae import rundir as R
-from cvae.sheets import (DEFAULT_N, classes_path_for, generate_idx, interpolation_sheets,
-                         reconstruction_sheet, sample_sheets)
+from cvae.sheets import (DEFAULT_N, classes_path_for, generate_idx, generated_set,
+                         interpolation_sheets, reconstruction_sheet, sample_sheets)
 from cvae.signals import stop_on_signals
 from cvae.train import KIND as CVAE_KIND
 from cvae.train import Trainer, data_description, new_model, restore
+from cvae.train_classifier import recipe_of, records_recipe, train_with_recipe
 from cvae.train_prior import resume_prior, train_prior
 
 
@@ -250,7 +254,7 @@ def finish_run(trainer, needs, mode="rich"):
 def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
              temperature=DEFAULT_TEMPERATURE, seed=0, threads=None, classifier=None,
              progress=False, prior=None, steps=None, method=None, guidance=None,
-             precision=None):
+             precision=None, cas=False, cas_size=None):
     """Evaluate a checkpoint (a .cvae file or a run directory) on its digits' test images;
     write eval.json beside it (atomically) and return the result dict (with absolute paths,
     and "eval_json"). `cvae eval` without the printing; `cvae sweep` calls it for every run.
@@ -258,7 +262,14 @@ def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
     prior: 'flow', 'gaussian', 'both' (flow first), or None: both when the run has a flow
     prior, else gaussian. steps, method, guidance: the flow's sampling (None: defaults).
     precision: of the CVAE's and the flow's GEMMs (the classifier judges in fp32); None: the
-    one the run was trained in."""
+    one the run was trained in.
+
+    cas: also the classification accuracy score of each prior (classification_accuracy_scores:
+    by_prior[name]'s cas and cas_per_digit, the first prior's also at the top level, and
+    cas_real ...); an explicit precision is its classifiers' too. cas_size: generated digits
+    per prior (default: as many as the real training set holds, for tests and quick looks)."""
+    if cas_size is not None and (type(cas_size) is not int or cas_size <= 0):
+        raise CvaeError(f"the CAS set size must be a positive integer, got {cas_size!r}")
     if k is None or k <= 0:
         raise CvaeError(f"--k must be a positive integer, got {k}")
     if samples is None or samples <= 0:
@@ -280,6 +291,18 @@ def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
     if judge is not None and len(dataset) < 4:
         raise CvaeError(f"the FID needs at least 4 test images of digits "
                         f"{digits_text(digits)}; the data has {len(dataset)}")
+    if cas:  # the training split and the recipe before any work: fail fast
+        train_set = R.load_test(data, digits, split="train").restrict(digits)
+        recipe = recipe_of(judge_meta, judge.arch if judge is not None else None, judge_source)
+        if precision is not None:
+            recipe["precision"] = model.precision
+        reference = judge if _judge_is_reference(judge, judge_meta, recipe, train_set,
+                                                 test_set) else None
+        size = len(train_set) if cas_size is None else cas_size
+        if size < recipe["batch"]:
+            raise CvaeError(f"--cas: a training set of {size} images of digits "
+                            f"{digits_text(digits)} is fewer than one batch "
+                            f"({recipe['batch']}) of the classifier's recipe")
 
     start = time.perf_counter()
     options = dict(classifier=judge, samples=samples, temperature=temperature, priors=priors,
@@ -292,6 +315,14 @@ def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
             metrics = evaluate_model(model, dataset, digits, seed, k, advance=advance, **options)
     else:
         metrics = evaluate_model(model, dataset, digits, seed, k, **options)
+    if cas:
+        scores = classification_accuracy_scores(
+            model, priors, digits, train_set, test_set, recipe, temperature=temperature,
+            seed=seed, reference=reference, size=cas_size, progress=progress)
+        for name, figures in scores.pop("by_prior").items():
+            metrics["by_prior"][name].update(figures)
+        metrics.update({key: metrics["by_prior"][priors[0].name][key] for key in CAS_METRICS},
+                       **scores)
     seconds = time.perf_counter() - start
 
     result = {**metrics, "seed": seed, "checkpoint": os.path.abspath(path),
@@ -306,6 +337,103 @@ def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
     shipped = judge is not None and os.path.abspath(judge_source) == os.path.abspath(SHIPPED)
     R.write_eval(out, result, classifier_shipped=shipped)
     result["eval_json"] = out
+    return result
+
+
+# ---------------------------------------------------------------- the classification accuracy score
+
+
+def _judge_is_reference(judge, meta, recipe, train_set, test_set):
+    """Whether the judging classifier is what the CAS's real reference would train: its header
+    records the whole recipe (in the recipe's precision), and that it was trained on as many
+    images as train_set holds (all of the run's digits) and measured on this test set."""
+    return (judge is not None and records_recipe(meta)
+            and meta.get("precision", "fp32") == recipe["precision"]
+            and meta.get("train_images") == len(train_set)
+            and meta.get("test_digest") == dataset_digest(test_set))
+
+
+def cas_counts(train_set, digits, size=None):
+    """Generated digits of each digit for the CAS: the real training set's counts, or `size`
+    in the same proportions (largest remainders)."""
+    counts = np.bincount(np.asarray(train_set.labels), minlength=10)[list(digits)]
+    if size is None:
+        return [int(c) for c in counts]
+    share = counts * size / counts.sum()
+    out = np.floor(share).astype(np.int64)
+    out[np.argsort(out - share, kind="stable")[:size - int(out.sum())]] += 1
+    return [int(c) for c in out]
+
+
+def classification_accuracy_scores(model, priors, digits, train_set, test_set, recipe,
+                                   temperature=DEFAULT_TEMPERATURE, seed=0, reference=None,
+                                   size=None, progress=False):
+    """The classification accuracy score (Ravuri & Vinyals 2019) of each prior's generated
+    digits: a labelled set with train_set's digit counts (cas_counts; train_set: the real
+    training images of `digits`) drawn at `temperature` from KeyedNormals(seed), as `cvae
+    generate --format idx` draws (cvae.sheets.generated_set), trains a fresh classifier with
+    `recipe` (cvae.train_classifier.recipe_of) on the model's threads; its accuracy on
+    test_set's images of `digits` (accuracy_by_digit) is the CAS. The real reference is the
+    same recipe trained on train_set, or `reference` (a classifier trained so already).
+
+    Returns {"by_prior": {name: {cas, cas_per_digit}}, cas_real, cas_real_per_digit,
+    cas_images, cas_recipe, cas_real_source, cas_seconds}. progress: a bar on stderr, and a
+    line for each classifier trained."""
+    start = time.perf_counter()
+    counts = cas_counts(train_set, digits, size)
+    total, epochs = sum(counts), recipe["epochs"]
+    bar = Bar(stderr=True, transient=True, bar_width=30) if progress else None
+
+    def trained(data, what):
+        """A classifier trained by the recipe on data, with a bar of its epochs."""
+        began = time.perf_counter()
+        task = bar.add(f"CAS: training on {what}", epochs) if bar else None
+        on_epoch = ((lambda epoch, loss: bar.update(task, completed=epoch,
+                                                    stats=f"loss {loss:.4f}")) if bar else None)
+        classifier = train_with_recipe(data, recipe, model.threads, on_epoch)
+        if bar:
+            bar.remove(task)
+        return classifier, time.perf_counter() - began
+
+    def say(text):
+        if bar:
+            bar.print(text, markup=False)
+
+    result = {"by_prior": {}}
+    if bar:
+        bar.start()
+    try:
+        for prior in priors:
+            began = time.perf_counter()
+            task = bar.add(f"CAS: generating ({prior.name})", total) if bar else None
+            images, labels = generated_set(
+                model, digits, counts, temperature, seed, prior,
+                progress=(lambda done, _: bar.update(task, completed=done)) if bar else None)
+            if bar:
+                bar.remove(task)
+            generating = time.perf_counter() - began
+            classifier, training = trained(Dataset(images, labels, f"{prior.name} digits"),
+                                           f"{total:,} {prior.name} digits")
+            del images, labels
+            accuracy, per_digit = accuracy_by_digit(classifier, test_set, digits)
+            result["by_prior"][prior.name] = {"cas": accuracy, "cas_per_digit": per_digit}
+            say(f"CAS of the {prior.name} prior: {100 * accuracy:.2f}% (generating "
+                f"{generating:.1f} s, training {training:.1f} s)")
+        if reference is None:
+            reference, training = trained(train_set, f"{len(train_set):,} real digits")
+            source = "trained"
+        else:
+            source, training = "judge", None
+        accuracy, per_digit = accuracy_by_digit(reference, test_set, digits)
+        say(f"CAS of real digits: {100 * accuracy:.2f}% "
+            + (f"(training {training:.1f} s)" if training is not None
+               else "(the judging classifier, trained so)"))
+    finally:
+        if bar:
+            bar.stop()
+    result.update({"cas_real": accuracy, "cas_real_per_digit": per_digit, "cas_images": total,
+                   "cas_recipe": recipe, "cas_real_source": source,
+                   "cas_seconds": time.perf_counter() - start})
     return result
 
 

@@ -17,7 +17,7 @@ def cmd_eval(args):
                       temperature=args.temperature, seed=args.seed, threads=args.threads,
                       classifier=args.classifier, progress=not args.json, prior=args.prior,
                       steps=args.ode_steps, method=args.method, guidance=args.guidance,
-                      precision=args.precision)
+                      precision=args.precision, cas=args.cas)
     if args.json:
         print(json.dumps(result), flush=True)
     else:
@@ -73,13 +73,33 @@ def print_table(r):
         row("diversity", f"diversity ({at})", p["diversity"],
             definition=f"{EVAL['diversity'].definition}; test digits: "
                        f"{r['diversity_test']:.3f}")
+    for name, p in r["by_prior"].items():
+        if p.get("cas") is not None:
+            at = f"{name}, T = {r['temperature']:g}" if len(r["by_prior"]) > 1 else t
+            table.add_section()
+            row("cas", f"CAS ({at})", f"{100 * p['cas']:.2f}%",
+                definition=f"{r['cas_images']:,} generated digits: " + EVAL["cas"].definition)
+            _per_digit(table, p["cas_per_digit"], r["cas_real_per_digit"])
+    if r.get("cas_real") is not None:
+        table.add_section()
+        recipe = r["cas_recipe"]
+        row("cas_real", EVAL["cas_real"].label, f"{100 * r['cas_real']:.2f}%",
+            definition=f"{EVAL['cas_real'].definition} ({recipe['epochs']} epochs, batch "
+                       f"{recipe['batch']}, lr {recipe['lr']:g}, seed {recipe['seed']}, "
+                       f"{recipe['precision']}; CAS took {r['cas_seconds']:.0f} s)")
     console.print(table)
     console.print(f"{r['seconds']:.1f} s on {r['threads']} threads -> {r['eval_json']}")
 
 
+def _per_digit(table, cas, real):
+    """CAS digit by digit, beside the real digits' figure of the same digit."""
+    for d, v in cas.items():
+        table.add_row(f"  CAS digit {d}", f"{100 * v:.1f}%", f"real digits: {100 * real[d]:.1f}%")
+
+
 def register(subparsers):
     figures = ("neg_elbo", "rec", "kl", "iwae_nll", "ssim", "cond_accuracy", "fid",
-               "fid_test_floor", "diversity", "diversity_test")
+               "fid_test_floor", "diversity", "diversity_test", "cas", "cas_real")
     p = add_parser(
         subparsers, "eval",
         help="test-set negative ELBO, IWAE bound, SSIM, conditional accuracy and FID of a checkpoint",
@@ -107,7 +127,16 @@ def register(subparsers):
     add_threads(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object instead of the table (no progress bar)")
+    p.add_argument("--cas", action="store_true",
+                   help="also the classification accuracy score of each prior (cas, "
+                        "cas_per_digit): a classifier trained with the judging classifier's "
+                        "recipe on generated digits (as many of each digit as the real "
+                        "training split holds: it needs the train files), tested on the real "
+                        "test digits, beside the same recipe trained on real digits (cas_real): "
+                        "one classifier training per prior, as long as 'cvae classifier train'")
     add_prior_options(p, both=True)
     add_precision(p, None, "the CVAE's and the flow prior's GEMMs (the classifier judges in "
-                           "fp32; default: the one the run was trained in)")
+                           "fp32; default: the one the run was trained in), and given, of the "
+                           "CAS classifiers' training (default: the judging classifier's "
+                           "recipe, fp32)")
     p.set_defaults(func=cmd_eval)
