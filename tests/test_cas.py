@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("no_real_data")
 
 DIGITS = [0, 1, 2, 3]
 CVAE_ARGS = ["--hidden", "64,32", "--latent", "4", "--batch", "16", "--threads", "1",
-             "--no-images", "--quiet", "--digits", "0-3"]
+             "--no-images", "--quiet", "--digits", "0-3", "--prior", "gaussian"]
 PRIOR_ARGS = ["--hidden", "16", "--blocks", "1", "--epochs", "2", "--batch", "32",
               "--threads", "1", "--quiet"]
 EVAL_ARGS = ["--k", "2", "--samples", "10", "--threads", "1"]
