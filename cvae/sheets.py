@@ -160,8 +160,9 @@ class KeyedNormals:
         while done < n:
             block, row = divmod(self.next, DRAW_BLOCK)
             take = min(n - done, DRAW_BLOCK - row)
-            out[done:done + take] = self._stream(block, row, tail, dtype).standard_normal(
-                (take, *tail), dtype=dtype)
+            # drawn straight into out (the same draws as a new array's, without its copy)
+            self._stream(block, row, tail, dtype).standard_normal(dtype=dtype,
+                                                                  out=out[done:done + take])
             self._row += take
             self.next += take
             done += take
