@@ -73,13 +73,19 @@ def test_decode_bytes_are_to_uint8_of_decode(build, precision, forced_build):
     if build not in runnable_builds():
         pytest.skip(f"this CPU or installation has no {build} build")
     forced_build(build)
-    model = Model(Arch(h1=24, h2=16, latent=8), max_batch=512, threads=2, precision=precision)
-    model.init_params(seed=0)
-    rng = np.random.default_rng(7)
-    for v in model.params.values():
-        v[...] = rng.normal(0, 0.3, v.shape)
-    if precision == "bf16":
-        model.sync_bf16()
+
+    def make(max_batch, threads):
+        model = Model(Arch(h1=24, h2=16, latent=8), max_batch=max_batch, threads=threads,
+                      precision=precision)
+        model.init_params(seed=0)
+        rng = np.random.default_rng(7)
+        for v in model.params.values():
+            v[...] = rng.normal(0, 0.3, v.shape)
+        if precision == "bf16":
+            model.sync_bf16()
+        return model, rng
+
+    model, rng = make(512, 2)
     z = rng.standard_normal((509, 8), dtype=np.float32) * 2   # not a multiple of 16
     labels = rng.integers(0, 10, 509).astype(np.uint8)
     probs = model.decode(z, labels)
@@ -90,6 +96,8 @@ def test_decode_bytes_are_to_uint8_of_decode(build, precision, forced_build):
     assert model.decode_bytes(z, labels, out) is out
     np.testing.assert_array_equal(out, to_uint8(probs))
     np.testing.assert_array_equal(decode_images(model, z[:100], labels[:100]), out[:100])
+    # a digit's bytes do not depend on the batch it is decoded in, nor on the threads
+    np.testing.assert_array_equal(decode_images(make(48, 1)[0], z, labels), out)
 
     model.params["dec3.b"][5] = np.nan
     if precision == "bf16":
