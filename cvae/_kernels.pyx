@@ -24,7 +24,7 @@ gradients and updated parameters: ``nonfinite()`` (``adam_update`` also returns 
 """
 
 from cython.parallel cimport prange, threadid
-from libc.math cimport cosf, expf, fabsf, logf, sinf
+from libc.math cimport cosf, expf, fabsf, logf, rintf, sinf
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
@@ -958,6 +958,51 @@ cdef class Net:
         for k in range(batch):
             for p in range(self.n_pix):
                 probs_out[k, p] = self.dlogits_t[p * bp + k]
+
+    def decode_bytes(self, const float[:, ::1] z not None, const uint8_t[::1] labels not None,
+                     uint8_t[:, ::1] out not None):
+        """decode's probabilities p as the bytes cvae.images.to_uint8 makes of them (rint of
+        the float32 product 255 p, half to even, clipped to [0, 255]), written by the threads
+        straight from the feature-major sigmoid: no float copy, no serial transpose. Returns
+        how many pixels are NaN (their bytes are then meaningless)."""
+        cdef int batch = z.shape[0]
+        cdef int bp = ceil_div(batch, 16) * 16
+        cdef int k, l, p, block, nan = 0
+        if batch < 1 or bp > self.max_bp or labels.shape[0] != batch:
+            raise ValueError(f"batch of {batch} does not fit this model's slab")
+        check_out("z", z.shape[0], z.shape[1], batch, self.latent)
+        check_out("out", out.shape[0], out.shape[1], batch, self.n_pix)
+        for l in range(self.latent):
+            for k in range(bp):
+                self.d0_t[l * bp + k] = z[k, l] if k < batch else 0.0
+        with nogil:
+            self._decode(&labels[0], batch, bp)
+            for p in prange(self.n_pix, num_threads=self.nthreads, schedule='static'):
+                sigmoid_row(self.logits_t + p * bp, self.dlogits_t + p * bp, bp)
+            # 16 samples a task: each pixel's 16 probabilities are one cache line.
+            for block in prange(bp // 16, num_threads=self.nthreads, schedule='static'):
+                nan += probs_to_bytes(self.dlogits_t, bp, block * 16, min(block * 16 + 16, batch),
+                                      self.n_pix, &out[0, 0])
+        return nan
+
+
+cdef inline int probs_to_bytes(const float *probs_t, int bp, int k0, int k1, int n_pix,
+                               uint8_t *out) noexcept nogil:
+    """Samples k0 .. k1 - 1 of feature-major probabilities (pixel p of sample k at p * bp + k)
+    as rows of n_pix bytes in out, as cvae.images.to_uint8 rounds them; returns the NaNs."""
+    cdef int p, k, nan = 0
+    cdef float v
+    for p in range(n_pix):
+        for k in range(k0, k1):
+            v = probs_t[p * bp + k]
+            if v != v:
+                nan += 1
+                v = 0.0
+            # A float32 product, as numpy's float32 array times 255.0: a double product
+            # could round a different way at the .5 ties.
+            v = rintf(v * <float>255.0)
+            out[k * n_pix + p] = <uint8_t>(0.0 if v < 0.0 else (255.0 if v > 255.0 else v))
+    return nan
 
 
 # ---------------------------------------------------------------- convolutions

@@ -9,7 +9,6 @@ Whatever the source, only content matching the published sha256s reaches the cac
 import collections
 import gzip
 import hashlib
-import http.client
 import os
 import pathlib
 import pickle
@@ -18,8 +17,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
 
@@ -215,6 +212,12 @@ class _SourceFailed(Exception):
 
 
 def _download(url, timeout, progress, label):
+    # Imported here, the one place that needs them: the HTTP stack (http.client, email, ssl)
+    # is a good part of the start-up of every other command (cvae generate's among them).
+    import http.client
+    import urllib.error
+    import urllib.request
+
     request = urllib.request.Request(url, headers={"User-Agent": f"cvae/{__version__}"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

@@ -32,7 +32,6 @@ from cvae.checkpoint import header_int, load_checkpoint, register_kind_check
 from cvae.data import NUM_DIGITS as N_CLASSES
 from cvae.data import PIXELS_PER_IMAGE as N_PIXELS
 from cvae.errors import CvaeError
-from cvae.images import to_uint8
 from cvae.kernels import kernels
 
 PRECISIONS = ("fp32", "bf16")
@@ -507,6 +506,15 @@ class Model(SlabModel):
                             f"are too large to be a trained model's")
         return probs
 
+    def decode_bytes(self, z, labels, out):
+        """decode's pixels as cvae.images.to_uint8 makes them, into out ((batch, 784) uint8,
+        C-contiguous): the same bytes without a float copy, converted by the threads."""
+        self._last_batch = z.shape[0]
+        if self.net.decode_bytes(np.ascontiguousarray(z, dtype=np.float32), labels, out):
+            raise CvaeError(f"{self.source}: decoding gives non-finite pixels (NaN): its weights "
+                            f"are too large to be a trained model's")
+        return out
+
 
 def arch_from_json(data, source="checkpoint"):
     """Arch or ConvArch (``"type": "conv"``; no type: the MLP, as every older checkpoint) from
@@ -604,7 +612,8 @@ def encode_all(model, pixels, labels):
 def decode_images(model, z, labels):
     """uint8 images (n, 784) of the decoder's mean sigmoid(decoder(z, label)).
 
-    Each batch is converted to bytes at once, so n float images never exist together."""
+    Each batch is converted to bytes by the kernels (Model.decode_bytes), so no float image
+    is kept."""
     z = np.ascontiguousarray(z, dtype=np.float32)
     labels = np.ascontiguousarray(labels, dtype=np.uint8)
     n = len(labels)
@@ -613,5 +622,5 @@ def decode_images(model, z, labels):
     out = np.empty((n, N_PIXELS), dtype=np.uint8)
     for start in range(0, n, model.max_batch):
         stop = min(start + model.max_batch, n)
-        out[start:stop] = to_uint8(model.decode(z[start:stop], labels[start:stop]))
+        model.decode_bytes(z[start:stop], labels[start:stop], out[start:stop])
     return out

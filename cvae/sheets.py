@@ -33,7 +33,7 @@ import numpy as np
 from cvae.data import PIXELS_PER_IMAGE as N_PIXELS
 from cvae.data import digits_text, write_generated_idx
 from cvae.errors import CvaeError
-from cvae.images import sheet_files, write_sheet
+from cvae.images import sheet_files, write_sheet, write_sheet_groups
 from cvae.model import decode_images, encode_all
 from cvae.prior import GaussianPrior
 
@@ -160,8 +160,9 @@ class KeyedNormals:
         while done < n:
             block, row = divmod(self.next, DRAW_BLOCK)
             take = min(n - done, DRAW_BLOCK - row)
-            out[done:done + take] = self._stream(block, row, tail, dtype).standard_normal(
-                (take, *tail), dtype=dtype)
+            # drawn straight into out (the same draws as a new array's, without its copy)
+            self._stream(block, row, tail, dtype).standard_normal(dtype=dtype,
+                                                                  out=out[done:done + take])
             self._row += take
             self.next += take
             done += take
@@ -180,6 +181,16 @@ def sheet_cells(digits, per_digit, cols, start, stop):
     real = position < per_digit
     labels = np.where(real, np.asarray(digits, dtype=np.int64)[digit], -1)
     return labels, np.where(real, position, -1), np.where(real, digit * per_digit + position, -1)
+
+
+def sample_groups(labels, sample_number):
+    """The cells of sheet_cells as cvae.images.write_sheet_groups takes them: samples
+    {"kind": "sample", "label", "sample"} and blanks {"kind": "blank", "label": null}."""
+    real = labels >= 0
+    blank = np.flatnonzero(~real)
+    groups = [(np.flatnonzero(real), {"kind": "sample", "label": labels[real],
+                                      "sample": sample_number[real]})]
+    return groups + [(blank, {"kind": "blank", "label": None})] if len(blank) else groups
 
 
 def sample_cell_count(digits, per_digit, cols):
@@ -216,11 +227,9 @@ def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=
     paths, n, seconds = [], 0, 0.0
 
     def write(number, sheet_path, start, images, labels, sample_number):
-        cell_labels = [None if label < 0 else label for label in labels.tolist()]
-        cell_extras = [{"kind": "blank"} if k < 0 else {"kind": "sample", "sample": k}
-                       for k in sample_number.tolist()]
-        write_sheet(sheet_path, images, cell_labels, cols, cell_extras=cell_extras,
-                    extra={**common, "sheet": number, "sheets": len(sheets)}, first_index=start)
+        write_sheet_groups(sheet_path, images, cols, sample_groups(labels, sample_number),
+                           extra={**common, "sheet": number, "sheets": len(sheets)},
+                           first_index=start)
         return sheet_path
 
     # One writer thread: sheet k is laid out and written (JSON, fsync) while the kernels,

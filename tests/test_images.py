@@ -253,3 +253,69 @@ def test_external_tools_read_the_sheet(tmp_path, tool, expected):
     result = subprocess.run(tool + [str(tmp_path / "s.pgm")], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert expected in result.stdout
+
+
+def test_sheet_groups_write_the_bytes_write_sheet_writes(tmp_path):
+    """write_sheet_groups (a %-template per group of cells) against write_sheet (a dict and an
+    encoder call per cell): the same PGM and sidecar, byte for byte, for groups in any order,
+    interleaved cells, columns and constants of every JSON kind (a '%' and non-ASCII too)."""
+    n, cols = 23, 4
+    cells = distinct_digits(n, seed=3)
+    rng = np.random.default_rng(4)
+    kind = rng.integers(0, 3, n)
+    labels = [None if k == 2 else int(rng.integers(0, 10)) for k in kind]
+    sample = rng.integers(-5, 10**12, n)
+    extras = [{"kind": "sample", "sample": int(s), "note": "100% é"} if k == 0
+              else {"kind": "class", "t": 0.25, "to": [1, None, True]} if k == 1
+              else {"kind": "blank"} for k, s in zip(kind, sample)]
+    sources = [int(i) * 7 if k == 1 else None for i, k in enumerate(kind)]
+    extra = {"seed": np.int64(3), "what": "a %d test"}
+    slow = write_sheet(tmp_path / "a.pgm", cells, labels, cols, sources=sources, extra=extra,
+                       cell_extras=extras, first_index=1000)
+
+    where = [np.flatnonzero(kind == k) for k in range(3)]
+    groups = [
+        (where[2], {"kind": "blank", "label": None}),
+        (where[0], {"kind": "sample", "note": "100% é", "sample": sample[where[0]],
+                    "label": np.array([labels[i] for i in where[0]], dtype=np.int64)}),
+        (where[1], {"kind": "class", "t": 0.25, "to": [1, None, True],
+                    "label": np.array([labels[i] for i in where[1]], dtype=np.uint8),
+                    "source": where[1] * 7}),
+    ]
+    fast = images.write_sheet_groups(tmp_path / "b.pgm", cells, cols, groups, extra=extra,
+                                     first_index=1000)
+    assert (tmp_path / "a.pgm").read_bytes() == (tmp_path / "b.pgm").read_bytes()
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert fast == {key: value for key, value in slow.items() if key != "cells"}
+    assert leftover_temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("groups, message", [
+    ([(np.arange(3), {"label": None})], "exactly once"),
+    ([(np.arange(4), {"label": None}), (np.array([3]), {"label": 1})], "exactly once"),
+    ([(np.arange(4), {"kind": "x"})], "needs a label"),
+    ([(np.arange(4), {"label": None, "row": 1})], "may not override"),
+    ([(np.arange(4), {"label": np.zeros(4)})], "integers"),
+    ([(np.arange(4), {"label": np.zeros(3, dtype=int)})], "integers"),
+    ([(np.array([0, 1, 2, 4]), {"label": None})], r"\[0, 4\)"),
+    ([(np.arange(4), {"label": None, "t": float("nan")})], "not JSON-serializable"),
+])
+def test_sheet_groups_reject_bad_groups_and_write_nothing(tmp_path, groups, message):
+    with pytest.raises(ValueError, match=message):
+        images.write_sheet_groups(tmp_path / "s.pgm", distinct_digits(4), 2, groups)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("n, cols, gutter", [(1, 1, 2), (7, 3, 2), (9, 3, 0), (5, 8, 3)])
+def test_render_sheet_puts_each_cell_at_its_place(n, cols, gutter):
+    cells = distinct_digits(n, seed=n)
+    canvas = images.render_sheet(cells, cols, gutter=gutter)
+    pitch = 28 + gutter
+    rows = -(-n // cols)
+    assert canvas.shape == (rows * pitch - gutter, cols * pitch - gutter)
+    assert canvas.flags.c_contiguous and canvas.dtype == np.uint8
+    expected = np.zeros_like(canvas)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        expected[r * pitch:r * pitch + 28, c * pitch:c * pitch + 28] = cells[i].reshape(28, 28)
+    np.testing.assert_array_equal(canvas, expected)

@@ -12,7 +12,7 @@ from cvae.cli import build_parser
 from cvae.checkpoint import save_checkpoint
 from cvae.data import Dataset
 from cvae.errors import CvaeError
-from cvae.images import read_pgm, to_uint8
+from cvae.images import read_pgm, to_uint8, write_sheet
 from cvae.model import Arch, Model, model_from_checkpoint
 from cvae import rundir as R
 from cvae import sheets
@@ -121,6 +121,44 @@ def test_generate_large_n_pads_rows_and_splits_sheets(world, out_dir):
     for digit, block in zip((1, 3), (cells[:60], cells[60:])):
         assert [c["label"] for c in block] == [digit] * 45 + [None] * 15
         assert [c.get("sample") for c in block[:45]] == list(range(45))
+
+
+def test_generate_writes_the_bytes_of_the_per_cell_path(world, out_dir):
+    """Pins generate's files byte for byte: every sheet (blank cells, several sheets) equals
+    what write_sheet makes of the reference decoding (model.decode, then to_uint8) with a
+    label and a dict per cell, as sample sheets were written before write_sheet_groups."""
+    os.makedirs(out_dir / "a")
+    os.makedirs(out_dir / "b")
+    run("generate", "--checkpoint", world["ckpt"], "--digits", "0,2,3", "--per-digit", 13,
+        "--cols", 5, "--max-rows", 4, "--seed", 9, "--temperature", 0.7, "--threads", 2,
+        "--out", out_dir / "a" / "g.pgm")
+    model = reference_model(world)
+    z = np.random.default_rng(9).standard_normal((39, 8), dtype=np.float32) * np.float32(0.7)
+    digit_labels = np.repeat(np.array([0, 2, 3], dtype=np.uint8), 13)
+    decoded = to_uint8(model.decode(z, digit_labels))
+    # 13 per digit in rows of 5: 15 cells each, the last two blank
+    images = np.zeros((45, 784), dtype=np.uint8)
+    labels, extras = [], []
+    for i in range(45):
+        digit, k = divmod(i, 15)
+        if k < 13:
+            images[i] = decoded[digit * 13 + k]
+            labels.append([0, 2, 3][digit])
+            extras.append({"kind": "sample", "sample": k})
+        else:
+            labels.append(None)
+            extras.append({"kind": "blank"})
+    names = sorted(os.listdir(out_dir / "a"))
+    assert names == [f"g-000{s}.{e}" for s in (1, 2, 3) for e in ("json", "pgm")]
+    for number, start in ((1, 0), (2, 20), (3, 40)):
+        stop = min(start + 20, 45)
+        with open(out_dir / "a" / f"g-000{number}.json") as f:
+            extra = json.load(f)["extra"]
+        write_sheet(out_dir / "b" / f"g-000{number}.pgm", images[start:stop],
+                    labels[start:stop], 5, cell_extras=extras[start:stop], extra=extra,
+                    first_index=start)
+    for name in names:
+        assert (out_dir / "a" / name).read_bytes() == (out_dir / "b" / name).read_bytes(), name
 
 
 def test_generate_is_deterministic_per_seed(world, out_dir):
