@@ -57,6 +57,8 @@ MAX_BATCH = 1 << 16
 # 256 channels and a batch of 64, 50 MB each), not with anything a checkpoint must hold, so
 # they get a bound of their own.
 MAX_CHANNELS = 256
+# ... and its batches, so that every offset into its buffers fits the kernels' ints.
+MAX_CONV_BATCH = 4096
 
 
 def pad(n):
@@ -271,7 +273,11 @@ class SlabModel:
         # A GEMM's columns: max_bp, times a convolution's positions.
         cols = {name: positions.get(name, 1) * self.max_bp for name, *_ in layers}
         widest = max(pad(n_in) for _, n_in, _, _ in layers)
-        carve("scratch.batch_major", max(cols[name] * pad(n_in) for name, n_in, _, _ in layers))
+        # Batch-major copies: a layer's input (dW's operand), or for a convolution whichever of
+        # its input and output is transposed (cvae._kernels.conv_backward_params).
+        carve("scratch.batch_major", max(cols[name] * pad(max(n_in, n_out) if name in positions
+                                                          else n_in)
+                                         for name, n_in, n_out, _ in layers))
         carve("scratch.tiles", threads * k.tile_rows * widest)
         for name, n in (scratch or {}).items():
             carve(name, n)
@@ -404,10 +410,17 @@ class Model(SlabModel):
                 raise CvaeError(f"channels {arch.channels}: cvae builds 1 to {MAX_CHANNELS}")
             grads = ("conv1", "conv2", "enc_fc", "enc_out", "dec_in", "dec_fc1", "dec_fc2",
                      "tconv1", "tconv2")
-            # The im2col of whichever convolution's input or gradient is not kept for its dW.
+            if max_batch > MAX_CONV_BATCH:
+                raise CvaeError(f"a batch of {max_batch} is beyond the {MAX_CONV_BATCH} the "
+                                f"convolutional model builds")
+            # The im2col of whichever convolution's input or gradient is not kept for its dW,
+            # and a convolution's weight gradient transposed ([in][out], the GEMM's output).
             col = max(rows["col1"], rows["col2"]) * pad(max_batch)
+            dwt = max(pad(n_in) * pad(n_out) for name, n_in, n_out, _ in arch.layers()
+                      if name in arch.positions())
             k = self._carve(arch.layers(), rows, grads, ("rec", "kl"), max_batch, threads,
-                            precision, positions=arch.positions(), scratch={"scratch.col": col})
+                            precision, positions=arch.positions(),
+                            scratch={"scratch.col": col, "scratch.dwt": dwt})
             net = k.ConvNet
         else:
             k = self._carve(arch.layers(), rows,
