@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # cython: initializedcheck=False, nonecheck=False
-"""Every forward and backward step of the MLP CVAE, and of the project's digit classifier,
-over pointers into one slab.
+"""Every forward and backward step of the MLP CVAE, the convolutional CVAE (ConvNet, its
+convolutions on the same GEMMs: see "convolutions"), and the project's digit classifier, over
+pointers into one slab.
 
 Activations and their gradients are feature-major, ``[features][bp]`` with ``bp`` the batch
 rounded up to 16, so the batch is the contiguous (vector) direction of every GEMM and every
@@ -1104,8 +1105,7 @@ cdef int conv_backward_params(const Linear *L, const float *dYt, const float *co
     im2col. bf16: A = col's rows in bf16 (pairs of columns), B = dYt as pairs of columns.
     Returns the non-finite count."""
     cdef int ldm = ceil_div(L.n_out, 16) * 16
-    cdef int task, i0, j0, mr, nv, rt, ct, n_ct, k, i
-    cdef int bad = 0
+    cdef int task, i0, j0, n_ct, k, i
     cdef uint16_t *colh
     if L.Wh != NULL:
         colh = <uint16_t *>L.pa
@@ -1135,17 +1135,8 @@ cdef int conv_backward_params(const Linear *L, const float *dYt, const float *co
     if L.b != NULL:
         for i in prange(L.n_out, num_threads=nthreads, schedule='static'):
             L.gb[i] = row_sum(dYt + <long>i * N, N)
-    if adam == NULL:
-        return 0
-    if L.Wh != NULL:
-        for i in prange(ceil_div(L.n_out, 2), num_threads=nthreads, schedule='runtime'):
-            bad += adam_w_pair(L, i, L.gW + 2 * i * L.ld, L.gW + (2 * i + 1) * L.ld, adam)
-    else:
-        for i in prange(L.n_out, num_threads=nthreads, schedule='runtime'):
-            bad += adam_w_row(L, i, L.gW + i * L.ld, adam)
-    if L.b != NULL:
-        bad += adam_row(L.b, L.mb, L.vb, L.gb, L.n_out, adam.step_size, adam.inv_bc2_sqrt)
-    return bad
+    # A convolution's W is small (C_out rows): Adam from gW costs little next to the GEMM.
+    return linear_adam(L, adam, nthreads) if adam != NULL else 0
 
 
 cdef void conv_forward(const Linear *L, const float *X, float *col, float *Y, int H, int W,

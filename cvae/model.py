@@ -437,25 +437,18 @@ class Model(SlabModel):
         r = _activation_rows(self.arch)
         view = self._feature_major
         if isinstance(self.arch, ConvArch):
-            flat = r["dec_fc2"]
-            return {"conv1": view(f"{prefix}.conv1", r["conv1"]),
-                    "conv2": view(f"{prefix}.conv2", r["conv2"], slice(0, flat)),
-                    "enc_fc": view(f"{prefix}.enc_fc", r["enc_fc"]),
-                    "mu": view(f"{prefix}.enc_out", r["enc_out"], slice(0, z)),
-                    "logvar": view(f"{prefix}.enc_out", r["enc_out"], slice(z, 2 * z)),
-                    "z": view(f"{prefix}.dec_in", r["dec_in"], slice(0, z)),
-                    "dec_fc1": view(f"{prefix}.dec_fc1", r["dec_fc1"]),
-                    "dec_fc2": view(f"{prefix}.dec_fc2", r["dec_fc2"]),
-                    "tconv1": view(f"{prefix}.tconv1", r["tconv1"]),
-                    "logits": view(f"{prefix}.tconv2", r["tconv2"])}
-        return {"enc1": view(f"{prefix}.enc1", r["enc1"]),
-                "enc2": view(f"{prefix}.enc2", r["enc2"]),
-                "mu": view(f"{prefix}.enc3", r["enc3"], slice(0, z)),
-                "logvar": view(f"{prefix}.enc3", r["enc3"], slice(z, 2 * z)),
-                "z": view(f"{prefix}.dec_in", r["dec_in"], slice(0, z)),
-                "dec1": view(f"{prefix}.dec1", r["dec1"]),
-                "dec2": view(f"{prefix}.dec2", r["dec2"]),
-                "logits": view(f"{prefix}.dec3", r["dec3"])}
+            hidden, out, logits = ("conv1", "enc_fc", "dec_fc1", "dec_fc2", "tconv1"), \
+                "enc_out", "tconv2"
+        else:
+            hidden, out, logits = ("enc1", "enc2", "dec1", "dec2"), "enc3", "dec3"
+        views = {name: view(f"{prefix}.{name}", r[name]) for name in hidden}
+        if isinstance(self.arch, ConvArch):   # without the onehot rows that follow it
+            views["conv2"] = view(f"{prefix}.conv2", r["conv2"], slice(0, r["dec_fc2"]))
+        views.update(mu=view(f"{prefix}.{out}", r[out], slice(0, z)),
+                     logvar=view(f"{prefix}.{out}", r[out], slice(z, 2 * z)),
+                     z=view(f"{prefix}.dec_in", r["dec_in"], slice(0, z)),
+                     logits=view(f"{prefix}.{logits}", r[logits]))
+        return views
 
     @property
     def acts(self):

@@ -23,7 +23,7 @@ from cvae.model import (VARIANTS, Arch, ConvArch, Model, arch_for_variant, arch_
                         decode_images, encode_all, model_from_checkpoint)
 
 from . import reference as R
-from .conftest import params64
+from .conftest import assert_training_allocates_nothing, params64
 from .test_bf16 import U, bf16_value, net_tolerance_problems
 
 TINY = dict(channels=(3, 5), hidden=24, latent=8)   # nothing a multiple of 16
@@ -138,33 +138,9 @@ def test_reference_matches_finite_differences(act, beta):
     loss, rec, kl, grads, acts, act_grads = R.conv_forward_backward(p, pixels, labels, eps,
                                                                     beta, act)
     assert np.isclose(loss, rec + beta * kl)
-    rng = np.random.default_rng(7)
-    h = 1e-6
-    bad = []
-    for k in R.CONV_PARAM_NAMES:
-        scale = np.abs(grads[k]).max()
-        for _ in range(4):
-            idx = tuple(int(rng.integers(0, s)) for s in p[k].shape)
-            q = {kk: v.copy() for kk, v in p.items()}
-            q[k][idx] += h
-            lp = R.conv_loss_only(q, pixels, labels, eps, beta, act)
-            q[k][idx] -= 2 * h
-            lm = R.conv_loss_only(q, pixels, labels, eps, beta, act)
-            fd = (lp - lm) / (2 * h)
-            if not abs(fd - grads[k][idx]) <= 1e-5 * abs(fd) + 1e-6 * scale + 1e-8:
-                bad.append(f"{k}{idx}: analytic {grads[k][idx]:.9g}, fd {fd:.9g}")
-    std = np.exp(0.5 * acts["logvar"])
-    for _ in range(4):
-        idx = (int(rng.integers(0, b)), int(rng.integers(0, L)))
-        e = eps.copy()
-        e[idx] += h
-        lp = R.conv_loss_only(p, pixels, labels, e, beta, act)
-        e[idx] -= 2 * h
-        lm = R.conv_loss_only(p, pixels, labels, e, beta, act)
-        fd = (lp - lm) / (2 * h)
-        an = act_grads["z"][idx] * std[idx]
-        if not abs(fd - an) <= 1e-5 * abs(fd) + 1e-8:
-            bad.append(f"eps{idx}: analytic {an:.9g}, fd {fd:.9g}")
+    bad = R.reference_fd_mismatches(
+        lambda q, e: R.conv_loss_only(q, pixels, labels, e, beta, act), p, eps, grads,
+        act_grads["z"] * np.exp(0.5 * acts["logvar"]), R.CONV_PARAM_NAMES)
     assert not bad, "\n".join(bad)
 
 
@@ -377,20 +353,7 @@ def test_a_training_step_allocates_nothing(precision):
     assert "scratch.col" in m.layout and "act.col2" in m.layout
     assert all(off + m.section_sizes[name] <= m.slab.size for name, off in m.layout.items())
     pixels, labels = batch(64, 6)
-    for step in range(3):
-        m.train_step(pixels, labels, 1e-3, 1.0, 0, step)
-    address = m.slab.ctypes.data
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        for step in range(3, 23):
-            m.train_step(pixels, labels, 1e-3, 1.0, 0, step)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak - before < 16384, f"peak traced memory rose {peak - before} bytes in the loop"
-    assert m.slab.ctypes.data == address
+    assert_training_allocates_nothing(m, pixels, labels, warmup=3, steps=20)
 
 
 # --------------------------------------------------------------------------- checkpoints
