@@ -96,6 +96,15 @@ def test_variants():
         arch_for_variant("full", channels=(4, 8))
     with pytest.raises(CvaeError, match="variant"):
         arch_for_variant("huge")
+    with pytest.raises(CvaeError, match="arch_for_variant"):
+        Arch.variant("conv")
+
+
+def test_sizes_beyond_the_conv_bounds_are_refused_before_allocating():
+    with pytest.raises(CvaeError, match="channels"):
+        Model(ConvArch(channels=(3, 100_000), hidden=24, latent=8), max_batch=5)
+    with pytest.raises(CvaeError, match="batch of 5000"):
+        Model(ConvArch(**TINY), max_batch=5000)
 
 
 @pytest.mark.parametrize("change", [
