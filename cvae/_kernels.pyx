@@ -157,17 +157,18 @@ cdef inline int ceil_div(int a, int b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef inline void task_tile(int task, int n_rt, int n_ct, int *rt, int *ct) noexcept nogil:
-    """A GEMM task's (row tile, column tile). Row-major when row tiles outnumber column
-    tiles (a linear layer: the tasks of one block of W's rows follow each other, so it stays in
-    cache), column-major otherwise (a convolution, whose columns are positions x batch: one
-    strip of the im2col stays in cache while every block of W's rows uses it)."""
-    if n_ct > n_rt:
-        rt[0] = task % n_rt
-        ct[0] = task // n_rt
-    else:
-        rt[0] = task // n_ct
-        ct[0] = task % n_ct
+# A GEMM task's row tile and column tile: row-major when row tiles outnumber column tiles (a
+# linear layer: the tasks of one block of W's rows follow each other, so it stays in cache),
+# column-major otherwise (a convolution, whose columns are positions x batch: one strip of the
+# im2col stays in cache while every block of W's rows uses it). Two functions whose results
+# the loop assigns, not one writing through pointers: Cython makes a prange's variables
+# private only when the loop body assigns them (through a pointer they were shared, a race).
+cdef inline int task_row(int task, int n_rt, int n_ct) noexcept nogil:
+    return task % n_rt if n_ct > n_rt else task // n_ct
+
+
+cdef inline int task_col(int task, int n_rt, int n_ct) noexcept nogil:
+    return task // n_rt if n_ct > n_rt else task % n_ct
 
 
 # ---------------------------------------------------------------- linear layer
@@ -179,11 +180,10 @@ cdef void linear_forward(const Linear *L, const float *Xt, float *Yt, int bp, in
         linear_forward_bf16(L, Xt, Yt, bp, act, nthreads)
         return
     cdef int n_ct = ceil_div(bp, NR), n_rt = ceil_div(L.n_out, MR)
-    cdef int task, i0, j0, mr, nv, i, rt, ct
+    cdef int task, i0, j0, mr, nv, i
     for task in prange(n_rt * n_ct, num_threads=nthreads, schedule='runtime'):
-        task_tile(task, n_rt, n_ct, &rt, &ct)
-        i0 = rt * MR
-        j0 = ct * NR
+        i0 = task_row(task, n_rt, n_ct) * MR
+        j0 = task_col(task, n_rt, n_ct) * NR
         mr = min(MR, L.n_out - i0)
         nv = min(NV, (bp - j0) // VW)
         tile(mr, nv, L.n_in, L.W + i0 * L.ld, L.ld, 1, Xt + j0, bp, Yt + i0 * bp + j0, bp)
@@ -341,12 +341,11 @@ cdef void linear_forward_bf16(const Linear *L, const float *Xt, float *Yt, int b
     """linear_forward on bf16 inputs: A = Wh, B = Xt as pairs of feature rows."""
     cdef int n_ct = ceil_div(bp, BNR), n_rt = ceil_div(L.n_out, BMR)
     cdef int kp = ceil_div(L.n_in, 2)
-    cdef int task, i0, j0, mr, nv, i, rt, ct
+    cdef int task, i0, j0, mr, nv, i
     pack_pairs(Xt, L.n_in, bp, L.pb, nthreads)
     for task in prange(n_rt * n_ct, num_threads=nthreads, schedule='runtime'):
-        task_tile(task, n_rt, n_ct, &rt, &ct)
-        i0 = rt * BMR
-        j0 = ct * BNR
+        i0 = task_row(task, n_rt, n_ct) * BMR
+        j0 = task_col(task, n_rt, n_ct) * BNR
         mr = min(BMR, L.n_out - i0)
         nv = min(BNV, (bp - j0) // VW)
         bf_tile(mr, nv, kp, <const uint32_t *>(L.Wh + i0 * L.ld), L.ld // 2, 1, L.pb + j0, bp,
@@ -1071,7 +1070,7 @@ cdef void linear_transposed(const Linear *L, const float *Yt, float *Ct, int N,
     which for N = positions x batch would cost a large strided transpose.) Tiles of rows of
     W^T by N's columns, column strips outer: a strip of Yt stays in L1 while every block of
     W's columns uses it. bf16: A = Wp (pairs of W's rows), B = Yt as pairs of rows."""
-    cdef int task, i0, j0, mr, nv, rt, ct
+    cdef int task, i0, j0, mr, nv
     cdef int n_rt, n_ct
     if L.Wh != NULL:
         pack_pairs(Yt, L.n_out, N, L.pa, nthreads)
