@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # cython: initializedcheck=False, nonecheck=False
-"""Every forward and backward step of the MLP CVAE, and of the project's digit classifier,
-over pointers into one slab.
+"""Every forward and backward step of the MLP CVAE, the convolutional CVAE (ConvNet, its
+convolutions on the same GEMMs: see "convolutions"), and the project's digit classifier, over
+pointers into one slab.
 
 Activations and their gradients are feature-major, ``[features][bp]`` with ``bp`` the batch
 rounded up to 16, so the batch is the contiguous (vector) direction of every GEMM and every
@@ -156,6 +157,20 @@ cdef inline int ceil_div(int a, int b) noexcept nogil:
     return (a + b - 1) // b
 
 
+# A GEMM task's row tile and column tile: row-major when row tiles outnumber column tiles (a
+# linear layer: the tasks of one block of W's rows follow each other, so it stays in cache),
+# column-major otherwise (a convolution, whose columns are positions x batch: one strip of the
+# im2col stays in cache while every block of W's rows uses it). Two functions whose results
+# the loop assigns, not one writing through pointers: Cython makes a prange's variables
+# private only when the loop body assigns them (through a pointer they were shared, a race).
+cdef inline int task_row(int task, int n_rt, int n_ct) noexcept nogil:
+    return task % n_rt if n_ct > n_rt else task // n_ct
+
+
+cdef inline int task_col(int task, int n_rt, int n_ct) noexcept nogil:
+    return task // n_rt if n_ct > n_rt else task % n_ct
+
+
 # ---------------------------------------------------------------- linear layer
 
 cdef void linear_forward(const Linear *L, const float *Xt, float *Yt, int bp, int act,
@@ -164,11 +179,11 @@ cdef void linear_forward(const Linear *L, const float *Xt, float *Yt, int bp, in
     if L.Wh != NULL:
         linear_forward_bf16(L, Xt, Yt, bp, act, nthreads)
         return
-    cdef int n_ct = ceil_div(bp, NR)
+    cdef int n_ct = ceil_div(bp, NR), n_rt = ceil_div(L.n_out, MR)
     cdef int task, i0, j0, mr, nv, i
-    for task in prange(ceil_div(L.n_out, MR) * n_ct, num_threads=nthreads, schedule='runtime'):
-        i0 = (task // n_ct) * MR
-        j0 = (task % n_ct) * NR
+    for task in prange(n_rt * n_ct, num_threads=nthreads, schedule='runtime'):
+        i0 = task_row(task, n_rt, n_ct) * MR
+        j0 = task_col(task, n_rt, n_ct) * NR
         mr = min(MR, L.n_out - i0)
         nv = min(NV, (bp - j0) // VW)
         tile(mr, nv, L.n_in, L.W + i0 * L.ld, L.ld, 1, Xt + j0, bp, Yt + i0 * bp + j0, bp)
@@ -246,20 +261,18 @@ cdef int linear_backward_params(const Linear *L, const float *dYt, const float *
             j0 = ct * NR
             nv = min(NV, (L.ld - j0) // VW)
             tile(mr, nv, batch, dYt + i0 * bp, bp, 1, Xb + j0, L.ld, C + j0, L.ld)
-        if L.b != NULL:
-            for i in range(i0, i0 + mr):
-                s = 0.0
-                for k in range(batch):
-                    s = s + dYt[i * bp + k]
-                L.gb[i] = s
+        for i in range(i0, i0 + mr):
+            s = 0.0
+            for k in range(batch):
+                s = s + dYt[i * bp + k]
+            L.gb[i] = s
         if adam != NULL:
             for i in range(mr):
                 bad += adam_row(L.W + (i0 + i) * L.ld, L.mW + (i0 + i) * L.ld,
                                 L.vW + (i0 + i) * L.ld, C + i * L.ld, L.ld, adam.step_size,
                                 adam.inv_bc2_sqrt)
-            if L.b != NULL:
-                bad += adam_row(L.b + i0, L.mb + i0, L.vb + i0, L.gb + i0, mr, adam.step_size,
-                                adam.inv_bc2_sqrt)
+            bad += adam_row(L.b + i0, L.mb + i0, L.vb + i0, L.gb + i0, mr, adam.step_size,
+                            adam.inv_bc2_sqrt)
     return bad
 
 
@@ -326,13 +339,13 @@ cdef void pack_pairs(const float *X, int rows, int n, uint32_t *P, int nthreads)
 cdef void linear_forward_bf16(const Linear *L, const float *Xt, float *Yt, int bp, int act,
                               int nthreads) noexcept nogil:
     """linear_forward on bf16 inputs: A = Wh, B = Xt as pairs of feature rows."""
-    cdef int n_ct = ceil_div(bp, BNR)
+    cdef int n_ct = ceil_div(bp, BNR), n_rt = ceil_div(L.n_out, BMR)
     cdef int kp = ceil_div(L.n_in, 2)
     cdef int task, i0, j0, mr, nv, i
     pack_pairs(Xt, L.n_in, bp, L.pb, nthreads)
-    for task in prange(ceil_div(L.n_out, BMR) * n_ct, num_threads=nthreads, schedule='runtime'):
-        i0 = (task // n_ct) * BMR
-        j0 = (task % n_ct) * BNR
+    for task in prange(n_rt * n_ct, num_threads=nthreads, schedule='runtime'):
+        i0 = task_row(task, n_rt, n_ct) * BMR
+        j0 = task_col(task, n_rt, n_ct) * BNR
         mr = min(BMR, L.n_out - i0)
         nv = min(BNV, (bp - j0) // VW)
         bf_tile(mr, nv, kp, <const uint32_t *>(L.Wh + i0 * L.ld), L.ld // 2, 1, L.pb + j0, bp,
@@ -400,15 +413,13 @@ cdef int dw_bf16(const Linear *L, const float *dYt, const float *Xt, int batch, 
                               L.ld, ct, n_ct)
             bf_tile(mr, nv, kp, <const uint32_t *>(dyh + i0 * bp), bp // 2, 1, L.pb + j0, L.ld,
                     C + j0, L.ld, 0)
-        if L.b != NULL:
-            for i in range(i0, i0 + mr):
-                L.gb[i] = row_sum(dYt + i * bp, batch)
+        for i in range(i0, i0 + mr):
+            L.gb[i] = row_sum(dYt + i * bp, batch)
         if adam != NULL:
             for i in range(0, mr, 2):
                 bad += adam_w_pair(L, (i0 + i) // 2, C + i * L.ld, C + (i + 1) * L.ld, adam)
-            if L.b != NULL:
-                bad += adam_row(L.b + i0, L.mb + i0, L.vb + i0, L.gb + i0, mr, adam.step_size,
-                                adam.inv_bc2_sqrt)
+            bad += adam_row(L.b + i0, L.mb + i0, L.vb + i0, L.gb + i0, mr, adam.step_size,
+                            adam.inv_bc2_sqrt)
     return bad
 
 
@@ -1083,6 +1094,95 @@ cdef void col2im(const float *col, float *X, int C, int H, int W, int bp, const 
             act_grad_row(X + <long>row * W * bp, y + <long>row * W * bp, W * bp, act)
 
 
+cdef void transpose(const float *src, long lds, int rows, long cols, float *dst, long ldd,
+                    int nthreads) noexcept nogil:
+    """dst[j][i] = src[i][j] for i < rows, j < cols, by strips of 16 columns of src: a task
+    reads 16 floats of every row and fills 16 rows of dst, which stay in L1."""
+    cdef long jb, j, j0, j1
+    cdef int i
+    for jb in prange((cols + 15) // 16, num_threads=nthreads, schedule='static'):
+        j0 = jb * 16
+        j1 = min(j0 + 16, cols)
+        for i in range(rows):
+            for j in range(j0, j1):
+                dst[j * ldd + i] = src[i * lds + j]
+
+
+cdef void linear_transposed(const Linear *L, const float *Yt, float *Ct, int N,
+                            int nthreads) noexcept nogil:
+    """Ct[in][N] = W^T . Yt[out][N], feature-major: a convolution's input gradient before
+    col2im, a transposed convolution's forward. (The linear layers' dX goes batch-major first,
+    which for N = positions x batch would cost a large strided transpose.) Tiles of rows of
+    W^T by N's columns, column strips outer: a strip of Yt stays in L1 while every block of
+    W's columns uses it. bf16: A = Wp (pairs of W's rows), B = Yt as pairs of rows."""
+    cdef int task, i0, j0, mr, nv
+    cdef int n_rt, n_ct
+    if L.Wh != NULL:
+        pack_pairs(Yt, L.n_out, N, L.pa, nthreads)
+        n_rt = ceil_div(L.n_in, BMR)
+        n_ct = ceil_div(N, BNR)
+        for task in prange(n_rt * n_ct, num_threads=nthreads, schedule='runtime'):
+            i0 = (task % n_rt) * BMR
+            j0 = (task // n_rt) * BNR
+            mr = min(BMR, L.n_in - i0)
+            nv = min(BNV, (N - j0) // VW)
+            bf_tile(mr, nv, ceil_div(L.n_out, 2), L.Wp + i0, 1, L.ld, L.pa + j0, N,
+                    Ct + <long>i0 * N + j0, N, 0)
+        return
+    n_rt = ceil_div(L.n_in, MR)
+    n_ct = ceil_div(N, NR)
+    for task in prange(n_rt * n_ct, num_threads=nthreads, schedule='runtime'):
+        i0 = (task % n_rt) * MR
+        j0 = (task // n_rt) * NR
+        mr = min(MR, L.n_in - i0)
+        nv = min(NV, (N - j0) // VW)
+        tile(mr, nv, L.n_out, L.W + i0, 1, L.ld, Yt + j0, N, Ct + <long>i0 * N + j0, N)
+
+
+cdef int conv_backward_params(const Linear *L, const float *dYt, const float *col, int N,
+                              const Adam *adam, float *xb, float *dwt,
+                              int nthreads) noexcept nogil:
+    """dW = dYt[out][N] . col[in][N]^T into gW, and (when the Linear has a bias) db = the row
+    sums of dYt; with ``adam`` W and b are then updated as linear_backward_params does. The
+    GEMM runs as dW^T = col . dYt^T into dwt[in][out padded]: its K = N runs along col's rows,
+    and its batch-major operand is dYt transposed (out, the small side, is its width), not the
+    im2col. bf16: A = col's rows in bf16 (pairs of columns), B = dYt as pairs of columns.
+    Returns the non-finite count."""
+    cdef int ldm = ceil_div(L.n_out, 16) * 16
+    cdef int task, i0, j0, n_ct, k, i
+    cdef uint16_t *colh
+    if L.Wh != NULL:
+        colh = <uint16_t *>L.pa
+        for k in prange(L.n_in, num_threads=nthreads, schedule='static'):
+            pack_row(col + <long>k * N, colh + <long>k * N, N, N)
+        for k in prange(L.n_out, num_threads=nthreads, schedule='static'):
+            pack_col_pairs(dYt + <long>k * N, N, N, L.pb + k, ldm)
+        n_ct = ceil_div(ldm, BNR)
+        for task in prange(ceil_div(L.n_in, BMR) * n_ct, num_threads=nthreads,
+                           schedule='runtime'):
+            i0 = (task // n_ct) * BMR
+            j0 = (task % n_ct) * BNR
+            bf_tile(min(BMR, L.n_in - i0), min(BNV, (ldm - j0) // VW), N // 2,
+                    <const uint32_t *>(colh + <long>i0 * N), N // 2, 1, L.pb + j0, ldm,
+                    dwt + i0 * ldm + j0, ldm, 0)
+    else:
+        transpose(dYt, N, L.n_out, N, xb, ldm, nthreads)
+        n_ct = ceil_div(ldm, NR)
+        for task in prange(ceil_div(L.n_in, MR) * n_ct, num_threads=nthreads,
+                           schedule='runtime'):
+            i0 = (task // n_ct) * MR
+            j0 = (task % n_ct) * NR
+            tile(min(MR, L.n_in - i0), min(NV, (ldm - j0) // VW), N, col + <long>i0 * N, N, 1,
+                 xb + j0, ldm, dwt + i0 * ldm + j0, ldm)
+    # gW's padding columns are never written: zero since the slab was made.
+    transpose(dwt, ldm, L.n_in, L.n_out, L.gW, L.ld, nthreads)
+    if L.b != NULL:
+        for i in prange(L.n_out, num_threads=nthreads, schedule='static'):
+            L.gb[i] = row_sum(dYt + <long>i * N, N)
+    # A convolution's W is small (C_out rows): Adam from gW costs little next to the GEMM.
+    return linear_adam(L, adam, nthreads) if adam != NULL else 0
+
+
 cdef void conv_forward(const Linear *L, const float *X, float *col, float *Y, int H, int W,
                        int bp, int act, int nthreads) noexcept nogil:
     """Y[C_out][(H/2)(W/2)bp] = act(W . im2col(X) + b); col keeps im2col(X) for dW."""
@@ -1091,26 +1191,24 @@ cdef void conv_forward(const Linear *L, const float *X, float *col, float *Y, in
 
 
 cdef void conv_backward_input(const Linear *L, const float *dY, float *dcol, float *dX,
-                              const float *X, int x_act, int H, int W, int bp, float *xb,
+                              const float *X, int x_act, int H, int W, int bp,
                               int nthreads) noexcept nogil:
     """dX[C_in][H*W*bp] = col2im(W^T . dY), times act'(.) of the layer that produced X."""
-    linear_backward_input(L, dY, dcol, NULL, ACT_NONE, (H // 2) * (W // 2) * bp, xb, nthreads)
+    linear_transposed(L, dY, dcol, (H // 2) * (W // 2) * bp, nthreads)
     col2im(dcol, dX, L.n_in // 16, H, W, bp, NULL, X, x_act, nthreads)
 
 
 cdef void tconv_forward(const Linear *L, const ConvBias *B, const float *X, float *colT,
-                        float *Y, int H, int W, int bp, int act, float *xb,
-                        int nthreads) noexcept nogil:
+                        float *Y, int H, int W, int bp, int act, int nthreads) noexcept nogil:
     """The transposed convolution from X[C_in][(H/2)(W/2)bp] to Y[C_out][H*W*bp]:
     act(col2im(W^T . X) + b), conv_backward_input's computation."""
-    linear_backward_input(L, X, colT, NULL, ACT_NONE, (H // 2) * (W // 2) * bp, xb, nthreads)
+    linear_transposed(L, X, colT, (H // 2) * (W // 2) * bp, nthreads)
     col2im(colT, Y, L.n_in // 16, H, W, bp, B.b, NULL, act, nthreads)
 
 
 cdef int tconv_backward(const Linear *L, const ConvBias *B, const float *dY, const float *X,
                         float *dX, int x_act, float *col, int H, int W, int bp,
-                        const Adam *adam, float *xb, float *scratch,
-                        int nthreads) noexcept nogil:
+                        const Adam *adam, float *xb, float *dwt, int nthreads) noexcept nogil:
     """The transposed convolution's gradients from dY[C_out][H*W*bp]: dX = W . im2col(dY)
     (conv_forward's GEMM, times act'(.) of X's layer), dW = X . im2col(dY)^T, db = the sums of
     dY's channels; with ``adam`` W and b are updated (after dX has read W). Returns the
@@ -1123,7 +1221,7 @@ cdef int tconv_backward(const Linear *L, const ConvBias *B, const float *dY, con
     if x_act != ACT_NONE:
         for f in prange(L.n_out, num_threads=nthreads, schedule='static'):
             act_grad_row(dX + <long>f * N, X + <long>f * N, N, x_act)
-    bad = linear_backward_params(L, X, col, xb, N, N, adam, scratch, nthreads)
+    bad = conv_backward_params(L, X, col, N, adam, xb, dwt, nthreads)
     for c in prange(B.n, num_threads=nthreads, schedule='static'):
         B.gb[c] = row_sum(dY + <long>c * H * W * bp, H * W * bp)
     if adam != NULL:
@@ -1153,6 +1251,7 @@ cdef class ConvNet(Net):
     cdef float *col1
     cdef float *col2
     cdef float *colT
+    cdef float *dwt
     cdef float *h3_t
     cdef float *g3_t
     cdef float *dh3_t
@@ -1210,6 +1309,7 @@ cdef class ConvNet(Net):
         self.dg3_t = at(base, layout, "actgrad.tconv1")
         self.dlogits_t = at(base, layout, "actgrad.tconv2")
         self.colT = at(base, layout, "scratch.col")
+        self.dwt = at(base, layout, "scratch.dwt")
 
     cdef void _encode(self, const uint8_t *pixels, const uint8_t *labels, int batch,
                       int bp) noexcept nogil:
@@ -1228,9 +1328,9 @@ cdef class ConvNet(Net):
         linear_forward(&self.dec_fc1, self.d0_t, self.g1_t, bp, self.act, nt)
         linear_forward(&self.dec_fc2, self.g1_t, self.g2_t, bp, self.act, nt)
         tconv_forward(&self.tconv1, &self.tb1, self.g2_t, self.colT, self.g3_t, 14, 14, bp,
-                      self.act, self.xb, nt)
+                      self.act, nt)
         tconv_forward(&self.tconv2, &self.tb2, self.g3_t, self.colT, self.logits_t, 28, 28, bp,
-                      ACT_NONE, self.xb, nt)
+                      ACT_NONE, nt)
 
     cdef void _backward(self, int batch, int bp, float beta, const Adam *adam) noexcept nogil:
         cdef int nt = self.nthreads, act = self.act
@@ -1239,9 +1339,9 @@ cdef class ConvNet(Net):
         # Each layer's dX reads W before the (optionally fused) update of that W.
         self.bad += tconv_backward(&self.tconv2, &self.tb2, self.dlogits_t, self.g3_t,
                                    self.dg3_t, act, self.colT, 28, 28, bp, adam, self.xb,
-                                   self.scratch, nt)
+                                   self.dwt, nt)
         self.bad += tconv_backward(&self.tconv1, &self.tb1, self.dg3_t, self.g2_t, self.dg2_t,
-                                   act, self.colT, 14, 14, bp, adam, self.xb, self.scratch, nt)
+                                   act, self.colT, 14, 14, bp, adam, self.xb, self.dwt, nt)
         linear_backward_input(&self.dec_fc2, self.dg2_t, self.dg1_t, self.g1_t, act, bp,
                               self.xb, nt)
         self.bad += linear_backward_params(&self.dec_fc2, self.dg2_t, self.g1_t, self.xb, batch,
@@ -1261,11 +1361,11 @@ cdef class ConvNet(Net):
         self.bad += linear_backward_params(&self.enc_fc, self.dh3_t, self.h2_t, self.xb, batch,
                                            bp, adam, self.scratch, nt)
         conv_backward_input(&self.conv2, self.dh2_t, self.colT, self.dh1_t, self.h1_t, act, 14,
-                            14, bp, self.xb, nt)
-        self.bad += linear_backward_params(&self.conv2, self.dh2_t, self.col2, self.xb, n2, n2,
-                                           adam, self.scratch, nt)
-        self.bad += linear_backward_params(&self.conv1, self.dh1_t, self.col1, self.xb, n1, n1,
-                                           adam, self.scratch, nt)
+                            14, bp, nt)
+        self.bad += conv_backward_params(&self.conv2, self.dh2_t, self.col2, n2, adam, self.xb,
+                                         self.dwt, nt)
+        self.bad += conv_backward_params(&self.conv1, self.dh1_t, self.col1, n1, adam, self.xb,
+                                         self.dwt, nt)
 
     def adam_update(self, float lr, long adam_t):
         """Adam step number adam_t from the stored gradients (the unfused path)."""

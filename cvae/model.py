@@ -56,6 +56,8 @@ MAX_BATCH = 1 << 16
 # 256 channels and a batch of 64, 50 MB each), not with anything a checkpoint must hold, so
 # they get a bound of their own.
 MAX_CHANNELS = 256
+# ... and its batches, so that every offset into its buffers fits the kernels' ints.
+MAX_CONV_BATCH = 4096
 
 
 def pad(n):
@@ -270,7 +272,11 @@ class SlabModel:
         # A GEMM's columns: max_bp, times a convolution's positions.
         cols = {name: positions.get(name, 1) * self.max_bp for name, *_ in layers}
         widest = max(pad(n_in) for _, n_in, _, _ in layers)
-        carve("scratch.batch_major", max(cols[name] * pad(n_in) for name, n_in, _, _ in layers))
+        # Batch-major copies: a layer's input (dW's operand), or for a convolution whichever of
+        # its input and output is transposed (cvae._kernels.conv_backward_params).
+        carve("scratch.batch_major", max(cols[name] * pad(max(n_in, n_out) if name in positions
+                                                          else n_in)
+                                         for name, n_in, n_out, _ in layers))
         carve("scratch.tiles", threads * k.tile_rows * widest)
         for name, n in (scratch or {}).items():
             carve(name, n)
@@ -403,10 +409,17 @@ class Model(SlabModel):
                 raise CvaeError(f"channels {arch.channels}: cvae builds 1 to {MAX_CHANNELS}")
             grads = ("conv1", "conv2", "enc_fc", "enc_out", "dec_in", "dec_fc1", "dec_fc2",
                      "tconv1", "tconv2")
-            # The im2col of whichever convolution's input or gradient is not kept for its dW.
+            if max_batch > MAX_CONV_BATCH:
+                raise CvaeError(f"a batch of {max_batch} is beyond the {MAX_CONV_BATCH} the "
+                                f"convolutional model builds")
+            # The im2col of whichever convolution's input or gradient is not kept for its dW,
+            # and a convolution's weight gradient transposed ([in][out], the GEMM's output).
             col = max(rows["col1"], rows["col2"]) * pad(max_batch)
+            dwt = max(pad(n_in) * pad(n_out) for name, n_in, n_out, _ in arch.layers()
+                      if name in arch.positions())
             k = self._carve(arch.layers(), rows, grads, ("rec", "kl"), max_batch, threads,
-                            precision, positions=arch.positions(), scratch={"scratch.col": col})
+                            precision, positions=arch.positions(),
+                            scratch={"scratch.col": col, "scratch.dwt": dwt})
             net = k.ConvNet
         else:
             k = self._carve(arch.layers(), rows,
@@ -423,25 +436,18 @@ class Model(SlabModel):
         r = _activation_rows(self.arch)
         view = self._feature_major
         if isinstance(self.arch, ConvArch):
-            flat = r["dec_fc2"]
-            return {"conv1": view(f"{prefix}.conv1", r["conv1"]),
-                    "conv2": view(f"{prefix}.conv2", r["conv2"], slice(0, flat)),
-                    "enc_fc": view(f"{prefix}.enc_fc", r["enc_fc"]),
-                    "mu": view(f"{prefix}.enc_out", r["enc_out"], slice(0, z)),
-                    "logvar": view(f"{prefix}.enc_out", r["enc_out"], slice(z, 2 * z)),
-                    "z": view(f"{prefix}.dec_in", r["dec_in"], slice(0, z)),
-                    "dec_fc1": view(f"{prefix}.dec_fc1", r["dec_fc1"]),
-                    "dec_fc2": view(f"{prefix}.dec_fc2", r["dec_fc2"]),
-                    "tconv1": view(f"{prefix}.tconv1", r["tconv1"]),
-                    "logits": view(f"{prefix}.tconv2", r["tconv2"])}
-        return {"enc1": view(f"{prefix}.enc1", r["enc1"]),
-                "enc2": view(f"{prefix}.enc2", r["enc2"]),
-                "mu": view(f"{prefix}.enc3", r["enc3"], slice(0, z)),
-                "logvar": view(f"{prefix}.enc3", r["enc3"], slice(z, 2 * z)),
-                "z": view(f"{prefix}.dec_in", r["dec_in"], slice(0, z)),
-                "dec1": view(f"{prefix}.dec1", r["dec1"]),
-                "dec2": view(f"{prefix}.dec2", r["dec2"]),
-                "logits": view(f"{prefix}.dec3", r["dec3"])}
+            hidden, out, logits = ("conv1", "enc_fc", "dec_fc1", "dec_fc2", "tconv1"), \
+                "enc_out", "tconv2"
+        else:
+            hidden, out, logits = ("enc1", "enc2", "dec1", "dec2"), "enc3", "dec3"
+        views = {name: view(f"{prefix}.{name}", r[name]) for name in hidden}
+        if isinstance(self.arch, ConvArch):   # without the onehot rows that follow it
+            views["conv2"] = view(f"{prefix}.conv2", r["conv2"], slice(0, r["dec_fc2"]))
+        views.update(mu=view(f"{prefix}.{out}", r[out], slice(0, z)),
+                     logvar=view(f"{prefix}.{out}", r[out], slice(z, 2 * z)),
+                     z=view(f"{prefix}.dec_in", r["dec_in"], slice(0, z)),
+                     logits=view(f"{prefix}.{logits}", r[logits]))
+        return views
 
     @property
     def acts(self):

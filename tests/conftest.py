@@ -107,6 +107,27 @@ def checkpoint_world(root, model, digits, images, labels):
 # ---------------------------------------------------------------- models and files
 
 
+def assert_training_allocates_nothing(model, pixels, labels, warmup=5, steps=50):
+    """train_step `warmup` times, then `steps` times under tracemalloc: the traced peak may
+    not rise by 16 KiB (everything a step needs lives in the slab) and the slab stays put."""
+    import tracemalloc
+
+    for step in range(warmup):
+        model.train_step(pixels, labels, 1e-3, 1.0, 0, step)
+    address = model.slab.ctypes.data
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        for step in range(warmup, warmup + steps):
+            model.train_step(pixels, labels, 1e-3, 1.0, 0, step)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - before < 16384, f"peak traced memory rose {peak - before} bytes in the loop"
+    assert model.slab.ctypes.data == address
+
+
 def params64(model):
     """A kernel model's (CVAE, classifier or flow prior) parameters as float64 copies."""
     return {k: np.array(v, dtype=np.float64) for k, v in model.params.items()}

@@ -218,6 +218,40 @@ def mismatch(name, got, ref, rtol=1e-4, atol_scale=1e-5):
             f"(max|ref| = {scale:.3g}); least squares got ~ {fit:.5g} * ref")
 
 
+# --------------------------------------------------------------------------- the references vs finite differences
+
+def reference_fd_mismatches(loss_of, params, eps, grads, d_eps, names, h=1e-6, seed=7):
+    """Central differences (float64) of a reference's loss against its analytic gradients:
+    four random entries of each parameter tensor in names, then four of eps, whose analytic
+    gradient d_eps is d loss / d z * std (which checks the "z" activation gradient).
+    loss_of(params, eps) -> loss. Returns the failures as lines."""
+    rng = np.random.default_rng(seed)
+    bad = []
+    for k in names:
+        scale = np.abs(grads[k]).max()
+        for _ in range(4):
+            idx = tuple(int(rng.integers(0, s)) for s in params[k].shape)
+            q = {kk: v.copy() for kk, v in params.items()}
+            q[k][idx] += h
+            lp = loss_of(q, eps)
+            q[k][idx] -= 2 * h
+            lm = loss_of(q, eps)
+            fd = (lp - lm) / (2 * h)
+            if not abs(fd - grads[k][idx]) <= 1e-5 * abs(fd) + 1e-6 * scale + 1e-8:
+                bad.append(f"{k}{idx}: analytic {grads[k][idx]:.9g}, fd {fd:.9g}")
+    for _ in range(4):
+        idx = tuple(int(rng.integers(0, s)) for s in eps.shape)
+        e = eps.copy()
+        e[idx] += h
+        lp = loss_of(params, e)
+        e[idx] -= 2 * h
+        lm = loss_of(params, e)
+        fd = (lp - lm) / (2 * h)
+        if not abs(fd - d_eps[idx]) <= 1e-5 * abs(fd) + 1e-8:
+            bad.append(f"eps{idx}: analytic {d_eps[idx]:.9g}, fd {fd:.9g}")
+    return bad
+
+
 # --------------------------------------------------------------------------- kernels vs their own loss
 
 def kernel_fd_mismatches(model, loss_of, names, noise, seed=1):

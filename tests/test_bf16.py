@@ -27,7 +27,7 @@ from cvae.errors import CvaeError
 from cvae.model import Arch, Model
 
 from . import reference as R
-from .conftest import params64, runnable_builds
+from .conftest import assert_training_allocates_nothing, params64, runnable_builds
 from .test_gradients import make_model
 
 U = 2.0 ** -8           # bf16 unit roundoff
@@ -388,27 +388,12 @@ def test_bf16_training_lowers_the_loss_like_fp32():
 def test_bf16_allocates_nothing_per_step():
     """The bf16 copies and packing scratch live in the slab: a training step allocates nothing
     (as test_training_step checks for fp32)."""
-    import tracemalloc
-
     m = Model(Arch.variant("mini", act="elu"), max_batch=64, precision="bf16")
     m.init_params(0)
     assert {"bf16.enc1.W", "bf16.enc1.Wp", "scratch.bf16_a", "scratch.bf16_b"} <= set(m.layout)
     assert all(off + m.section_sizes[name] <= m.slab.size for name, off in m.layout.items())
     pixels, labels = R.digit_like_pixels(64, seed=6), R.random_labels(64, seed=6)
-    for step in range(5):
-        m.train_step(pixels, labels, 1e-3, 1.0, 0, step)
-    address = m.slab.ctypes.data
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        for step in range(5, 55):
-            m.train_step(pixels, labels, 1e-3, 1.0, 0, step)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak - before < 16384, f"peak traced memory rose {peak - before} bytes in the loop"
-    assert m.slab.ctypes.data == address
+    assert_training_allocates_nothing(m, pixels, labels)
 
 
 def test_fp32_slab_has_no_bf16_sections():
