@@ -50,7 +50,7 @@ PEERS = {
 # conv, Adam is a large part of PyTorch's step (3.5M parameters), and its fused Adam is faster
 # than the default one, so both are rows; see benchmarks/README.md for compile.
 DEFAULT_IMPLS = {"mlp": "cvae,jax,torch,torch-bf16",
-                 "conv": "cvae,torch,torch-bf16,torch-fused,torch-fused-bf16"}
+                 "conv": "cvae,jax,torch,torch-bf16,torch-fused,torch-fused-bf16"}
 
 
 def cvae_has_precision(python):
@@ -172,8 +172,6 @@ def main(argv=None):
     unknown = sorted(args.impls - set(PEERS) - {"cvae"})
     if unknown:
         p.error(f"--impls {','.join(unknown)}: not an implementation (cvae, {', '.join(PEERS)})")
-    if conv and "jax" in args.impls:
-        p.error("--impls jax: jax_cvae.py has only the MLP variants")
     for name in ("cvae_python", "peer_python"):
         path = getattr(args, name)
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
