@@ -120,13 +120,14 @@ def is_cvae(impl):
 def summarise(args, threads, rates):
     """Rows for the result table and the ratios, as dicts."""
     rows, ratios = [], []
+    given = {k: getattr(args, k) for k in ("channels", "hidden", "latent") if getattr(args, k) is not None}
     for t in threads:
         best, median = {}, {}
         for impl, runs in rates[t].items():
             if not runs:
                 continue
             best[impl], median[impl] = max(runs), statistics.median(runs)
-            rows.append({"kind": "result", "impl": impl, "variant": args.variant, "batch": args.batch,
+            rows.append({"kind": "result", "impl": impl, "variant": args.variant, **given, "batch": args.batch,
                          "threads": t, "best": round(best[impl], 1), "median": round(median[impl], 1),
                          "runs": runs})
         ours = [i for i in best if is_cvae(i)]
@@ -134,7 +135,7 @@ def summarise(args, threads, rates):
         if ours and peers:
             ob, pb = max(ours, key=best.get), max(peers, key=best.get)
             om, pm = max(ours, key=median.get), max(peers, key=median.get)
-            ratios.append({"kind": "ratio", "variant": args.variant, "batch": args.batch, "threads": t,
+            ratios.append({"kind": "ratio", "variant": args.variant, **given, "batch": args.batch, "threads": t,
                            "best_ratio": round(best[ob] / best[pb], 3), "cvae_best": ob, "peer_best": pb,
                            "median_ratio": round(median[om] / median[pm], 3), "cvae_median": om,
                            "peer_median": pm, "rounds": args.rounds})
@@ -205,7 +206,7 @@ def main(argv=None):
         for row in rows + ratios:
             print(json.dumps(row))
     else:
-        print(f"{args.variant}, batch {args.batch}, {args.steps} timed steps after {args.warmup}, "
+        print(f"{args.variant}{' ' if arch_args(args) else ''}{' '.join(arch_args(args))}, batch {args.batch}, {args.steps} timed steps after {args.warmup}, "
               f"{args.rounds} interleaved rounds; img/s")
         width = max([12] + [len(row["impl"]) + 2 for row in rows])
         print(f"{'impl':<{width}}{'threads':>8}{'best':>10}{'median':>10}  runs")
