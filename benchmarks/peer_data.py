@@ -9,6 +9,25 @@ import numpy as np
 
 # name -> (h1, h2, latent, digits); the same table as cvae.model.VARIANTS
 VARIANTS = {"mini": (256, 128, 32, (0, 1)), "mid": (512, 256, 64, (0, 1)), "full": (640, 320, 128, tuple(range(10)))}
+# The convolutional CVAE of issue 17, name -> ((C1, C2), hidden, latent, digits); the defaults of
+# cvae's `--variant conv`, which `--channels`, `--hidden` and `--latent` override.
+CONV_VARIANTS = {"conv": ((32, 64), 512, 128, tuple(range(10)))}
+
+
+def digits_of(variant):
+    """The digits a variant (MLP or conv) trains on."""
+    return (VARIANTS.get(variant) or CONV_VARIANTS[variant])[3]
+
+
+def conv_param_count(channels, hidden, latent, classes=10):
+    """The parameters the issue's conv architecture has, counted from its text, layer by layer
+    (weights + biases), independent of any framework: what a peer's model must have."""
+    c1, c2 = channels
+    flat = c2 * 7 * 7
+    return ((16 * 1 * c1 + c1) + (16 * c1 * c2 + c2)                      # conv 1->C1, conv C1->C2
+            + ((flat + classes) * hidden + hidden) + (hidden * 2 * latent + 2 * latent)  # fc H, fc 2L
+            + ((latent + classes) * hidden + hidden) + (hidden * flat + flat)            # fc H, fc C2*49
+            + (16 * c2 * c1 + c1) + (16 * c1 * 1 + 1))                     # tconv C2->C1, tconv C1->1
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
