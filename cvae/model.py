@@ -58,6 +58,11 @@ MAX_BATCH = 1 << 16
 MAX_CHANNELS = 256
 # ... and its batches, so that every offset into its buffers fits the kernels' ints.
 MAX_CONV_BATCH = 4096
+# And the whole slab: a conv model's buffers grow with channels x batch, which its weights do
+# not bound, so a tiny hostile checkpoint (256 channels, 1 hidden unit, batch 4096) could ask
+# for 13 GB that numpy would hand out lazily and the first step would be killed for. 4 GB is
+# 30 times the largest slab cvae trains (conv at batch 256: 0.13 GB).
+MAX_SLAB_FLOATS = 1 << 30
 
 
 def pad(n):
@@ -291,6 +296,10 @@ class SlabModel:
             carve("scratch.bf16_a", packed)
             carve("scratch.bf16_b", packed)
 
+        if total > MAX_SLAB_FLOATS:
+            raise CvaeError(f"its sizes with a batch of {max_batch} would need a "
+                            f"{total * 4 / 1e9:.1f} GB slab, beyond the "
+                            f"{MAX_SLAB_FLOATS * 4 / 1e9:.1f} GB cvae builds")
         raw = np.zeros(total + ALIGN, dtype=np.float32)
         shift = (-raw.ctypes.data % 64) // 4
         self.slab = raw[shift:shift + total]
@@ -585,7 +594,10 @@ register_kind_check("cvae", check_checkpoint)
 def model_from_sections(meta, sections, source, threads=1, max_batch=64, precision="fp32"):
     """A model from a loaded checkpoint's meta and sections; Adam's state too when present."""
     arch = arch_from_json(meta.get("arch", {}), source=str(source))
-    model = Model(arch, max_batch=max_batch, threads=threads, precision=precision)
+    try:
+        model = Model(arch, max_batch=max_batch, threads=threads, precision=precision)
+    except CvaeError as e:  # the slab's bound: name the file whose sizes ask for it
+        raise CvaeError(f"{source}: {e}") from None
     model.load_state_sections(sections, source=str(source))
     model.source = str(source)
     model.adam_t = int(meta.get("adam_t", 0))

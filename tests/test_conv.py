@@ -411,6 +411,21 @@ def test_a_conv_header_that_does_not_fit_is_refused(tmp_path, arch_change, fragm
     assert peak < 50 << 20, f"refusing the header traced {peak} bytes"
 
 
+def test_a_small_checkpoint_cannot_ask_for_a_huge_slab(tmp_path):
+    """256 channels into 1, one hidden unit, latent 1: a file of ~100 KB whose buffers at a
+    batch of 4096 would be 13 GB. The slab's bound refuses it, naming the file, before numpy
+    hands out anything (it allocates lazily: the first step would be killed instead)."""
+    m = Model(ConvArch(channels=(256, 1), hidden=1, latent=1), max_batch=16)
+    m.init_params(0)
+    path = tmp_path / "wide.cvae"
+    save_checkpoint(path, "cvae", {"arch": m.arch.to_json(), "batch": 4096},
+                    m.state_sections(optimizer=False))
+    assert path.stat().st_size < 200_000
+    with pytest.raises(CvaeError) as error:
+        model_from_checkpoint(path, max_batch=4096)
+    assert str(path) in str(error.value) and "GB slab" in str(error.value)
+
+
 def test_the_mlp_checkpoint_is_unchanged(tmp_path):
     """Old checkpoints have no "type" key and mean the MLP; the MLP's header is as before."""
     m = Model(Arch(h1=24, h2=16, latent=8), max_batch=8)
