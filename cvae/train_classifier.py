@@ -90,7 +90,8 @@ def recipe_of(meta=None, arch=None, source="the classifier"):
     lr = recipe["lr"]
     if (not counts or type(recipe["seed"]) is not int or recipe["seed"] < 0
             or type(lr) not in (int, float) or not 0 < lr < 1e3
-            or recipe["precision"] not in PRECISIONS):
+            or recipe["precision"] not in PRECISIONS
+            or recipe["max_shift"] != MAX_SHIFT):  # train_with_recipe shifts by MAX_SHIFT only
         shown = {k: recipe[k] for k in RECIPE_KEYS + ("precision",)}
         raise CvaeError(f"{source}: its header's training recipe {shown!r:.160} is not one "
                         f"cvae can train")
