@@ -54,6 +54,7 @@ from cvae.errors import CvaeError
 from cvae.evaluate import DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_TEMPERATURE
 from cvae.fetch import ensure_data
 from cvae.kernels import default_threads
+from cvae.model import ConvArch
 from cvae.prior import (DEFAULT_BATCH, DEFAULT_DROP, DEFAULT_EPOCHS, DEFAULT_GUIDANCE,
                         DEFAULT_LR, DEFAULT_METHOD, DEFAULT_STEPS, PRIORS as ALL_PRIORS,
                         PriorArch, sampling_text)
@@ -142,7 +143,7 @@ class Run:
     def train_options(self, sweep):
         """The `cvae train` options (without --out) that start this run."""
         plan, arch = self.plan, self.plan.arch
-        if is_conv(arch):
+        if isinstance(arch, ConvArch):
             opts = ["--variant", self.variant, "--channels", ",".join(map(str, arch.channels)),
                     "--hidden", str(arch.hidden)]
         else:  # as before conv existed: the sizes and digits make the variant
@@ -161,15 +162,11 @@ class Run:
         return opts + ["--prior", "gaussian"]
 
 
-def is_conv(arch):
-    return arch.to_json().get("type") == "conv"
-
-
 def run_name(plan):
     """latent128-h640x320-elu-progressive; a conv run conv-c32x64-latent128-h512-elu-progressive
     (the MLP's names are those of sweeps from before conv)."""
     a = plan.arch
-    if is_conv(a):
+    if isinstance(a, ConvArch):
         c1, c2 = a.channels
         return f"conv-c{c1}x{c2}-latent{a.latent}-h{a.hidden}-{a.act}-{plan.schedule.name}"
     return f"latent{a.latent}-h{a.h1}x{a.h2}-{a.act}-{plan.schedule.name}"

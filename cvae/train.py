@@ -153,9 +153,6 @@ def make_arch(variant=DEFAULT_VARIANT, hidden=None, latent=None, act=None, chann
                             + ("one hidden size, e.g. 512" if conv
                                else "two hidden sizes H1,H2, e.g. 640,320"))
         hidden = hidden[0] if conv else hidden
-    if channels is not None and not conv:
-        raise CvaeError(f"--channels is for --variant conv (the {variant} variant has no "
-                        f"convolutions)")
     return arch_for_variant(variant, act=act, hidden=hidden, latent=latent, channels=channels)
 
 

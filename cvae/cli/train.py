@@ -15,6 +15,7 @@ from cvae.cli.options import (Formatter, add_arch_options, add_precision, add_ou
 from cvae.data import Dataset
 from cvae.errors import CvaeError
 from cvae.kernels import default_threads, resolve_precision
+from cvae.model import ConvArch
 from cvae.prior import (DEFAULT_BATCH, DEFAULT_BLOCKS, DEFAULT_DROP, DEFAULT_EPOCHS,
                         DEFAULT_HIDDEN, DEFAULT_LR, PRIORS)
 from cvae.schedule import SCHEDULES, parse_schedule_settings
@@ -66,7 +67,7 @@ def arch_with(arch, variant, options):
     """The architecture --variant and the size options describe: the variant's sizes with the
     options over them, or without --variant, the run's own (arch) with the options over them."""
     if variant is None:
-        conv = arch.to_json().get("type") == "conv"
+        conv = isinstance(arch, ConvArch)
         variant = "conv" if conv else DEFAULT_VARIANT
         own = (dict(hidden=(arch.hidden,), channels=arch.channels) if conv
                else dict(hidden=(arch.h1, arch.h2)))
@@ -286,7 +287,9 @@ def add_train_parser(subparsers):
     p.add_argument("--no-images", action="store_true",
                    help="skip the reconstructions, digit sheet and interpolations after training")
     add_output_mode(p, json_help="one JSON object per epoch on stdout instead of the progress "
-                                 "display", quiet_help="print nothing while training")
+                                 "display (then, with the flow prior, one per prior epoch and "
+                                 "the prior's summary)",
+                    quiet_help="print nothing while training")
     p.set_defaults(func=cmd_train, _finalize=_finalize_train)
 
 
