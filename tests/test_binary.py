@@ -255,9 +255,10 @@ def test_version_and_kernel_dispatch(root):
 
 
 def _train(root, out, threads, extra=()):
+    """A CVAE run without its flow prior (the tests train and check the prior themselves)."""
     return in_root(root, "cvae", "train", "--variant", "mini", "--epochs", "1", "--seed", "3",
                    "--data", f"{IN_ROOT}/data", "--out", out, "--threads", str(threads), "--quiet",
-                   *extra)
+                   "--prior", "gaussian", *extra)
 
 
 def test_train_generate_reconstruct_interpolate(root):
@@ -325,6 +326,24 @@ def test_pictures_and_report(root):
     bad = in_root(root, "cvae", "report", "no-such-run", check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert bad.stderr.startswith("cvae: error: ") and "does not exist" in bad.stderr
+    no_unpacked_leftovers(root)
+
+
+def test_conv_variant_and_its_default_prior(root):
+    """The conv CVAE runs in the binary's kernels like the MLP: a tiny conv run trains, with
+    its flow prior by default (`cvae train` without --prior), and generates from it."""
+    in_root(root, "cvae", "train", "--variant", "conv", "--channels", "3,5", "--hidden", "24",
+            "--latent", "4", "--digits", "0,1", "--epochs", "1", "--seed", "3", "--data",
+            f"{IN_ROOT}/data", "--out", "run-conv", "--threads", "2", "--quiet", "--no-images")
+    meta = json.loads(pixels_file(root, "run-conv/config.json"))
+    assert meta["arch"]["type"] == "conv" and meta["prior"] == "flow"
+    assert host_path(root, f"{IN_ROOT}/run-conv/prior.cvae").is_file()
+    in_root(root, "cvae", "generate", "--checkpoint", "run-conv", "--per-digit", "3", "--out",
+            "conv.pgm", "--threads", "2")
+    sidecar = json.loads(pixels_file(root, "conv.json"))
+    assert sidecar["extra"]["prior"] == "flow"
+    assert sorted(c["label"] for c in sidecar["cells"] if c.get("kind") == "sample") == \
+        [0, 0, 0, 1, 1, 1]
     no_unpacked_leftovers(root)
 
 
@@ -585,7 +604,8 @@ def test_help_train_generate_eval_prior_without_a_fitting_libc(bare_root):
         assert command in result.stdout
     for threads in (1, 2):
         run("cvae", "train", "--variant", "mini", "--epochs", "1", "--seed", "3", "--data",
-            f"{IN_ROOT}/data", "--out", f"run-t{threads}", "--threads", str(threads), "--quiet")
+            f"{IN_ROOT}/data", "--out", f"run-t{threads}", "--threads", str(threads), "--quiet",
+            "--prior", "gaussian")
     one, two = (host_path(root, f"{IN_ROOT}/run-t{t}/last.cvae").read_bytes() for t in (1, 2))
     assert one == two, "--threads 1 and --threads 2 trained different checkpoints"
 
