@@ -949,16 +949,17 @@ cdef class Net:
                 mu_out[k, l] = self.o_t[l * bp + k]
                 logvar_out[k, l] = self.o_t[(self.latent + l) * bp + k]
 
-    def decode(self, const float[:, ::1] z not None, const uint8_t[::1] labels not None,
-               float[:, ::1] probs_out not None):
-        """Pixel probabilities sigmoid(decoder(z, label)) as (batch, 784)."""
+    cdef int _decode_probs(self, const float[:, ::1] z, const uint8_t[::1] labels,
+                           str out_name, Py_ssize_t out_rows, Py_ssize_t out_cols) except -1:
+        """The decoder's probabilities for z and labels, feature-major in dlogits_t (decode's
+        and decode_bytes' common part, after checking z, labels and their output array)."""
         cdef int batch = z.shape[0]
         cdef int bp = ceil_div(batch, 16) * 16
         cdef int k, l, p
         if batch < 1 or bp > self.max_bp or labels.shape[0] != batch:
             raise ValueError(f"batch of {batch} does not fit this model's slab")
         check_out("z", z.shape[0], z.shape[1], batch, self.latent)
-        check_out("probs_out", probs_out.shape[0], probs_out.shape[1], batch, self.n_pix)
+        check_out(out_name, out_rows, out_cols, batch, self.n_pix)
         for l in range(self.latent):
             for k in range(bp):
                 self.d0_t[l * bp + k] = z[k, l] if k < batch else 0.0
@@ -966,7 +967,15 @@ cdef class Net:
             self._decode(&labels[0], batch, bp)
             for p in prange(self.n_pix, num_threads=self.nthreads, schedule='static'):
                 sigmoid_row(self.logits_t + p * bp, self.dlogits_t + p * bp, bp)
-        for k in range(batch):
+        return bp
+
+    def decode(self, const float[:, ::1] z not None, const uint8_t[::1] labels not None,
+               float[:, ::1] probs_out not None):
+        """Pixel probabilities sigmoid(decoder(z, label)) as (batch, 784)."""
+        cdef int bp = self._decode_probs(z, labels, "probs_out", probs_out.shape[0],
+                                         probs_out.shape[1])
+        cdef int k, p
+        for k in range(z.shape[0]):
             for p in range(self.n_pix):
                 probs_out[k, p] = self.dlogits_t[p * bp + k]
 
@@ -977,19 +986,9 @@ cdef class Net:
         straight from the feature-major sigmoid: no float copy, no serial transpose. Returns
         how many pixels are NaN (their bytes are then meaningless)."""
         cdef int batch = z.shape[0]
-        cdef int bp = ceil_div(batch, 16) * 16
-        cdef int k, l, p, block, nan = 0
-        if batch < 1 or bp > self.max_bp or labels.shape[0] != batch:
-            raise ValueError(f"batch of {batch} does not fit this model's slab")
-        check_out("z", z.shape[0], z.shape[1], batch, self.latent)
-        check_out("out", out.shape[0], out.shape[1], batch, self.n_pix)
-        for l in range(self.latent):
-            for k in range(bp):
-                self.d0_t[l * bp + k] = z[k, l] if k < batch else 0.0
+        cdef int bp = self._decode_probs(z, labels, "out", out.shape[0], out.shape[1])
+        cdef int block, nan = 0
         with nogil:
-            self._decode(&labels[0], batch, bp)
-            for p in prange(self.n_pix, num_threads=self.nthreads, schedule='static'):
-                sigmoid_row(self.logits_t + p * bp, self.dlogits_t + p * bp, bp)
             # 16 samples a task: each pixel's 16 probabilities are one cache line.
             for block in prange(bp // 16, num_threads=self.nthreads, schedule='static'):
                 nan += probs_to_bytes(self.dlogits_t, bp, block * 16, min(block * 16 + 16, batch),
