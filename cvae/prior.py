@@ -208,7 +208,12 @@ class GaussianPrior:
         self.latent = latent
 
     def draw(self, labels, rng, temperature):
-        z = rng.standard_normal((len(labels), self.latent), dtype=np.float32)
+        return self.from_normals(rng.standard_normal((len(labels), self.latent),
+                                                     dtype=np.float32), labels, temperature)
+
+    def from_normals(self, z, labels, temperature):
+        """The codes of draw() from its N(0, I) draws z ((n, latent) float32, changed in
+        place): for callers that draw the normals ahead, on another thread."""
         z *= np.float32(temperature)
         return z
 
@@ -229,8 +234,8 @@ class FlowSampler(GaussianPrior):
         self.prior, self.path = prior, os.path.abspath(path)
         self.steps, self.method, self.guidance = steps, method, guidance
 
-    def draw(self, labels, rng, temperature):
-        z = super().draw(labels, rng, temperature)
+    def from_normals(self, z, labels, temperature):
+        z = super().from_normals(z, labels, temperature)
         dims = list(self.prior.arch.dims)
         z[:, dims] = self.prior.integrate(z[:, dims], labels, self.steps, self.method,
                                           self.guidance)

@@ -169,6 +169,23 @@ class KeyedNormals:
         return out
 
 
+def normals_ahead(draws, items, count, latent):
+    """(item, z) for each of `items`, z = draws.standard_normal((count(item), latent)) in
+    order: the same draws as drawing in the caller's loop. Item k + 1's are drawn on a second
+    thread while the caller decodes item k: numpy fills and the kernels decode with the GIL
+    released, so the serial draw no longer stops the decoding threads (a tenth of the time
+    of a large N(0, I) generation, drawn in the loop)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as drawer:
+        pending = None
+        for item in items:
+            future = drawer.submit(draws.standard_normal, (count(item), latent))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = item, future
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
 def sheet_cells(digits, per_digit, cols, start, stop):
     """Cells start .. stop - 1 of the sample sheets' layout: `per_digit` samples of each digit,
     each digit starting a new row (cols per row), its last row padded with blanks.
@@ -211,7 +228,8 @@ def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=
     at a time (memory: one sheet). shard (cvae.shard.Shard): write only that shard's whole
     sheets, exactly as the unsharded run writes them. progress(sheets written, sheets to
     write), if given, is called after each sheet.
-    Returns (paths written, digits generated, seconds spent sampling and decoding).
+    Returns (paths written, digits generated, seconds spent sampling and decoding; the
+    N(0, I) draws, made ahead on another thread, are not counted).
     """
     cols = cols or min(per_digit, MAX_AUTO_COLS)
     if prior is None:
@@ -223,7 +241,6 @@ def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=
               "temperature": temperature, "seed": seed, "digits": list(digits),
               "per_digit": per_digit, **prior.describe(os.path.dirname(os.path.abspath(path))),
               **(extra or {})}
-    draws = None
     paths, n, seconds = [], 0, 0.0
 
     def write(number, sheet_path, start, images, labels, sample_number):
@@ -232,20 +249,24 @@ def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=
                            first_index=start)
         return sheet_path
 
+    def cells(number, sheet_path, start, stop):
+        labels, sample_number, _ = sheet_cells(digits, per_digit, cols, start, stop)
+        return number, sheet_path, start, labels, sample_number, labels >= 0
+
+    # every row holds a real cell (a digit pads fewer than cols cells), and the real cells of
+    # consecutive sheets have consecutive global indices: one stream of draws from the first
+    first = sheet_cells(digits, per_digit, cols, mine[0][2], mine[0][2] + 1)[2][0] if mine else 0
+    sheet_draws = normals_ahead(KeyedNormals(seed, first=int(first)),
+                                (cells(*sheet) for sheet in mine),
+                                lambda item: int(item[5].sum()), model.arch.latent)
     # One writer thread: sheet k is laid out and written (JSON, fsync) while the kernels,
     # which release the GIL, decode sheet k + 1. At most two sheets wait, so memory stays
     # that of a few sheets whatever the count.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
         pending = collections.deque()
-        for number, sheet_path, start, stop in mine:
-            labels, sample_number, index = sheet_cells(digits, per_digit, cols, start, stop)
-            real = labels >= 0
-            # every row holds a real cell (a digit pads fewer than cols cells), and the real
-            # cells of consecutive sheets have consecutive global indices
-            if draws is None:
-                draws = KeyedNormals(seed, first=int(index[real][0]))
+        for (number, sheet_path, start, labels, sample_number, real), z in sheet_draws:
             began = time.perf_counter()
-            z = prior.draw(labels[real], draws, temperature)
+            z = prior.from_normals(z, labels[real], temperature)
             decoded = decode_images(model, z, labels[real])
             seconds += time.perf_counter() - began
             if real.all():
@@ -289,12 +310,12 @@ def sample_blocks(model, digits, counts, rows, temperature=1.0, seed=0, prior=No
     if prior is None:
         prior = GaussianPrior(model.arch.latent)
     start, stop = rows
-    draws = KeyedNormals(seed, first=start)
-    for first in range(start, stop, IDX_BLOCK):
-        last = min(first + IDX_BLOCK, stop)
+    blocks = ((first, min(first + IDX_BLOCK, stop)) for first in range(start, stop, IDX_BLOCK))
+    for (first, last), z in normals_ahead(KeyedNormals(seed, first=start), blocks,
+                                          lambda block: block[1] - block[0], model.arch.latent):
         labels = set_labels(digits, counts, first, last)
         began = time.perf_counter()
-        images = decode_images(model, prior.draw(labels, draws, temperature), labels)
+        images = decode_images(model, prior.from_normals(z, labels, temperature), labels)
         if spent is not None:
             spent[0] += time.perf_counter() - began
         yield images, labels
