@@ -379,9 +379,12 @@ class SlabModel:
         return {f"{group}.{name}": view for group, views in groups[:3 if optimizer else 1]
                 for name, view in views.items()}
 
-    def load_state_sections(self, sections, source="checkpoint"):
-        """Copy checkpoint sections into the slab; missing or misshapen sections are an error."""
-        expected = self.state_sections(optimizer=any(k.startswith("adam_") for k in sections))
+    def load_state_sections(self, sections, source="checkpoint", optimizer=True):
+        """Copy checkpoint sections into the slab; missing or misshapen sections are an error.
+        optimizer=False leaves Adam's state out (a model that will not train): two thirds
+        of the copying, and the slab's Adam pages are never touched."""
+        expected = self.state_sections(
+            optimizer=optimizer and any(k.startswith("adam_") for k in sections))
         for name, view in expected.items():
             array = sections.get(name)
             if array is None or tuple(array.shape) != view.shape:
@@ -591,14 +594,16 @@ def check_checkpoint(meta, sections, path):
 register_kind_check("cvae", check_checkpoint)
 
 
-def model_from_sections(meta, sections, source, threads=1, max_batch=64, precision="fp32"):
-    """A model from a loaded checkpoint's meta and sections; Adam's state too when present."""
+def model_from_sections(meta, sections, source, threads=1, max_batch=64, precision="fp32",
+                        optimizer=True):
+    """A model from a loaded checkpoint's meta and sections; Adam's state too when present,
+    unless optimizer=False (for sampling and evaluation only)."""
     arch = arch_from_json(meta.get("arch", {}), source=str(source))
     try:
         model = Model(arch, max_batch=max_batch, threads=threads, precision=precision)
     except CvaeError as e:  # the slab's bound: name the file whose sizes ask for it
         raise CvaeError(f"{source}: {e}") from None
-    model.load_state_sections(sections, source=str(source))
+    model.load_state_sections(sections, source=str(source), optimizer=optimizer)
     model.source = str(source)
     model.adam_t = int(meta.get("adam_t", 0))
     return model

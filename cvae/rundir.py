@@ -696,7 +696,8 @@ def open_prior(choice, run_dir, model, threads=1, steps=DEFAULT_STEPS, method=DE
 
 
 def open_model(checkpoint, threads=None, batch=DEFAULT_BATCH, precision=None):
-    """(model, meta) of a CVAE checkpoint, for sampling and evaluation (threads None: all).
+    """(model, meta) of a CVAE checkpoint, for sampling and evaluation (threads None: all);
+    its Adam state is not loaded: the model is not trained further.
     precision: fp32, bf16 or auto (cvae.kernels.resolve_precision); None: the one the run
     was trained in, so that a run's own sheets and a command's agree."""
     threads = default_threads() if threads is None else threads
@@ -706,7 +707,7 @@ def open_model(checkpoint, threads=None, batch=DEFAULT_BATCH, precision=None):
     trained_in = meta.get("precision", "fp32")
     precision, _ = resolve_precision(trained_in if precision is None else precision)
     model = model_from_sections(meta, sections, checkpoint, threads=threads, max_batch=batch,
-                                precision=precision)
+                                precision=precision, optimizer=False)
     return model, meta
 
 
