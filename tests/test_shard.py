@@ -5,6 +5,7 @@ Slurm job arrays: tests/test_slurm.py."""
 
 import json
 import os
+import threading
 import tracemalloc
 
 import numpy as np
@@ -104,6 +105,24 @@ def test_keyed_normals_depend_on_the_global_index_only(monkeypatch):
         pieces = [draws.standard_normal((k, 3)) for k in (1, 4, 8)]
         assert np.array_equal(np.concatenate(pieces), whole[first:first + 13]), first
     assert not np.array_equal(whole[:10], whole[10:20])
+
+
+def test_normals_ahead_draws_what_the_loop_draws(monkeypatch):
+    """One ahead on a second thread, in order, across draw blocks; and a consumer that stops
+    early (an error while decoding) leaves no thread behind and no draw skipped."""
+    monkeypatch.setattr(sheets, "DRAW_BLOCK", 10)
+    whole = sheets.KeyedNormals(5, 3).standard_normal((30, 4))
+    sizes = [1, 7, 0, 12, 10]
+    got = list(sheets.normals_ahead(sheets.KeyedNormals(5, 3), sizes, lambda n: n, 4))
+    assert [item for item, _ in got] == sizes
+    assert np.array_equal(np.concatenate([z for _, z in got]), whole)
+    assert list(sheets.normals_ahead(sheets.KeyedNormals(5), [], len, 4)) == []
+    threads = threading.active_count()
+    early = sheets.normals_ahead(sheets.KeyedNormals(5, 3), sizes, lambda n: n, 4)
+    assert np.array_equal(next(early)[1], whole[:1])
+    assert threading.active_count() == threads + 1
+    early.close()
+    assert threading.active_count() == threads
 
 
 # ---------------------------------------------------------------- sheets
