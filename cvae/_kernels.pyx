@@ -708,7 +708,88 @@ cdef int check_out(str name, Py_ssize_t rows, Py_ssize_t cols, int batch, int wi
 
 # ---------------------------------------------------------------- the network
 
-cdef class Net:
+cdef struct ConvBias:
+    # a transposed convolution's per-channel bias (its Linear has none)
+    int n
+    float *b
+    float *gb
+    float *mb
+    float *vb
+
+
+cdef enum:
+    MAX_LAYERS = 20
+    MAX_BIASES = 2
+
+
+cdef class Network:
+    """What every network over a slab shares: its settings, its scratch, and its Linear layers
+    (and a transposed convolution's per-channel biases) in a list, for the unfused Adam
+    update, the bf16 copies of W and the non-finite count that every network offers alike."""
+    cdef Linear *layers[MAX_LAYERS]
+    cdef ConvBias *biases[MAX_BIASES]
+    cdef int n_layers, n_biases
+    cdef int act, nthreads, max_bp
+    cdef object slab
+    cdef int bf16, bad
+    cdef float *xb
+    cdef float *scratch
+    cdef readonly str precision
+
+    cdef _settings(self, float[::1] slab, dict layout, int max_bp, str act, int nthreads,
+                   str precision):
+        self.bf16 = precision_flag(precision)
+        self.precision = precision
+        self.slab = slab
+        self.max_bp = max_bp
+        self.act = ACTIVATIONS[act]
+        self.nthreads = nthreads
+        self.xb = at(&slab[0], layout, "scratch.batch_major")
+        self.scratch = at(&slab[0], layout, "scratch.tiles")
+
+    cdef Linear *_layer(self, Linear *L) except NULL:
+        """L (a field of the network, so its address lives as long as the network) joins
+        the list; returns it."""
+        if self.n_layers == MAX_LAYERS:
+            raise ValueError(f"a network has at most {MAX_LAYERS} layers")
+        self.layers[self.n_layers] = L
+        self.n_layers += 1
+        return L
+
+    cdef _bias(self, ConvBias *B):
+        if self.n_biases == MAX_BIASES:
+            raise ValueError(f"a network has at most {MAX_BIASES} per-channel biases")
+        self.biases[self.n_biases] = B
+        self.n_biases += 1
+
+    def adam_update(self, float lr, long adam_t):
+        """Adam step number adam_t from the stored gradients (the unfused path)."""
+        cdef Adam adam = adam_step(lr, adam_t)
+        cdef int i
+        self.bad = 0
+        with nogil:
+            for i in range(self.n_layers):
+                self.bad += linear_adam(self.layers[i], &adam, self.nthreads)
+            for i in range(self.n_biases):
+                self.bad += adam_row(self.biases[i].b, self.biases[i].mb, self.biases[i].vb,
+                                     self.biases[i].gb, self.biases[i].n, adam.step_size,
+                                     adam.inv_bc2_sqrt)
+        return self.bad
+
+    def nonfinite(self):
+        """How many gradients or updated parameters the last Adam update (fused into step, or
+        adam_update) found not finite: 0 while training is healthy."""
+        return self.bad
+
+    def sync_bf16(self):
+        """Round W into its bf16 copies (after initialisation or loading); a no-op in fp32."""
+        cdef int i
+        with nogil:
+            for i in range(self.n_layers):
+                linear_sync_bf16(self.layers[i], self.nthreads)
+
+
+cdef class Net(Network):
     """The CVAE's layers and buffers as pointers into a slab that Python carved (cvae.model).
 
     ``layout`` maps buffer names to float offsets in ``slab``; ``dims`` gives the sizes.
@@ -732,12 +813,7 @@ cdef class Net:
     cdef float *dlogits_t
     cdef float *rec
     cdef float *kl
-    cdef float *xb
-    cdef float *scratch
-    cdef int n_pix, latent, act, nthreads, max_bp
-    cdef object slab
-    cdef int bf16, bad
-    cdef readonly str precision
+    cdef int n_pix, latent
 
     def __init__(self, float[::1] slab not None, dict layout, tuple layers, int latent,
                  int max_bp, str act, int nthreads, str precision="fp32"):
@@ -747,12 +823,12 @@ cdef class Net:
         cdef float *base = &slab[0]
         self._buffers(slab, layout, latent, max_bp, act, nthreads, precision)
         dims = {name: (n_in, n_out) for name, n_in, n_out in layers}
-        self.enc1 = linear_in_slab(base, layout, dims, "enc1", self.bf16)
-        self.enc2 = linear_in_slab(base, layout, dims, "enc2", self.bf16)
-        self.enc3 = linear_in_slab(base, layout, dims, "enc3", self.bf16)
-        self.dec1 = linear_in_slab(base, layout, dims, "dec1", self.bf16)
-        self.dec2 = linear_in_slab(base, layout, dims, "dec2", self.bf16)
-        self.dec3 = linear_in_slab(base, layout, dims, "dec3", self.bf16)
+        self._layer(&self.enc1)[0] = linear_in_slab(base, layout, dims, "enc1", self.bf16)
+        self._layer(&self.enc2)[0] = linear_in_slab(base, layout, dims, "enc2", self.bf16)
+        self._layer(&self.enc3)[0] = linear_in_slab(base, layout, dims, "enc3", self.bf16)
+        self._layer(&self.dec1)[0] = linear_in_slab(base, layout, dims, "dec1", self.bf16)
+        self._layer(&self.dec2)[0] = linear_in_slab(base, layout, dims, "dec2", self.bf16)
+        self._layer(&self.dec3)[0] = linear_in_slab(base, layout, dims, "dec3", self.bf16)
         self.n_pix = self.dec3.n_out
         if (self.enc1.n_in != self.n_pix + 10 or self.enc3.n_out != 2 * latent
                 or self.dec1.n_in != latent + 10):
@@ -778,18 +854,11 @@ cdef class Net:
         """What every CVAE (this MLP and ConvNet) shares: settings, the noise and loss
         buffers, the scratch."""
         cdef float *base = &slab[0]
-        self.bf16 = precision_flag(precision)
-        self.precision = precision
-        self.slab = slab
+        self._settings(slab, layout, max_bp, act, nthreads, precision)
         self.latent = latent
-        self.max_bp = max_bp
-        self.act = ACTIVATIONS[act]
-        self.nthreads = nthreads
         self.eps_t = at(base, layout, "act.eps")
         self.rec = at(base, layout, "per_sample.rec")
         self.kl = at(base, layout, "per_sample.kl")
-        self.xb = at(base, layout, "scratch.batch_major")
-        self.scratch = at(base, layout, "scratch.tiles")
 
     cdef int _check_batch(self, const uint8_t[:, ::1] pixels, const uint8_t[::1] labels) except -1:
         check_pixels(pixels.shape[0], pixels.shape[1], self.n_pix, self.max_bp)
@@ -897,34 +966,6 @@ cdef class Net:
             rec_out[k] = self.rec[k]
             kl_out[k] = self.kl[k]
 
-    def adam_update(self, float lr, long adam_t):
-        """Adam step number adam_t from the stored gradients (the unfused path)."""
-        cdef Adam adam = adam_step(lr, adam_t)
-        self.bad = 0
-        with nogil:
-            self.bad += linear_adam(&self.enc1, &adam, self.nthreads)
-            self.bad += linear_adam(&self.enc2, &adam, self.nthreads)
-            self.bad += linear_adam(&self.enc3, &adam, self.nthreads)
-            self.bad += linear_adam(&self.dec1, &adam, self.nthreads)
-            self.bad += linear_adam(&self.dec2, &adam, self.nthreads)
-            self.bad += linear_adam(&self.dec3, &adam, self.nthreads)
-        return self.bad
-
-    def nonfinite(self):
-        """How many gradients or updated parameters the last Adam update (fused into step, or
-        adam_update) found not finite: 0 while training is healthy."""
-        return self.bad
-
-    def sync_bf16(self):
-        """Round W into its bf16 copies (after initialisation or loading); a no-op in fp32."""
-        with nogil:
-            linear_sync_bf16(&self.enc1, self.nthreads)
-            linear_sync_bf16(&self.enc2, self.nthreads)
-            linear_sync_bf16(&self.enc3, self.nthreads)
-            linear_sync_bf16(&self.dec1, self.nthreads)
-            linear_sync_bf16(&self.dec2, self.nthreads)
-            linear_sync_bf16(&self.dec3, self.nthreads)
-
     def noise(self, uint64_t seed, uint64_t step, float[:, ::1] out not None):
         """The eps of (seed, step) for the first out.shape[0] samples, as (batch, latent)."""
         cdef int k, l
@@ -1028,14 +1069,6 @@ cdef inline int probs_to_bytes(const float *probs_t, int bp, int k0, int k1, int
 # ConvTranspose2d, (C_in, C_out, 4, 4) = W[C_in][C_out*16], with no bias in the Linear (its
 # bias is per output channel: a ConvBias). Padding batch columns of every gradient are zero,
 # so GEMMs whose K runs over P*bp (dW) may include them.
-
-cdef struct ConvBias:
-    int n
-    float *b
-    float *gb
-    float *mb
-    float *vb
-
 
 cdef void im2col(const float *X, float *col, int C, int H, int W, int bp,
                  int nthreads) noexcept nogil:
@@ -1265,14 +1298,14 @@ cdef class ConvNet(Net):
         cdef int bf = precision_flag(precision)
         self._buffers(slab, layout, latent, max_bp, act, nthreads, precision)
         dims = {layer[0]: (layer[1], layer[2]) for layer in layers}
-        self.conv1 = linear_in_slab(base, layout, dims, "conv1", bf)
-        self.conv2 = linear_in_slab(base, layout, dims, "conv2", bf)
-        self.enc_fc = linear_in_slab(base, layout, dims, "enc_fc", bf)
-        self.enc_out = linear_in_slab(base, layout, dims, "enc_out", bf)
-        self.dec_fc1 = linear_in_slab(base, layout, dims, "dec_fc1", bf)
-        self.dec_fc2 = linear_in_slab(base, layout, dims, "dec_fc2", bf)
-        self.tconv1 = linear_in_slab(base, layout, dims, "tconv1", bf)
-        self.tconv2 = linear_in_slab(base, layout, dims, "tconv2", bf)
+        self._layer(&self.conv1)[0] = linear_in_slab(base, layout, dims, "conv1", bf)
+        self._layer(&self.conv2)[0] = linear_in_slab(base, layout, dims, "conv2", bf)
+        self._layer(&self.enc_fc)[0] = linear_in_slab(base, layout, dims, "enc_fc", bf)
+        self._layer(&self.enc_out)[0] = linear_in_slab(base, layout, dims, "enc_out", bf)
+        self._layer(&self.dec_fc1)[0] = linear_in_slab(base, layout, dims, "dec_fc1", bf)
+        self._layer(&self.dec_fc2)[0] = linear_in_slab(base, layout, dims, "dec_fc2", bf)
+        self._layer(&self.tconv1)[0] = linear_in_slab(base, layout, dims, "tconv1", bf)
+        self._layer(&self.tconv2)[0] = linear_in_slab(base, layout, dims, "tconv2", bf)
         self.c1 = self.conv1.n_out
         self.c2 = self.conv2.n_out
         self.n_pix = 784
@@ -1286,6 +1319,8 @@ cdef class ConvNet(Net):
             raise ValueError("layers do not form a convolutional CVAE of this latent size")
         self.tb1 = conv_bias_in_slab(&self.tconv1, self.c1)
         self.tb2 = conv_bias_in_slab(&self.tconv2, 1)
+        self._bias(&self.tb1)
+        self._bias(&self.tb2)
         self.x_t = at(base, layout, "act.x")
         self.col1 = at(base, layout, "act.col1")
         self.h1_t = at(base, layout, "act.conv1")
@@ -1366,43 +1401,9 @@ cdef class ConvNet(Net):
         self.bad += conv_backward_params(&self.conv1, self.dh1_t, self.col1, n1, adam, self.xb,
                                          self.dwt, nt)
 
-    def adam_update(self, float lr, long adam_t):
-        """Adam step number adam_t from the stored gradients (the unfused path)."""
-        cdef Adam adam = adam_step(lr, adam_t)
-        cdef int nt = self.nthreads
-        self.bad = 0
-        with nogil:
-            self.bad += linear_adam(&self.conv1, &adam, nt)
-            self.bad += linear_adam(&self.conv2, &adam, nt)
-            self.bad += linear_adam(&self.enc_fc, &adam, nt)
-            self.bad += linear_adam(&self.enc_out, &adam, nt)
-            self.bad += linear_adam(&self.dec_fc1, &adam, nt)
-            self.bad += linear_adam(&self.dec_fc2, &adam, nt)
-            self.bad += linear_adam(&self.tconv1, &adam, nt)
-            self.bad += adam_row(self.tb1.b, self.tb1.mb, self.tb1.vb, self.tb1.gb, self.tb1.n,
-                                 adam.step_size, adam.inv_bc2_sqrt)
-            self.bad += linear_adam(&self.tconv2, &adam, nt)
-            self.bad += adam_row(self.tb2.b, self.tb2.mb, self.tb2.vb, self.tb2.gb, self.tb2.n,
-                                 adam.step_size, adam.inv_bc2_sqrt)
-        return self.bad
-
-    def sync_bf16(self):
-        """Round W into its bf16 copies (after initialisation or loading); a no-op in fp32."""
-        cdef int nt = self.nthreads
-        with nogil:
-            linear_sync_bf16(&self.conv1, nt)
-            linear_sync_bf16(&self.conv2, nt)
-            linear_sync_bf16(&self.enc_fc, nt)
-            linear_sync_bf16(&self.enc_out, nt)
-            linear_sync_bf16(&self.dec_fc1, nt)
-            linear_sync_bf16(&self.dec_fc2, nt)
-            linear_sync_bf16(&self.tconv1, nt)
-            linear_sync_bf16(&self.tconv2, nt)
-
-
 # ---------------------------------------------------------------- the digit classifier
 
-cdef class Classifier:
+cdef class Classifier(Network):
     """The project's digit classifier: pixels -> fc1 -> fc2 -> fc3 (class logits), softmax
     cross-entropy, the same linear layers and slab conventions as Net (cvae.classifier carves
     the slab). fc2's output is the feature space of the FID."""
@@ -1415,27 +1416,17 @@ cdef class Classifier:
     cdef float *dh2_t
     cdef float *dlogits_t
     cdef float *loss
-    cdef float *xb
-    cdef float *scratch
-    cdef int n_pix, n_cls, act, nthreads, max_bp
-    cdef object slab
-    cdef int bf16, bad
-    cdef readonly str precision
+    cdef int n_pix, n_cls
 
     def __init__(self, float[::1] slab not None, dict layout, tuple layers, int max_bp, str act,
                  int nthreads, str precision="fp32"):
         """``layers``: (name, n_in, n_out) of fc1, fc2, fc3; ``precision`` as for Net."""
         cdef float *base = &slab[0]
-        self.bf16 = precision_flag(precision)
-        self.precision = precision
-        self.slab = slab
-        self.max_bp = max_bp
-        self.act = ACTIVATIONS[act]
-        self.nthreads = nthreads
+        self._settings(slab, layout, max_bp, act, nthreads, precision)
         dims = {name: (n_in, n_out) for name, n_in, n_out in layers}
-        self.fc1 = linear_in_slab(base, layout, dims, "fc1", self.bf16)
-        self.fc2 = linear_in_slab(base, layout, dims, "fc2", self.bf16)
-        self.fc3 = linear_in_slab(base, layout, dims, "fc3", self.bf16)
+        self._layer(&self.fc1)[0] = linear_in_slab(base, layout, dims, "fc1", self.bf16)
+        self._layer(&self.fc2)[0] = linear_in_slab(base, layout, dims, "fc2", self.bf16)
+        self._layer(&self.fc3)[0] = linear_in_slab(base, layout, dims, "fc3", self.bf16)
         self.n_pix = self.fc1.n_in
         self.n_cls = self.fc3.n_out
         if self.fc2.n_in != self.fc1.n_out or self.fc3.n_in != self.fc2.n_out:
@@ -1448,8 +1439,6 @@ cdef class Classifier:
         self.dh2_t = at(base, layout, "actgrad.fc2")
         self.dlogits_t = at(base, layout, "actgrad.fc3")
         self.loss = at(base, layout, "per_sample.loss")
-        self.xb = at(base, layout, "scratch.batch_major")
-        self.scratch = at(base, layout, "scratch.tiles")
 
     cdef void _forward(self, const uint8_t *pixels, int batch, int bp) noexcept nogil:
         pixel_rows(pixels, self.x_t, self.n_pix, batch, bp, self.nthreads)
@@ -1499,28 +1488,6 @@ cdef class Classifier:
             total += self.loss[k]
         return total
 
-    def adam_update(self, float lr, long adam_t):
-        """Adam step number adam_t from the stored gradients (the unfused path)."""
-        cdef Adam adam = adam_step(lr, adam_t)
-        self.bad = 0
-        with nogil:
-            self.bad += linear_adam(&self.fc1, &adam, self.nthreads)
-            self.bad += linear_adam(&self.fc2, &adam, self.nthreads)
-            self.bad += linear_adam(&self.fc3, &adam, self.nthreads)
-        return self.bad
-
-    def nonfinite(self):
-        """How many gradients or updated parameters the last Adam update (fused into step, or
-        adam_update) found not finite: 0 while training is healthy."""
-        return self.bad
-
-    def sync_bf16(self):
-        """Round W into its bf16 copies (after initialisation or loading); a no-op in fp32."""
-        with nogil:
-            linear_sync_bf16(&self.fc1, self.nthreads)
-            linear_sync_bf16(&self.fc2, self.nthreads)
-            linear_sync_bf16(&self.fc3, self.nthreads)
-
     def forward(self, const uint8_t[:, ::1] pixels not None, float[:, ::1] logits_out not None,
                 float[:, ::1] features_out not None):
         """Class logits (batch, n_cls) and the last hidden layer (batch, fc2 outputs)."""
@@ -1548,7 +1515,7 @@ cdef enum:
 ODE_METHODS = {"euler": 0, "midpoint": 1, "heun": 2}
 
 
-cdef class FlowNet:
+cdef class FlowNet(Network):
     """The velocity network v(z_t, t, y) of the latent prior (cvae.prior carves its slab).
 
     in: x = [z_t ; time rows ; onehot(y)] -> h_0 = W_in x; block k: h_k = h_{k-1} +
@@ -1572,12 +1539,7 @@ cdef class FlowNet:
     cdef float *v_uncond_t
     cdef float *t
     cdef float *loss
-    cdef float *xb
-    cdef float *scratch
-    cdef int latent, n_freq, n_classes, n_cond, hidden, n_blocks, act, nthreads, max_bp
-    cdef object slab
-    cdef int bf16, bad
-    cdef readonly str precision
+    cdef int latent, n_freq, n_classes, n_cond, hidden, n_blocks
 
     def __init__(self, float[::1] slab not None, dict layout, tuple layers, int latent,
                  int n_freq, int n_classes, int max_bp, str act, int nthreads,
@@ -1586,28 +1548,25 @@ cdef class FlowNet:
         ``precision`` as for Net."""
         cdef float *base = &slab[0]
         cdef int k
-        self.bf16 = precision_flag(precision)
-        self.precision = precision
-        self.slab = slab
+        self._settings(slab, layout, max_bp, act, nthreads, precision)
         self.latent = latent
         self.n_freq = n_freq
         self.n_classes = n_classes
         self.n_cond = 2 * n_freq + n_classes + 1
-        self.max_bp = max_bp
-        self.act = ACTIVATIONS[act]
-        self.nthreads = nthreads
         self.n_blocks = (len(layers) - 2) // 2
         if not 1 <= self.n_blocks <= MAX_BLOCKS or len(layers) != 2 * self.n_blocks + 2:
             raise ValueError(f"a velocity network has 1 to {MAX_BLOCKS} residual blocks")
         dims = {name: (n_in, n_out) for name, n_in, n_out in layers}
-        self.inp = linear_in_slab(base, layout, dims, "in", self.bf16)
-        self.out = linear_in_slab(base, layout, dims, "out", self.bf16)
+        self._layer(&self.inp)[0] = linear_in_slab(base, layout, dims, "in", self.bf16)
+        self._layer(&self.out)[0] = linear_in_slab(base, layout, dims, "out", self.bf16)
         self.hidden = self.inp.n_out
         ok = (self.inp.n_in == latent + self.n_cond and self.out.n_in == self.hidden
               and self.out.n_out == latent)
         for k in range(self.n_blocks):
-            self.block_a[k] = linear_in_slab(base, layout, dims, f"res{k + 1}a", self.bf16)
-            self.block_b[k] = linear_in_slab(base, layout, dims, f"res{k + 1}b", self.bf16)
+            self._layer(&self.block_a[k])[0] = linear_in_slab(base, layout, dims,
+                                                              f"res{k + 1}a", self.bf16)
+            self._layer(&self.block_b[k])[0] = linear_in_slab(base, layout, dims,
+                                                              f"res{k + 1}b", self.bf16)
             ok = ok and (self.block_a[k].n_in == self.hidden + self.n_cond
                          and self.block_a[k].n_out == self.hidden
                          and self.block_b[k].n_in == self.hidden
@@ -1629,8 +1588,6 @@ cdef class FlowNet:
         self.v_uncond_t = at(base, layout, "act.v_uncond")
         self.t = at(base, layout, "per_sample.t")
         self.loss = at(base, layout, "per_sample.loss")
-        self.xb = at(base, layout, "scratch.batch_major")
-        self.scratch = at(base, layout, "scratch.tiles")
 
     cdef void _forward(self, int bp) noexcept nogil:
         """v from the input rows already in x_t."""
@@ -1856,31 +1813,3 @@ cdef class FlowNet:
         for k in range(batch):
             for l in range(L):
                 z[k, l] = self.z_t[l * bp + k]
-
-    def adam_update(self, float lr, long adam_t):
-        """Adam step number adam_t from the stored gradients (the unfused path)."""
-        cdef Adam adam = adam_step(lr, adam_t)
-        cdef int k
-        self.bad = 0
-        with nogil:
-            self.bad += linear_adam(&self.inp, &adam, self.nthreads)
-            for k in range(self.n_blocks):
-                self.bad += linear_adam(&self.block_a[k], &adam, self.nthreads)
-                self.bad += linear_adam(&self.block_b[k], &adam, self.nthreads)
-            self.bad += linear_adam(&self.out, &adam, self.nthreads)
-        return self.bad
-
-    def nonfinite(self):
-        """How many gradients or updated parameters the last Adam update (fused into step, or
-        adam_update) found not finite: 0 while training is healthy."""
-        return self.bad
-
-    def sync_bf16(self):
-        """Round W into its bf16 copies (after initialisation or loading); a no-op in fp32."""
-        cdef int k
-        with nogil:
-            linear_sync_bf16(&self.inp, self.nthreads)
-            for k in range(self.n_blocks):
-                linear_sync_bf16(&self.block_a[k], self.nthreads)
-                linear_sync_bf16(&self.block_b[k], self.nthreads)
-            linear_sync_bf16(&self.out, self.nthreads)
