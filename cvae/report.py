@@ -576,7 +576,7 @@ def _latent_section(report, checkpoint, data, threads):
 def _draw_latent(checkpoint, data_dir, threads):
     model, meta = R.open_model(checkpoint, threads)
     digits = R.checkpoint_digits(meta, checkpoint)
-    return R.latent_picture(model, R.load_test(data_dir, digits).restrict(digits))
+    return R.latent_picture(model, R.load_split(data_dir, digits).restrict(digits))
 
 
 def _sheet_order(name):

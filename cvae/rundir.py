@@ -728,10 +728,10 @@ def check_digits(wanted, trained, source):
                         f"{digits_text(missing)}: a class it never saw decodes to noise")
 
 
-def load_test(data, trained, split="test"):
-    """The whole test split (so a row is its index in the test file; or split "train") of the
-    data directory `data` (None: $CVAE_DATA, else the cache), which must hold every trained
-    digit."""
+def load_split(data, trained, split="test"):
+    """The whole split (by default the test split: a row is then its index in the test file)
+    of the data directory `data` (None: $CVAE_DATA, else the cache), which must hold every
+    trained digit."""
     data_dir, source = resolve_data_dir(data)
     if source == "cache" and not has_mnist_files(data_dir, splits=(split,)):
         raise CvaeError(f"MNIST {split} data is not in the cache {data_dir}: run 'cvae data "

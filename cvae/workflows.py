@@ -285,14 +285,14 @@ def run_eval(checkpoint, data=None, k=DEFAULT_K, samples=DEFAULT_SAMPLES,
                            DEFAULT_STEPS if steps is None else steps, method or DEFAULT_METHOD,
                            DEFAULT_GUIDANCE if guidance is None else guidance)
     digits = R.checkpoint_digits(meta, path)
-    test_set = R.load_test(data, digits)
+    test_set = R.load_split(data, digits)
     judge, judge_meta, judge_source = classifier_for(test_set, classifier, model.threads)
     dataset = test_set.restrict(digits)
     if judge is not None and len(dataset) < 4:
         raise CvaeError(f"the FID needs at least 4 test images of digits "
                         f"{digits_text(digits)}; the data has {len(dataset)}")
     if cas:  # the training split and the recipe before any work: fail fast
-        train_set = R.load_test(data, digits, split="train").restrict(digits)
+        train_set = R.load_split(data, digits, split="train").restrict(digits)
         recipe = recipe_of(judge_meta, judge.arch if judge is not None else None, judge_source)
         if precision is not None:
             recipe["precision"] = model.precision
@@ -542,7 +542,7 @@ def reconstruct(checkpoint, out=None, n=DEFAULT_N, seed=0, threads=None, data=No
     _positive(n, "--n")
     path, run_dir, out, model, meta = _open(checkpoint, out, "reconstruct.pgm", threads, seed)
     digits = R.checkpoint_digits(meta, path)
-    dataset = R.load_test(data, digits)
+    dataset = R.load_split(data, digits)
     paths, k = reconstruction_sheet(model, dataset, digits, out, n=n, seed=seed,
                                     extra={"checkpoint": R.portable(path, os.path.dirname(out))})
     return Sheets(paths, path, digits, k, threads=model.threads)
@@ -556,7 +556,7 @@ def interpolate(checkpoint, out=None, steps=10, pairs=5, seed=0, threads=None, d
     _positive(pairs, "--pairs")
     path, run_dir, out, model, meta = _open(checkpoint, out, "interpolate.pgm", threads, seed)
     digits = R.checkpoint_digits(meta, path)
-    dataset = R.load_test(data, digits)
+    dataset = R.load_split(data, digits)
     paths = interpolation_sheets(model, dataset, digits, out, classes_path_for(out),
                                  steps=steps, pairs=pairs, seed=seed,
                                  extra={"checkpoint": R.portable(path, os.path.dirname(out))})
