@@ -5,6 +5,9 @@ Slurm job arrays: tests/test_slurm.py."""
 
 import json
 import os
+import re
+import subprocess
+import sys
 import threading
 import tracemalloc
 
@@ -18,7 +21,7 @@ from cvae.model import Arch, Model, model_from_checkpoint
 from cvae.shard import Shard, parse_shard
 
 from .conftest import (assert_one_line_error, checkpoint_world, image_idx, label_idx, run_cli,
-                       tree)
+                       subprocess_env, tree)
 
 pytestmark = pytest.mark.usefixtures("no_real_data")
 
@@ -123,6 +126,28 @@ def test_normals_ahead_draws_what_the_loop_draws(monkeypatch):
     assert threading.active_count() == threads + 1
     early.close()
     assert threading.active_count() == threads
+
+
+def spin_count(argv, **env):
+    """libgomp's spin count in a fresh `python -m cvae ARGV` process (OMP_DISPLAY_ENV)."""
+    proc = subprocess.run([sys.executable, "-m", "cvae", *argv], capture_output=True, text=True,
+                          env={**subprocess_env(), "OMP_DISPLAY_ENV": "verbose", **env},
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return re.search(r"GOMP_SPINCOUNT = '(\d+)'", proc.stderr).group(1)
+
+
+def test_generate_threads_sleep_when_waiting_unless_told(world, tmp_path):
+    """generate's OpenMP threads sleep at once when they wait (its loops alternate with the
+    writer and drawing threads); an explicit GOMP_SPINCOUNT or OMP_WAIT_POLICY wins, and other
+    commands keep libgomp's default spin."""
+    gen = ["generate", "--checkpoint", world["ckpt"], "--per-digit", "2", "--threads", "2",
+           "--out", str(tmp_path / "x.pgm")]
+    assert spin_count(gen) == "0"
+    assert spin_count(gen, GOMP_SPINCOUNT="1234") == "1234"
+    assert spin_count(gen, OMP_WAIT_POLICY="active") != "0"
+    assert spin_count(["reconstruct", "--checkpoint", world["ckpt"], "--data", world["data"],
+                       "--n", "2", "--out", str(tmp_path / "r.pgm")]) not in ("0", "1234")
 
 
 # ---------------------------------------------------------------- sheets

@@ -7,6 +7,7 @@ from cvae.cli.options import (add_checkpoint, add_data, add_parser, add_precisio
                               add_prior_options, add_threads, digits_type, non_negative_float, non_negative_int,
                               number_type, positive_int)
 from cvae.data import digits_text
+from cvae.kernels import sleep_when_waiting
 from cvae.prior import sampling_text
 from cvae.shard import parse_shard
 from cvae.sheets import (DEFAULT_MAX_ROWS, DEFAULT_N, DEFAULT_PAIRS, DEFAULT_PER_DIGIT,
@@ -27,6 +28,7 @@ def cmd_reconstruct(args):
 
 
 def cmd_generate(args):
+    sleep_when_waiting()  # before anything loads the kernels
     shard = parse_shard(args.shard, os.environ)
     idx = args.format == "idx"
     done = generate(args.checkpoint, out=args.out, digits=args.digits,
