@@ -22,6 +22,7 @@ and the SHA-256 of the CVAE parameters it was trained on, so a prior is never us
 another run's decoder.
 """
 
+import concurrent.futures
 import hashlib
 import math
 import os
@@ -185,6 +186,16 @@ class FlowPrior(SlabModel):
         self.net.velocity(z, t, labels, v)
         return v
 
+    def single_threaded_copies(self):
+        """One copy of this network per thread, each running its kernels on one thread (for
+        FlowSampler's lanes)."""
+        copies = []
+        for _ in range(self.threads):
+            copy = FlowPrior(self.arch, self.max_batch, threads=1, precision=self.precision)
+            copy.load_state_sections(self.state_sections(optimizer=False), optimizer=False)
+            copies.append(copy)
+        return copies
+
     def integrate(self, z0, labels, steps=DEFAULT_STEPS, method=DEFAULT_METHOD,
                   guidance=DEFAULT_GUIDANCE):
         """z1 (n, latent) float32: the ODE solved from each z0 with its label, in batches."""
@@ -233,12 +244,32 @@ class FlowSampler(GaussianPrior):
         super().__init__(latent)
         self.prior, self.path = prior, os.path.abspath(path)
         self.steps, self.method, self.guidance = steps, method, guidance
+        # With T threads, T single-threaded copies of the network ("lanes") each integrate a
+        # share of the codes on a thread of their own. The ODE's loops are a few microseconds
+        # each, some hundred per batch: as one OpenMP team its threads would meet at a
+        # barrier after every one, which costs more than the loop where waiting threads
+        # sleep (cvae generate's threads do, see cvae.kernels.sleep_when_waiting). Each
+        # code's path depends on that code alone, so the result is the same bits.
+        self._lanes = prior.single_threaded_copies() if prior.threads > 1 else [prior]
+        self._pool = None
+
+    def _integrate(self, z0, labels):
+        if len(self._lanes) == 1:
+            return self._lanes[0].integrate(z0, labels, self.steps, self.method, self.guidance)
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(len(self._lanes) - 1)
+        cuts = np.linspace(0, len(labels), len(self._lanes) + 1).astype(int)
+        shares = [(lane, slice(a, b)) for lane, a, b in zip(self._lanes, cuts, cuts[1:])]
+        others = [self._pool.submit(lane.integrate, z0[part], labels[part], self.steps,
+                                    self.method, self.guidance) for lane, part in shares[1:]]
+        lane, part = shares[0]
+        first = lane.integrate(z0[part], labels[part], self.steps, self.method, self.guidance)
+        return np.concatenate([first] + [future.result() for future in others])
 
     def from_normals(self, z, labels, temperature):
         z = super().from_normals(z, labels, temperature)
         dims = list(self.prior.arch.dims)
-        z[:, dims] = self.prior.integrate(z[:, dims], labels, self.steps, self.method,
-                                          self.guidance)
+        z[:, dims] = self._integrate(z[:, dims], labels)
         return z
 
     def describe(self, relative_to=None):
