@@ -215,6 +215,10 @@ def sample_cell_count(digits, per_digit, cols):
     return len(digits) * math.ceil(per_digit / cols) * cols
 
 
+#: One sample sheet's cells (sheet_cells), with its number, file and first cell.
+SheetCells = collections.namedtuple("SheetCells", "number path start labels sample_number real")
+
+
 def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=1.0, seed=0,
                   cols=None, max_rows=DEFAULT_MAX_ROWS, extra=None, prior=None, shard=None,
                   progress=None):
@@ -251,14 +255,14 @@ def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=
 
     def cells(number, sheet_path, start, stop):
         labels, sample_number, _ = sheet_cells(digits, per_digit, cols, start, stop)
-        return number, sheet_path, start, labels, sample_number, labels >= 0
+        return SheetCells(number, sheet_path, start, labels, sample_number, labels >= 0)
 
     # every row holds a real cell (a digit pads fewer than cols cells), and the real cells of
     # consecutive sheets have consecutive global indices: one stream of draws from the first
     first = sheet_cells(digits, per_digit, cols, mine[0][2], mine[0][2] + 1)[2][0] if mine else 0
     sheet_draws = normals_ahead(KeyedNormals(seed, first=int(first)),
                                 (cells(*sheet) for sheet in mine),
-                                lambda item: int(item[5].sum()), model.arch.latent)
+                                lambda sheet: int(sheet.real.sum()), model.arch.latent)
     # One writer thread: sheet k is laid out and written (JSON, fsync) while the kernels,
     # which release the GIL, decode sheet k + 1. At most two sheets wait, so memory stays
     # that of a few sheets whatever the count.
