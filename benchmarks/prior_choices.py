@@ -8,7 +8,9 @@ the sampling settings given. Each line of output is one JSON object.
 --train and --sample take comma-separated KEY=VALUE settings and may repeat; every --train
 setting is sampled with every --sample setting. N(0, I) is measured once for comparison.
 Trained priors are written to OUT/prior-<n>.cvae (default: a temporary directory).
---run-prior samples the run's own prior.cvae instead of training any.
+--run-prior samples the run's own prior.cvae instead of training any. --oracle judges, instead,
+the best any prior of these codes could do: the codes of real training images of the asked
+digit (the aggregate posterior q(z | y)), drawn as mu + sigma eps and as mu alone.
 """
 
 import argparse
@@ -29,6 +31,27 @@ def settings(text):
     return out
 
 
+class TrainingCodes:
+    """A 'prior' that draws, for each asked digit, the code of a random training image of that
+    digit: mu + sigma eps (noise) or mu. No prior trained on these codes can do better."""
+
+    name = "training codes"
+
+    def __init__(self, mu, logvar, labels, noise):
+        self.mu, self.sigma, self.noise = mu, np.exp(0.5 * logvar), noise
+        self.by_digit = {int(d): np.flatnonzero(labels == d) for d in np.unique(labels)}
+
+    def draw(self, labels, rng, temperature):
+        rows = np.empty(len(labels), dtype=np.int64)
+        for digit, members in self.by_digit.items():
+            asked = np.flatnonzero(labels == digit)
+            rows[asked] = members[rng.integers(0, len(members), len(asked))]
+        z = self.mu[rows].copy()
+        if self.noise:
+            z += self.sigma[rows] * rng.standard_normal(z.shape, dtype=np.float32)
+        return z
+
+
 def main():
     from cvae import prior as P
     from cvae import rundir as R
@@ -36,6 +59,7 @@ def main():
     from cvae.classifier import classifier_for
     from cvae.data import Dataset
     from cvae.evaluate import judge_samples, test_diversity
+    from cvae.model import encode_all
     from cvae.train_prior import train_prior
 
     parser = argparse.ArgumentParser(description=__doc__,
@@ -50,6 +74,8 @@ def main():
     parser.add_argument("--eval-seed", type=int, default=0, help="seed of the judged draws")
     parser.add_argument("--run-prior", action="store_true",
                         help="judge the run's prior.cvae with each --sample setting")
+    parser.add_argument("--oracle", action="store_true",
+                        help="judge the codes of real training images of each digit instead")
     args = parser.parse_args()
 
     path, run_dir = R.resolve_checkpoint(args.checkpoint)
@@ -75,6 +101,13 @@ def main():
 
     report(prior="gaussian", diversity_test=round(test_diversity(judge, test_set, digits)[0], 3),
            **judged(P.GaussianPrior(model.arch.latent)))
+
+    if args.oracle:
+        mu, logvar = encode_all(model, train_set.images, train_set.labels)
+        for noise in (True, False):
+            report(prior="oracle: training codes " + ("mu + sigma eps" if noise else "mu"),
+                   **judged(TrainingCodes(mu, logvar, train_set.labels, noise)))
+        return
 
     def train_one(n, train):
         """(settings, prior, file, seconds, final loss) of a prior trained with `train`."""
