@@ -77,8 +77,8 @@ def sleep_when_waiting():
 
     For generation, whose parallel loops alternate with the process's other threads (the
     sheet writer, the drawing thread): a thread spinning at a barrier takes the core those
-    need. `cvae generate`, 100,000 digits, 2 threads, on a machine kept busy by three
-    one-thread trainings: 25.8 s by default, 4.1 s passive; idle, see the README's Speed.
+    need: with two cores kept busy, 100,000 digits took 3.2 s instead of 10.2 s (medians of
+    benchmarks/busy_generate.sh; see the README's Threads on a busy machine).
     Training keeps the default: its loops follow each other with nothing in between, and a
     sleeping thread's wake-up would cost every one of them."""
     if _loaded is not None:
