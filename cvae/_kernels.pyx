@@ -762,6 +762,18 @@ cdef class Network:
         self.biases[self.n_biases] = B
         self.n_biases += 1
 
+    cdef int _backward_layer(self, const Linear *L, const float *dYt, float *dXt,
+                             const float *Xt, int x_act, int batch, int bp,
+                             const Adam *adam) noexcept nogil:
+        """One linear layer's backward from dYt, its input Xt: with dXt, the input gradient
+        (times act'(.) of the layer that produced Xt, x_act) first, as it reads W before the
+        fused Adam changes it; then dW and db and, with adam, the update. dXt NULL: the first
+        layer, whose input needs no gradient. Returns the non-finite count."""
+        if dXt != NULL:
+            linear_backward_input(L, dYt, dXt, Xt, x_act, bp, self.xb, self.nthreads)
+        return linear_backward_params(L, dYt, Xt, self.xb, batch, bp, adam, self.scratch,
+                                      self.nthreads)
+
     def adam_update(self, float lr, long adam_t):
         """Adam step number adam_t from the stored gradients (the unfused path)."""
         cdef Adam adam = adam_step(lr, adam_t)
@@ -892,30 +904,20 @@ cdef class Net(Network):
         cdef int nt = self.nthreads
         self.bad = 0
         # Each layer's dX reads W before the (optionally fused) update of that W.
-        linear_backward_input(&self.dec3, self.dlogits_t, self.dg2_t, self.g2_t, self.act, bp,
-                              self.xb, nt)
-        self.bad += linear_backward_params(&self.dec3, self.dlogits_t, self.g2_t, self.xb, batch, bp, adam,
-                               self.scratch, nt)
-        linear_backward_input(&self.dec2, self.dg2_t, self.dg1_t, self.g1_t, self.act, bp,
-                              self.xb, nt)
-        self.bad += linear_backward_params(&self.dec2, self.dg2_t, self.g1_t, self.xb, batch, bp, adam,
-                               self.scratch, nt)
-        linear_backward_input(&self.dec1, self.dg1_t, self.dd0_t, self.d0_t, ACT_NONE, bp,
-                              self.xb, nt)
-        self.bad += linear_backward_params(&self.dec1, self.dg1_t, self.d0_t, self.xb, batch, bp, adam,
-                               self.scratch, nt)
+        self.bad += self._backward_layer(&self.dec3, self.dlogits_t, self.dg2_t, self.g2_t,
+                                         self.act, batch, bp, adam)
+        self.bad += self._backward_layer(&self.dec2, self.dg2_t, self.dg1_t, self.g1_t, self.act,
+                                         batch, bp, adam)
+        self.bad += self._backward_layer(&self.dec1, self.dg1_t, self.dd0_t, self.d0_t, ACT_NONE,
+                                         batch, bp, adam)
         reparam_backward(self.o_t, self.eps_t, self.dd0_t, self.do_t, self.latent, batch, bp,
                          beta / batch, nt)
-        linear_backward_input(&self.enc3, self.do_t, self.dh2_t, self.h2_t, self.act, bp,
-                              self.xb, nt)
-        self.bad += linear_backward_params(&self.enc3, self.do_t, self.h2_t, self.xb, batch, bp, adam,
-                               self.scratch, nt)
-        linear_backward_input(&self.enc2, self.dh2_t, self.dh1_t, self.h1_t, self.act, bp,
-                              self.xb, nt)
-        self.bad += linear_backward_params(&self.enc2, self.dh2_t, self.h1_t, self.xb, batch, bp, adam,
-                               self.scratch, nt)
-        self.bad += linear_backward_params(&self.enc1, self.dh1_t, self.x_t, self.xb, batch, bp, adam,
-                               self.scratch, nt)
+        self.bad += self._backward_layer(&self.enc3, self.do_t, self.dh2_t, self.h2_t, self.act,
+                                         batch, bp, adam)
+        self.bad += self._backward_layer(&self.enc2, self.dh2_t, self.dh1_t, self.h1_t, self.act,
+                                         batch, bp, adam)
+        self.bad += self._backward_layer(&self.enc1, self.dh1_t, NULL, self.x_t, ACT_NONE,
+                                         batch, bp, adam)
 
     cdef tuple _sums(self, int batch):
         cdef double rec = 0.0, kl = 0.0
@@ -1376,24 +1378,16 @@ cdef class ConvNet(Net):
                                    self.dwt, nt)
         self.bad += tconv_backward(&self.tconv1, &self.tb1, self.dg3_t, self.g2_t, self.dg2_t,
                                    act, self.colT, 14, 14, bp, adam, self.xb, self.dwt, nt)
-        linear_backward_input(&self.dec_fc2, self.dg2_t, self.dg1_t, self.g1_t, act, bp,
-                              self.xb, nt)
-        self.bad += linear_backward_params(&self.dec_fc2, self.dg2_t, self.g1_t, self.xb, batch,
-                                           bp, adam, self.scratch, nt)
-        linear_backward_input(&self.dec_fc1, self.dg1_t, self.dd0_t, self.d0_t, ACT_NONE, bp,
-                              self.xb, nt)
-        self.bad += linear_backward_params(&self.dec_fc1, self.dg1_t, self.d0_t, self.xb, batch,
-                                           bp, adam, self.scratch, nt)
+        self.bad += self._backward_layer(&self.dec_fc2, self.dg2_t, self.dg1_t, self.g1_t, act,
+                                         batch, bp, adam)
+        self.bad += self._backward_layer(&self.dec_fc1, self.dg1_t, self.dd0_t, self.d0_t,
+                                         ACT_NONE, batch, bp, adam)
         reparam_backward(self.o_t, self.eps_t, self.dd0_t, self.do_t, self.latent, batch, bp,
                          beta / batch, nt)
-        linear_backward_input(&self.enc_out, self.do_t, self.dh3_t, self.h3_t, act, bp,
-                              self.xb, nt)
-        self.bad += linear_backward_params(&self.enc_out, self.do_t, self.h3_t, self.xb, batch,
-                                           bp, adam, self.scratch, nt)
-        linear_backward_input(&self.enc_fc, self.dh3_t, self.dh2_t, self.h2_t, act, bp,
-                              self.xb, nt)
-        self.bad += linear_backward_params(&self.enc_fc, self.dh3_t, self.h2_t, self.xb, batch,
-                                           bp, adam, self.scratch, nt)
+        self.bad += self._backward_layer(&self.enc_out, self.do_t, self.dh3_t, self.h3_t, act,
+                                         batch, bp, adam)
+        self.bad += self._backward_layer(&self.enc_fc, self.dh3_t, self.dh2_t, self.h2_t, act,
+                                         batch, bp, adam)
         conv_backward_input(&self.conv2, self.dh2_t, self.colT, self.dh1_t, self.h1_t, act, 14,
                             14, bp, nt)
         self.bad += conv_backward_params(&self.conv2, self.dh2_t, self.col2, n2, adam, self.xb,
@@ -1447,18 +1441,13 @@ cdef class Classifier(Network):
         linear_forward(&self.fc3, self.h2_t, self.logits_t, bp, ACT_NONE, self.nthreads)
 
     cdef void _backward(self, int batch, int bp, const Adam *adam) noexcept nogil:
-        cdef int nt = self.nthreads
         self.bad = 0
-        linear_backward_input(&self.fc3, self.dlogits_t, self.dh2_t, self.h2_t, self.act, bp,
-                              self.xb, nt)
-        self.bad += linear_backward_params(&self.fc3, self.dlogits_t, self.h2_t, self.xb, batch, bp, adam,
-                               self.scratch, nt)
-        linear_backward_input(&self.fc2, self.dh2_t, self.dh1_t, self.h1_t, self.act, bp,
-                              self.xb, nt)
-        self.bad += linear_backward_params(&self.fc2, self.dh2_t, self.h1_t, self.xb, batch, bp, adam,
-                               self.scratch, nt)
-        self.bad += linear_backward_params(&self.fc1, self.dh1_t, self.x_t, self.xb, batch, bp, adam,
-                               self.scratch, nt)
+        self.bad += self._backward_layer(&self.fc3, self.dlogits_t, self.dh2_t, self.h2_t, self.act,
+                                         batch, bp, adam)
+        self.bad += self._backward_layer(&self.fc2, self.dh2_t, self.dh1_t, self.h1_t, self.act,
+                                         batch, bp, adam)
+        self.bad += self._backward_layer(&self.fc1, self.dh1_t, NULL, self.x_t, ACT_NONE,
+                                         batch, bp, adam)
 
     def step(self, const uint8_t[:, ::1] pixels not None, const uint8_t[::1] labels not None,
              float lr=0.0, long adam_t=0):
@@ -1606,23 +1595,17 @@ cdef class FlowNet(Network):
         cdef int k, nt = self.nthreads, K = self.n_blocks
         self.bad = 0
         # Each layer's dX reads W before the (optionally fused) update of that W.
-        linear_backward_input(&self.out, self.dv_t, self.ds[K], self.s[K], ACT_NONE, bp,
-                              self.xb, nt)
-        self.bad += linear_backward_params(&self.out, self.dv_t, self.s[K], self.xb, batch, bp, adam,
-                               self.scratch, nt)
+        self.bad += self._backward_layer(&self.out, self.dv_t, self.ds[K], self.s[K], ACT_NONE,
+                                         batch, bp, adam)
         for k in range(K - 1, -1, -1):
-            linear_backward_input(&self.block_b[k], self.ds[k + 1], self.da[k], self.a[k],
-                                  self.act, bp, self.xb, nt)
-            self.bad += linear_backward_params(&self.block_b[k], self.ds[k + 1], self.a[k], self.xb, batch,
-                                   bp, adam, self.scratch, nt)
-            linear_backward_input(&self.block_a[k], self.da[k], self.ds[k], self.s[k], ACT_NONE,
-                                  bp, self.xb, nt)
-            self.bad += linear_backward_params(&self.block_a[k], self.da[k], self.s[k], self.xb, batch, bp,
-                                   adam, self.scratch, nt)
+            self.bad += self._backward_layer(&self.block_b[k], self.ds[k + 1], self.da[k],
+                                             self.a[k], self.act, batch, bp, adam)
+            self.bad += self._backward_layer(&self.block_a[k], self.da[k], self.ds[k], self.s[k],
+                                             ACT_NONE, batch, bp, adam)
             # The residual path: dL/dh_k reaches h_{k-1} unchanged.
             rows_axpby(self.ds[k], 1.0, self.ds[k + 1], 1.0, self.hidden, bp, nt)
-        self.bad += linear_backward_params(&self.inp, self.ds[0], self.x_t, self.xb, batch, bp, adam,
-                               self.scratch, nt)
+        self.bad += self._backward_layer(&self.inp, self.ds[0], NULL, self.x_t, ACT_NONE,
+                                         batch, bp, adam)
 
     cdef int _check(self, Py_ssize_t batch, str name, Py_ssize_t rows, Py_ssize_t cols,
                     int width) except -1:
