@@ -69,9 +69,9 @@ PRIORS = ("flow", "gaussian")
 # 50 epochs, midpoint 2, guidance 2, seeds 0-2 of the prior (results_main/prior-choices/
 # conv-*.jsonl): lr 1e-3 98.99% / FID 2.55; lr 2e-3 99.15-99.29% / 2.43-2.58 (seeds 1, 2).
 # On the main command's MLP run (bf16, 17 active dims; mlp-lr.jsonl): lr 1e-3 99.12% / 3.20;
-# lr 2e-3 99.06% / 2.95 and 99.04% / 3.23 (seeds 0, 1). Guidance 1.5 lowers FID by about 0.3
-# in both and costs the MLP accuracy (98.99-99.05%), so 2 stays. A 128-wide network did no
-# better than 96 at 2e-3 (conv: 99.21-99.26%, FID 2.39-2.49). No prior can get the conv
+# lr 2e-3 99.06% / 2.95 and 99.04% / 3.23 (seeds 0, 1). Guidance 1.5 lowers FID by 0.17 (conv)
+# to 0.32 (MLP) and costs the MLP accuracy (98.99-99.05%), so 2 stays. A 128-wide network did
+# no better than 96 at 2e-3 (conv: 99.24-99.25%, FID 2.39-2.49). No prior can get the conv
 # decoder's FID much below 2: decoding the codes of real training images of the asked digit,
 # mu + sigma eps, scores 1.99 (99.55%), mu alone 1.69 (`prior_choices.py --oracle`,
 # conv-oracle.jsonl).
