@@ -48,6 +48,7 @@ cdef extern from "cvae_simd.h" nogil:
                                 const float *B, long ldb, float *C, long ldc, int accumulate)
     void bias_act_row "cvae_bias_act_row"(float *c, int n, float bias, int act)
     void act_grad_row "cvae_act_grad_row"(float *dy, const float *y, int n, int act)
+    void axpby_row "cvae_axpby_row"(float *y, float a, const float *x, float b, int n)
     int adam_row "cvae_adam_row"(float *w, float *m, float *v, const float *g, int n,
                                  float step_size, float inv_bc2_sqrt)
     int adam_row_bf16 "cvae_adam_row_bf16"(float *w, float *m, float *v, const float *g, int n,
@@ -650,10 +651,9 @@ cdef void mse_forward_backward(const float *v_t, const float *target_t, float *d
 cdef void rows_axpby(float *y, float a, const float *x, float b, int rows, int bp,
                      int nthreads) noexcept nogil:
     """y = a·y + b·x over rows of bp floats: residual sums, ODE steps, guidance."""
-    cdef int r, k
+    cdef int r
     for r in prange(rows, num_threads=nthreads, schedule='static'):
-        for k in range(bp):
-            y[r * bp + k] = a * y[r * bp + k] + b * x[r * bp + k]
+        axpby_row(y + r * bp, a, x + r * bp, b, bp)
 
 
 

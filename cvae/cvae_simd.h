@@ -322,6 +322,13 @@ static inline void cvae_bias_act_row(float *c, int n, float bias, int act) {
     }
 }
 
+/* y = a·y + b·x over one row of n floats: residual sums, ODE steps, guidance. The
+   __restrict lets gcc vectorise it (written inline in a prange, it stayed scalar). */
+static inline void cvae_axpby_row(float *__restrict y, float a, const float *__restrict x,
+                                  float b, int n) {
+    for (int j = 0; j < n; j++) y[j] = a * y[j] + b * x[j];
+}
+
 /* dy *= act'(pre-activation), written in terms of the activation's output y. */
 static inline void cvae_act_grad_row(float *dy, const float *y, int n, int act) {
     if (act == CVAE_ACT_ELU) {
