@@ -49,6 +49,8 @@ cdef extern from "cvae_simd.h" nogil:
     void bias_act_row "cvae_bias_act_row"(float *c, int n, float bias, int act)
     void act_grad_row "cvae_act_grad_row"(float *dy, const float *y, int n, int act)
     void axpby_row "cvae_axpby_row"(float *y, float a, const float *x, float b, int n)
+    void class_bias_row "cvae_class_bias_row"(float *c, int n, const float *bias, int n_cls,
+                                              const uint8_t *cls)
     int adam_row "cvae_adam_row"(float *w, float *m, float *v, const float *g, int n,
                                  float step_size, float inv_bc2_sqrt)
     int adam_row_bf16 "cvae_adam_row_bf16"(float *w, float *m, float *v, const float *g, int n,
@@ -137,6 +139,14 @@ cdef struct Linear:
     uint32_t *pb
 
 
+cdef struct ClassBias:
+    # A layer's inputs past the first k_in enter as a bias that depends only on a column's
+    # class: bias[out][n_cls], cls[column] (FlowNet's conditioning rows while sampling).
+    int k_in, n_cls
+    const float *bias
+    const uint8_t *cls
+
+
 cdef struct Adam:
     float step_size        # lr / (1 - beta1^t)
     float inv_bc2_sqrt     # 1 / sqrt(1 - beta2^t)
@@ -177,20 +187,41 @@ cdef inline int task_col(int task, int n_rt, int n_ct) noexcept nogil:
 cdef void linear_forward(const Linear *L, const float *Xt, float *Yt, int bp, int act,
                          int nthreads) noexcept nogil:
     """Yt[out][bp] = act(W . Xt + b): tiles of out rows x batch columns."""
-    if L.Wh != NULL:
-        linear_forward_bf16(L, Xt, Yt, bp, act, nthreads)
+    linear_forward_cols(L, Xt, Yt, 0, bp, bp, act, NULL, nthreads)
+
+
+cdef inline void epilogue_row(const Linear *L, float *y, int row, int j0, int n, int act,
+                              const ClassBias *cb) noexcept nogil:
+    """A forward tile's row done: its bias, per row or (cb) per class of column, and act."""
+    if cb == NULL:
+        bias_act_row(y, n, L.b[row] if L.b != NULL else 0.0, act)
         return
-    cdef int n_ct = ceil_div(bp, NR), n_rt = ceil_div(L.n_out, MR)
+    class_bias_row(y, n, cb.bias + row * cb.n_cls, cb.n_cls, cb.cls + j0)
+    if act != ACT_NONE:
+        bias_act_row(y, n, 0.0, act)
+
+
+cdef void linear_forward_cols(const Linear *L, const float *Xt, float *Yt, int c0, int n,
+                              int ld, int act, const ClassBias *cb,
+                              int nthreads) noexcept nogil:
+    """linear_forward on columns c0 .. c0 + n (n a multiple of 16) of rows of ld floats: the
+    whole batch, or one lane of the flow prior's sampling (FlowNet.integrate). A column's
+    products are the same whichever columns share its tile. With cb, only the first cb.k_in
+    inputs enter the product, the rest as cb's bias (which replaces b)."""
+    if L.Wh != NULL:
+        linear_forward_bf16(L, Xt, Yt, c0, n, ld, act, cb, nthreads)
+        return
+    cdef int n_ct = ceil_div(n, NR), n_rt = ceil_div(L.n_out, MR)
+    cdef int k_in = L.n_in if cb == NULL else cb.k_in
     cdef int task, i0, j0, mr, nv, i
     for task in prange(n_rt * n_ct, num_threads=nthreads, schedule='runtime'):
         i0 = task_row(task, n_rt, n_ct) * MR
-        j0 = task_col(task, n_rt, n_ct) * NR
+        j0 = c0 + task_col(task, n_rt, n_ct) * NR
         mr = min(MR, L.n_out - i0)
-        nv = min(NV, (bp - j0) // VW)
-        tile(mr, nv, L.n_in, L.W + i0 * L.ld, L.ld, 1, Xt + j0, bp, Yt + i0 * bp + j0, bp)
+        nv = min(NV, (c0 + n - j0) // VW)
+        tile(mr, nv, k_in, L.W + i0 * L.ld, L.ld, 1, Xt + j0, ld, Yt + i0 * ld + j0, ld)
         for i in range(mr):
-            bias_act_row(Yt + (i0 + i) * bp + j0, nv * VW, L.b[i0 + i] if L.b != NULL else 0.0,
-                         act)
+            epilogue_row(L, Yt + (i0 + i) * ld + j0, i0 + i, j0, nv * VW, act, cb)
 
 
 cdef void linear_backward_input(const Linear *L, const float *dYt, float *dXt, const float *Xt,
@@ -329,31 +360,34 @@ cdef int linear_adam(const Linear *L, const Adam *adam, int nthreads) noexcept n
 # anything but zeros: odd K is padded with a zero row in both operands, batch columns past the
 # batch are packed as zeros. Tasks are the same for any thread count, as in fp32.
 
-cdef void pack_pairs(const float *X, int rows, int n, uint32_t *P, int nthreads) noexcept nogil:
-    """P[kp][0:n] = pairs (X[2kp], X[2kp + 1]) of rows of n floats; a missing odd row is 0."""
+cdef void pack_pairs(const float *X, int rows, int n, int ld, uint32_t *P,
+                     int nthreads) noexcept nogil:
+    """P[kp][0:n] = pairs (X[2kp], X[2kp + 1]) of n floats of rows ld apart, P's rows ld apart
+    too; a missing odd row is 0."""
     cdef int kp
     for kp in prange(ceil_div(rows, 2), num_threads=nthreads, schedule='static'):
-        pack_row_pair(X + 2 * kp * n, X + (2 * kp + 1) * n if 2 * kp + 1 < rows else NULL,
-                      P + kp * n, n)
+        pack_row_pair(X + 2 * kp * ld, X + (2 * kp + 1) * ld if 2 * kp + 1 < rows else NULL,
+                      P + kp * ld, n)
 
 
-cdef void linear_forward_bf16(const Linear *L, const float *Xt, float *Yt, int bp, int act,
-                              int nthreads) noexcept nogil:
-    """linear_forward on bf16 inputs: A = Wh, B = Xt as pairs of feature rows."""
-    cdef int n_ct = ceil_div(bp, BNR), n_rt = ceil_div(L.n_out, BMR)
-    cdef int kp = ceil_div(L.n_in, 2)
+cdef void linear_forward_bf16(const Linear *L, const float *Xt, float *Yt, int c0, int n,
+                              int ld, int act, const ClassBias *cb, int nthreads) noexcept nogil:
+    """linear_forward_cols on bf16 inputs: A = Wh, B = Xt as pairs of feature rows. An odd
+    cb.k_in pairs W's next input with a packed zero."""
+    cdef int n_ct = ceil_div(n, BNR), n_rt = ceil_div(L.n_out, BMR)
+    cdef int k_in = L.n_in if cb == NULL else cb.k_in
+    cdef int kp = ceil_div(k_in, 2)
     cdef int task, i0, j0, mr, nv, i
-    pack_pairs(Xt, L.n_in, bp, L.pb, nthreads)
+    pack_pairs(Xt + c0, k_in, n, ld, L.pb + c0, nthreads)
     for task in prange(n_rt * n_ct, num_threads=nthreads, schedule='runtime'):
         i0 = task_row(task, n_rt, n_ct) * BMR
-        j0 = task_col(task, n_rt, n_ct) * BNR
+        j0 = c0 + task_col(task, n_rt, n_ct) * BNR
         mr = min(BMR, L.n_out - i0)
-        nv = min(BNV, (bp - j0) // VW)
-        bf_tile(mr, nv, kp, <const uint32_t *>(L.Wh + i0 * L.ld), L.ld // 2, 1, L.pb + j0, bp,
-                Yt + i0 * bp + j0, bp, 0)
+        nv = min(BNV, (c0 + n - j0) // VW)
+        bf_tile(mr, nv, kp, <const uint32_t *>(L.Wh + i0 * L.ld), L.ld // 2, 1, L.pb + j0, ld,
+                Yt + i0 * ld + j0, ld, 0)
         for i in range(mr):
-            bias_act_row(Yt + (i0 + i) * bp + j0, nv * VW, L.b[i0 + i] if L.b != NULL else 0.0,
-                         act)
+            epilogue_row(L, Yt + (i0 + i) * ld + j0, i0 + i, j0, nv * VW, act, cb)
 
 
 cdef void dx_bf16(const Linear *L, const float *dYt, int bp, float *dXb,
@@ -365,7 +399,7 @@ cdef void dx_bf16(const Linear *L, const float *dYt, int bp, float *dXb,
     cdef int n_groups = ceil_div(bp, group)
     cdef int kp = ceil_div(L.n_out, 2)
     cdef int task, i0, g0, g1, nv, kblock, k0, kb, bt, b0
-    pack_pairs(dYt, L.n_out, bp, L.pa, nthreads)
+    pack_pairs(dYt, L.n_out, bp, bp, L.pa, nthreads)
     for task in prange(ceil_div(L.ld, BNR) * n_groups, num_threads=nthreads,
                        schedule='runtime'):
         i0 = (task // n_groups) * BNR
@@ -437,13 +471,24 @@ cdef void linear_sync_bf16(const Linear *L, int nthreads) noexcept nogil:
 
 # ---------------------------------------------------------------- input and label rows
 
-cdef void onehot_rows(float *Rt, const uint8_t *labels, int n_cls, int batch,
-                      int bp) noexcept nogil:
-    """n_cls rows Rt[c][b] = (label_b == c); zero in the padding columns."""
+cdef void onehot_rows(float *Rt, const uint8_t *labels, int n_cls, int batch, int n,
+                      int ld) noexcept nogil:
+    """n_cls rows Rt[c][b] = (label_b == c) of n floats, ld apart; zero in the columns past
+    the batch."""
     cdef int c, k
     for c in range(n_cls):
-        for k in range(bp):
-            Rt[c * bp + k] = 1.0 if (k < batch and labels[k] == c) else 0.0
+        for k in range(n):
+            Rt[c * ld + k] = 1.0 if (k < batch and labels[k] == c) else 0.0
+
+
+cdef void copy_rows(float *dst, const float *src, int rows, int n, int ld) noexcept nogil:
+    """n floats of each of `rows` rows ld apart (one memcpy when they are whole rows)."""
+    cdef int r
+    if n == ld:
+        memcpy(dst, src, <size_t>rows * n * sizeof(float))
+        return
+    for r in range(rows):
+        memcpy(dst + r * ld, src + r * ld, n * sizeof(float))
 
 
 cdef void pixel_rows(const uint8_t *pixels, float *Xt, int n_pix, int batch, int bp,
@@ -462,7 +507,7 @@ cdef void pixels_forward(const uint8_t *pixels, const uint8_t *labels, float *Xt
                          int batch, int bp, int nthreads) noexcept nogil:
     """Xt = [pixels / 255 ; onehot(labels)]: the CVAE encoder's input."""
     pixel_rows(pixels, Xt, n_pix, batch, bp, nthreads)
-    onehot_rows(Xt + n_pix * bp, labels, 10, batch, bp)
+    onehot_rows(Xt + n_pix * bp, labels, 10, batch, bp, bp)
 
 
 # ---------------------------------------------------------------- reparameterisation and KL
@@ -579,20 +624,6 @@ cdef void time_rows(float *Rt, const float *t, int n_freq, int batch, int bp,
             Rt[(2 * i + 1) * bp + k] = cosf(w * t[k]) if k < batch else 0.0
 
 
-cdef void time_rows_at(float *Rt, float t, int n_freq, int batch, int bp) noexcept nogil:
-    """time_rows for one t shared by the whole batch (the ODE's steps): each sine and cosine
-    computed once, the same bits as time_rows gives."""
-    cdef int i, k
-    cdef float w, s, c
-    for i in range(n_freq):
-        w = <float>(1 << i)
-        s = sinf(w * t)
-        c = cosf(w * t)
-        for k in range(bp):
-            Rt[2 * i * bp + k] = s if k < batch else 0.0
-            Rt[(2 * i + 1) * bp + k] = c if k < batch else 0.0
-
-
 cdef void flow_pairs(const float *mu, const float *logvar, const uint8_t *labels, float *Xt,
                      float *target_t, float *t, int latent, int n_freq, int null_label,
                      float drop_prob, uint64_t seed, uint64_t step, int batch, int bp,
@@ -648,12 +679,12 @@ cdef void mse_forward_backward(const float *v_t, const float *target_t, float *d
             loss[k] = loss[k] / latent
 
 
-cdef void rows_axpby(float *y, float a, const float *x, float b, int rows, int bp,
+cdef void rows_axpby(float *y, float a, const float *x, float b, int rows, int n, int ld,
                      int nthreads) noexcept nogil:
-    """y = a·y + b·x over rows of bp floats: residual sums, ODE steps, guidance."""
+    """y = a·y + b·x over n floats of rows ld apart: residual sums, ODE steps, guidance."""
     cdef int r
     for r in prange(rows, num_threads=nthreads, schedule='static'):
-        axpby_row(y + r * bp, a, x + r * bp, b, bp)
+        axpby_row(y + r * ld, a, x + r * ld, b, n)
 
 
 
@@ -887,7 +918,7 @@ cdef class Net(Network):
 
     cdef void _decode(self, const uint8_t *labels, int batch, int bp) noexcept nogil:
         """Decoder from the z rows already in d0_t."""
-        onehot_rows(self.d0_t + self.latent * bp, labels, 10, batch, bp)
+        onehot_rows(self.d0_t + self.latent * bp, labels, 10, batch, bp, bp)
         linear_forward(&self.dec1, self.d0_t, self.g1_t, bp, self.act, self.nthreads)
         linear_forward(&self.dec2, self.g1_t, self.g2_t, bp, self.act, self.nthreads)
         linear_forward(&self.dec3, self.g2_t, self.logits_t, bp, ACT_NONE, self.nthreads)
@@ -1152,7 +1183,7 @@ cdef void linear_transposed(const Linear *L, const float *Yt, float *Ct, int N,
     cdef int task, i0, j0, mr, nv
     cdef int n_rt, n_ct
     if L.Wh != NULL:
-        pack_pairs(Yt, L.n_out, N, L.pa, nthreads)
+        pack_pairs(Yt, L.n_out, N, N, L.pa, nthreads)
         n_rt = ceil_div(L.n_in, BMR)
         n_ct = ceil_div(N, BNR)
         for task in prange(n_rt * n_ct, num_threads=nthreads, schedule='runtime'):
@@ -1353,14 +1384,14 @@ cdef class ConvNet(Net):
         pixel_rows(pixels, self.x_t, self.n_pix, batch, bp, nt)
         conv_forward(&self.conv1, self.x_t, self.col1, self.h1_t, 28, 28, bp, self.act, nt)
         conv_forward(&self.conv2, self.h1_t, self.col2, self.h2_t, 14, 14, bp, self.act, nt)
-        onehot_rows(self.h2_t + 49 * self.c2 * bp, labels, 10, batch, bp)
+        onehot_rows(self.h2_t + 49 * self.c2 * bp, labels, 10, batch, bp, bp)
         linear_forward(&self.enc_fc, self.h2_t, self.h3_t, bp, self.act, nt)
         linear_forward(&self.enc_out, self.h3_t, self.o_t, bp, ACT_NONE, nt)
 
     cdef void _decode(self, const uint8_t *labels, int batch, int bp) noexcept nogil:
         """Decoder from the z rows already in d0_t."""
         cdef int nt = self.nthreads
-        onehot_rows(self.d0_t + self.latent * bp, labels, 10, batch, bp)
+        onehot_rows(self.d0_t + self.latent * bp, labels, 10, batch, bp, bp)
         linear_forward(&self.dec_fc1, self.d0_t, self.g1_t, bp, self.act, nt)
         linear_forward(&self.dec_fc2, self.g1_t, self.g2_t, bp, self.act, nt)
         tconv_forward(&self.tconv1, &self.tb1, self.g2_t, self.colT, self.g3_t, 14, 14, bp,
@@ -1510,7 +1541,11 @@ cdef class FlowNet(Network):
     in: x = [z_t ; time rows ; onehot(y)] -> h_0 = W_in x; block k: h_k = h_{k-1} +
     W_kb act(W_ka [h_{k-1} ; time rows ; onehot(y)]); out: v = W_out h_K. The conditioning
     rows sit below h_k in each residual buffer s_k, so every block sees t and y directly.
-    Label n_classes is the null label of classifier-free guidance."""
+    Label n_classes is the null label of classifier-free guidance.
+
+    While sampling, every code of a step shares its t and has one of n_classes + 1 labels, so
+    the conditioning rows' share of W_in x and W_ka [...] is one bias per class: worked out
+    once a step (_class_tables, in fp32) instead of in every column's product."""
     cdef Linear inp, out
     cdef Linear block_a[MAX_BLOCKS]
     cdef Linear block_b[MAX_BLOCKS]
@@ -1528,6 +1563,8 @@ cdef class FlowNet(Network):
     cdef float *v_uncond_t
     cdef float *t
     cdef float *loss
+    cdef float *tables      # per lane: n_blocks + 1 class-bias tables [hidden][n_classes + 1]
+    cdef uint8_t *cls       # each column's class while sampling
     cdef int latent, n_freq, n_classes, n_cond, hidden, n_blocks
 
     def __init__(self, float[::1] slab not None, dict layout, tuple layers, int latent,
@@ -1577,19 +1614,64 @@ cdef class FlowNet(Network):
         self.v_uncond_t = at(base, layout, "act.v_uncond")
         self.t = at(base, layout, "per_sample.t")
         self.loss = at(base, layout, "per_sample.loss")
+        self.tables = at(base, layout, "scratch.class_tables")
+        self.cls = <uint8_t *>at(base, layout, "per_sample.cls")
 
-    cdef void _forward(self, int bp) noexcept nogil:
-        """v from the input rows already in x_t."""
-        cdef int k, nt = self.nthreads, H = self.hidden
-        for k in range(self.n_blocks + 1):
-            memcpy(self.s[k] + H * bp, self.x_t + self.latent * bp,
-                   self.n_cond * bp * sizeof(float))
-        linear_forward(&self.inp, self.x_t, self.s[0], bp, ACT_NONE, nt)
+    cdef void _forward(self, const float *x, const float *tables, int c0, int n, int ld,
+                       int nt) noexcept nogil:
+        """v on columns c0 .. c0 + n of rows of ld floats (the batch, or a lane of integrate)
+        with nt threads. tables NULL: x is the input rows [z_t ; time ; onehot(y)] (x_t);
+        else x holds z_t alone and the conditioning comes from tables (_class_tables) by each
+        column's class in cls."""
+        cdef int k, H = self.hidden, n_tab = self.n_classes + 1
+        cdef ClassBias cb_in, cb_a
+        cdef const ClassBias *p_in = NULL
+        cdef const ClassBias *p_a = NULL
+        if tables == NULL:
+            for k in range(self.n_blocks + 1):
+                copy_rows(self.s[k] + H * ld + c0, x + self.latent * ld + c0, self.n_cond, n,
+                          ld)
+        else:
+            cb_in = ClassBias(k_in=self.latent, n_cls=n_tab, bias=tables, cls=self.cls)
+            cb_a = ClassBias(k_in=H, n_cls=n_tab, bias=tables, cls=self.cls)
+            p_in, p_a = &cb_in, &cb_a
+        linear_forward_cols(&self.inp, x, self.s[0], c0, n, ld, ACT_NONE, p_in, nt)
         for k in range(self.n_blocks):
-            linear_forward(&self.block_a[k], self.s[k], self.a[k], bp, self.act, nt)
-            linear_forward(&self.block_b[k], self.a[k], self.s[k + 1], bp, ACT_NONE, nt)
-            rows_axpby(self.s[k + 1], 1.0, self.s[k], 1.0, H, bp, nt)
-        linear_forward(&self.out, self.s[self.n_blocks], self.v_t, bp, ACT_NONE, nt)
+            if p_a != NULL:
+                cb_a.bias = tables + (k + 1) * H * n_tab
+            linear_forward_cols(&self.block_a[k], self.s[k], self.a[k], c0, n, ld, self.act,
+                                p_a, nt)
+            linear_forward_cols(&self.block_b[k], self.a[k], self.s[k + 1], c0, n, ld, ACT_NONE,
+                                NULL, nt)
+            rows_axpby(self.s[k + 1] + c0, 1.0, self.s[k] + c0, 1.0, H, n, ld, nt)
+        linear_forward_cols(&self.out, self.s[self.n_blocks], self.v_t, c0, n, ld, ACT_NONE,
+                            NULL, nt)
+
+    cdef float *_class_tables(self, float t, int lane) noexcept nogil:
+        """Lane `lane`'s tables at time t: for the input layer and each block's first layer,
+        bias[o][c] = b[o] + W[o, time rows] . time(t) + W[o, onehot row c], the conditioning's
+        share of output o for a code of class c (n_classes: the null label). In fp32 from the
+        master weights, also in bf16, where only GEMM inputs are rounded."""
+        cdef int n_tab = self.n_classes + 1, H = self.hidden, n_time = 2 * self.n_freq
+        cdef float *tables = self.tables + lane * (self.n_blocks + 1) * H * n_tab
+        cdef float time_row[2 * 24]     # n_freq <= 24: PriorArch's bound
+        cdef const Linear *lin
+        cdef int i, k, o, f, c, off
+        cdef float acc, w
+        for i in range(self.n_freq):
+            w = <float>(1 << i)
+            time_row[2 * i] = sinf(w * t)
+            time_row[2 * i + 1] = cosf(w * t)
+        for k in range(self.n_blocks + 1):
+            lin = &self.inp if k == 0 else &self.block_a[k - 1]
+            off = self.latent if k == 0 else H
+            for o in range(H):
+                acc = lin.b[o]
+                for f in range(n_time):
+                    acc = acc + lin.W[o * lin.ld + off + f] * time_row[f]
+                for c in range(n_tab):
+                    tables[(k * H + o) * n_tab + c] = acc + lin.W[o * lin.ld + off + n_time + c]
+        return tables
 
     cdef void _backward(self, int batch, int bp, const Adam *adam) noexcept nogil:
         cdef int k, nt = self.nthreads, K = self.n_blocks
@@ -1603,7 +1685,7 @@ cdef class FlowNet(Network):
             self.bad += self._backward_layer(&self.block_a[k], self.da[k], self.ds[k], self.s[k],
                                              ACT_NONE, batch, bp, adam)
             # The residual path: dL/dh_k reaches h_{k-1} unchanged.
-            rows_axpby(self.ds[k], 1.0, self.ds[k + 1], 1.0, self.hidden, bp, nt)
+            rows_axpby(self.ds[k], 1.0, self.ds[k + 1], 1.0, self.hidden, bp, bp, nt)
         self.bad += self._backward_layer(&self.inp, self.ds[0], NULL, self.x_t, ACT_NONE,
                                          batch, bp, adam)
 
@@ -1634,7 +1716,7 @@ cdef class FlowNet(Network):
                 self.x_t[l * bp + k] = z[k * self.latent + l] if k < batch else 0.0
         time_rows(self.x_t + self.latent * bp, t, self.n_freq, batch, bp, self.nthreads)
         onehot_rows(self.x_t + (self.latent + 2 * self.n_freq) * bp, labels, self.n_classes + 1,
-                    batch, bp)
+                    batch, bp, bp)
 
     cdef double _train(self, int batch, int bp, float lr, long adam_t):
         """Loss, backward and (adam_t > 0) the fused Adam step on the rows already in x_t and
@@ -1647,7 +1729,7 @@ cdef class FlowNet(Network):
             adam = adam_step(lr, adam_t)
             adam_p = &adam
         with nogil:
-            self._forward(bp)
+            self._forward(self.x_t, NULL, 0, bp, bp, self.nthreads)
             mse_forward_backward(self.v_t, self.target_t, self.dv_t, self.loss, self.latent,
                                  batch, bp, 1.0 / batch, self.nthreads)
             self._backward(batch, bp, adam_p)
@@ -1731,68 +1813,93 @@ cdef class FlowNet(Network):
         check_out("v_out", v_out.shape[0], v_out.shape[1], batch, self.latent)
         with nogil:
             self._input_rows(&z[0, 0], &t[0], &labels[0], batch, bp)
-            self._forward(bp)
+            self._forward(self.x_t, NULL, 0, bp, bp, self.nthreads)
         for k in range(batch):
             for l in range(self.latent):
                 v_out[k, l] = self.v_t[l * bp + k]
 
     cdef void _velocity_at(self, const float *z_t, float t, const uint8_t *labels,
-                           float guidance, int batch, int bp) noexcept nogil:
-        """v_t = v(z_t, t, y) for feature-major z_t; with guidance w,
+                           float guidance, int batch, int lane, int c0, int n,
+                           int ld) noexcept nogil:
+        """v_t = v(z_t, t, y) for feature-major z_t on columns c0 .. c0 + n (the first `batch`
+        of them codes) of rows of ld floats, on one thread; with guidance w,
         (1 + w)·v(z_t, t, y) - w·v(z_t, t, null)."""
-        cdef int k, c
-        cdef float *label_rows = self.x_t + (self.latent + 2 * self.n_freq) * bp
-        memcpy(self.x_t, z_t, self.latent * bp * sizeof(float))
-        time_rows_at(self.x_t + self.latent * bp, t, self.n_freq, batch, bp)
+        cdef int k
+        cdef float *tables = self._class_tables(t, lane)
+        cdef uint8_t *cls = self.cls + c0
         if guidance != 0.0:
-            for c in range(self.n_classes + 1):
-                for k in range(bp):
-                    label_rows[c * bp + k] = 1.0 if c == self.n_classes and k < batch else 0.0
-            self._forward(bp)
-            memcpy(self.v_uncond_t, self.v_t, self.latent * bp * sizeof(float))
-        onehot_rows(label_rows, labels, self.n_classes + 1, batch, bp)
-        self._forward(bp)
+            memset(cls, self.n_classes, n)
+            self._forward(z_t, tables, c0, n, ld, 1)
+            copy_rows(self.v_uncond_t + c0, self.v_t + c0, self.latent, n, ld)
+        for k in range(n):
+            cls[k] = labels[k] if k < batch else self.n_classes
+        self._forward(z_t, tables, c0, n, ld, 1)
         if guidance != 0.0:
-            rows_axpby(self.v_t, 1.0 + guidance, self.v_uncond_t, -guidance, self.latent, bp,
-                       self.nthreads)
+            rows_axpby(self.v_t + c0, 1.0 + guidance, self.v_uncond_t + c0, -guidance,
+                       self.latent, n, ld, 1)
+
+    cdef void _integrate_lane(self, const uint8_t *labels, int steps, int m, float guidance,
+                              int batch, int lane, int c0, int n, int ld) noexcept nogil:
+        """integrate's ODE on columns c0 .. c0 + n of z_t (the first `batch` codes), on one
+        thread: each code's path depends on that code alone."""
+        cdef int i, L = self.latent
+        cdef float h = 1.0 / steps
+        cdef float t0
+        cdef float *z = self.z_t + c0
+        cdef float *z_mid = self.z_mid_t + c0
+        cdef float *v = self.v_t + c0
+        cdef float *v_first = self.v_first_t + c0
+        for i in range(steps):
+            t0 = i * h
+            self._velocity_at(self.z_t, t0, labels, guidance, batch, lane, c0, n, ld)
+            if m == 0:
+                rows_axpby(z, 1.0, v, h, L, n, ld, 1)
+            elif m == 1:
+                copy_rows(z_mid, z, L, n, ld)
+                rows_axpby(z_mid, 1.0, v, 0.5 * h, L, n, ld, 1)
+                self._velocity_at(self.z_mid_t, t0 + 0.5 * h, labels, guidance, batch, lane, c0,
+                                  n, ld)
+                rows_axpby(z, 1.0, v, h, L, n, ld, 1)
+            else:
+                copy_rows(v_first, v, L, n, ld)
+                copy_rows(z_mid, z, L, n, ld)
+                rows_axpby(z_mid, 1.0, v_first, h, L, n, ld, 1)
+                self._velocity_at(self.z_mid_t, t0 + h, labels, guidance, batch, lane, c0, n,
+                                  ld)
+                rows_axpby(z, 1.0, v_first, 0.5 * h, L, n, ld, 1)
+                rows_axpby(z, 1.0, v, 0.5 * h, L, n, ld, 1)
 
     def integrate(self, float[:, ::1] z not None, const uint8_t[::1] labels not None,
                   int steps, str method, float guidance):
         """Solve dz/dt = v(z, t, y) from t = 0 to 1 in `steps` equal steps of `method`
         (euler, midpoint or heun), in place: z (batch, latent) goes in as the draws z0 and
-        comes out as z1."""
+        comes out as z1.
+
+        The threads split the batch into lanes of columns, each integrating its own codes
+        on one thread. The ODE's loops are a few microseconds each, some hundred per batch:
+        as one team over every loop the threads would meet at a barrier after each, which
+        costs more than the loop where waiting threads sleep (cvae generate's do, see
+        cvae.kernels.sleep_when_waiting). A column's results do not depend on its lane, so
+        they are the same bits for any thread count."""
         cdef int batch = z.shape[0]
         cdef int bp = ceil_div(batch, 16) * 16
-        cdef int k, l, i, m = ODE_METHODS[method]
-        cdef int L = self.latent, nt = self.nthreads
-        cdef float h, t0
-        cdef size_t rows_bytes = L * bp * sizeof(float)
+        cdef int k, l, lane, c0, c1, m = ODE_METHODS[method]
+        cdef int L = self.latent
+        cdef int lanes = min(self.nthreads, bp // 16)
         self._check(batch, "z", z.shape[0], z.shape[1], L)
         self._check_labels(labels, batch, self.n_classes - 1)
         if steps < 1:
             raise ValueError("steps must be positive")
-        h = 1.0 / steps
         for l in range(L):
             for k in range(bp):
                 self.z_t[l * bp + k] = z[k, l] if k < batch else 0.0
         with nogil:
-            for i in range(steps):
-                t0 = i * h
-                self._velocity_at(self.z_t, t0, &labels[0], guidance, batch, bp)
-                if m == 0:
-                    rows_axpby(self.z_t, 1.0, self.v_t, h, L, bp, nt)
-                elif m == 1:
-                    memcpy(self.z_mid_t, self.z_t, rows_bytes)
-                    rows_axpby(self.z_mid_t, 1.0, self.v_t, 0.5 * h, L, bp, nt)
-                    self._velocity_at(self.z_mid_t, t0 + 0.5 * h, &labels[0], guidance, batch, bp)
-                    rows_axpby(self.z_t, 1.0, self.v_t, h, L, bp, nt)
-                else:
-                    memcpy(self.v_first_t, self.v_t, rows_bytes)
-                    memcpy(self.z_mid_t, self.z_t, rows_bytes)
-                    rows_axpby(self.z_mid_t, 1.0, self.v_first_t, h, L, bp, nt)
-                    self._velocity_at(self.z_mid_t, t0 + h, &labels[0], guidance, batch, bp)
-                    rows_axpby(self.z_t, 1.0, self.v_first_t, 0.5 * h, L, bp, nt)
-                    rows_axpby(self.z_t, 1.0, self.v_t, 0.5 * h, L, bp, nt)
+            for lane in prange(lanes, num_threads=lanes, schedule='static'):
+                c0 = bp // 16 * lane // lanes * 16
+                c1 = bp // 16 * (lane + 1) // lanes * 16
+                self._integrate_lane(&labels[c0] if c0 < batch else &labels[0], steps, m,
+                                     guidance, max(0, min(batch - c0, c1 - c0)), lane, c0,
+                                     c1 - c0, bp)
         for k in range(batch):
             for l in range(L):
                 z[k, l] = self.z_t[l * bp + k]

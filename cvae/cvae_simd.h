@@ -18,6 +18,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #define CVAE_VW 16
@@ -327,6 +330,26 @@ static inline void cvae_bias_act_row(float *c, int n, float bias, int act) {
 static inline void cvae_axpby_row(float *__restrict y, float a, const float *__restrict x,
                                   float b, int n) {
     for (int j = 0; j < n; j++) y[j] = a * y[j] + b * x[j];
+}
+
+/* c[j] += bias[cls[j]] over a row of n floats: each column's bias picked by its class (the
+   flow prior's conditioning while sampling, see FlowNet._class_tables). */
+static inline void cvae_class_bias_row(float *__restrict c, int n, const float *__restrict bias,
+                                       int n_cls, const uint8_t *__restrict cls) {
+    int j = 0;
+#if defined(__AVX512F__)
+    /* Up to 16 classes fit one register: a permute picks 16 columns' biases at once, where
+       the loop below gathers them one by one (twice the epilogue's time in the flow). */
+    if (n_cls <= 16) {
+        __m512 table = _mm512_maskz_loadu_ps((__mmask16)((1u << n_cls) - 1), bias);
+        for (; j + 16 <= n; j += 16) {
+            __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cls + j)));
+            _mm512_storeu_ps(c + j, _mm512_add_ps(_mm512_loadu_ps(c + j),
+                                                  _mm512_permutexvar_ps(idx, table)));
+        }
+    }
+#endif
+    for (; j < n; j++) c[j] += bias[cls[j]];
 }
 
 /* dy *= act'(pre-activation), written in terms of the activation's output y. */

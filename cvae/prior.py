@@ -22,7 +22,6 @@ and the SHA-256 of the CVAE parameters it was trained on, so a prior is never us
 another run's decoder.
 """
 
-import concurrent.futures
 import hashlib
 import math
 import os
@@ -163,8 +162,12 @@ class FlowPrior(SlabModel):
                 **{f"a{k}": H for k in range(1, K + 1)}, "v": L, "target": L, "z": L,
                 "z_mid": L, "v_first": L, "v_uncond": L}
         grads = ("v", *(f"s{k}" for k in range(K + 1)), *(f"a{k}" for k in range(1, K + 1)))
-        k = self._carve(arch.layers(), rows, grads, ("t", "loss"), max_batch, threads,
-                        precision)
+        # FlowNet's class-bias tables while sampling: for each of `threads` lanes, the input
+        # layer's and each block's first layer's [hidden][n_classes + 1]; "cls" holds each
+        # column's class as bytes.
+        tables = threads * (K + 1) * H * (arch.n_classes + 1)
+        k = self._carve(arch.layers(), rows, grads, ("t", "loss", "cls"), max_batch, threads,
+                        precision, scratch={"scratch.class_tables": tables})
         self.net = k.FlowNet(self.slab, self.layout, arch.layers(), L, arch.n_freq,
                              arch.n_classes, self.max_bp, arch.act, threads, precision)
 
@@ -197,16 +200,6 @@ class FlowPrior(SlabModel):
         self._last_batch = len(labels)
         self.net.velocity(z, t, labels, v)
         return v
-
-    def single_threaded_copies(self):
-        """One copy of this network per thread, each running its kernels on one thread (for
-        FlowSampler's lanes)."""
-        copies = []
-        for _ in range(self.threads):
-            copy = FlowPrior(self.arch, self.max_batch, threads=1, precision=self.precision)
-            copy.load_state_sections(self.state_sections(optimizer=False), optimizer=False)
-            copies.append(copy)
-        return copies
 
     def integrate(self, z0, labels, steps=DEFAULT_STEPS, method=DEFAULT_METHOD,
                   guidance=DEFAULT_GUIDANCE):
@@ -256,32 +249,12 @@ class FlowSampler(GaussianPrior):
         super().__init__(latent)
         self.prior, self.path = prior, os.path.abspath(path)
         self.steps, self.method, self.guidance = steps, method, guidance
-        # With T threads, T single-threaded copies of the network ("lanes") each integrate a
-        # share of the codes on a thread of their own. The ODE's loops are a few microseconds
-        # each, some hundred per batch: as one OpenMP team its threads would meet at a
-        # barrier after every one, which costs more than the loop where waiting threads
-        # sleep (cvae generate's threads do, see cvae.kernels.sleep_when_waiting). Each
-        # code's path depends on that code alone, so the result is the same bits.
-        self._lanes = prior.single_threaded_copies() if prior.threads > 1 else [prior]
-        self._pool = None
-
-    def _integrate(self, z0, labels):
-        if len(self._lanes) == 1:
-            return self._lanes[0].integrate(z0, labels, self.steps, self.method, self.guidance)
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(len(self._lanes) - 1)
-        cuts = np.linspace(0, len(labels), len(self._lanes) + 1).astype(int)
-        shares = [(lane, slice(a, b)) for lane, a, b in zip(self._lanes, cuts, cuts[1:])]
-        others = [self._pool.submit(lane.integrate, z0[part], labels[part], self.steps,
-                                    self.method, self.guidance) for lane, part in shares[1:]]
-        lane, part = shares[0]
-        first = lane.integrate(z0[part], labels[part], self.steps, self.method, self.guidance)
-        return np.concatenate([first] + [future.result() for future in others])
 
     def from_normals(self, z, labels, temperature):
         z = super().from_normals(z, labels, temperature)
         dims = list(self.prior.arch.dims)
-        z[:, dims] = self._integrate(z[:, dims], labels)
+        z[:, dims] = self.prior.integrate(z[:, dims], labels, self.steps, self.method,
+                                          self.guidance)
         return z
 
     def describe(self, relative_to=None):

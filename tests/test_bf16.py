@@ -285,6 +285,30 @@ def test_flow_prior_bf16_matches_float64_reference():
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize("guidance", [0.0, 2.0])
+def test_flow_prior_bf16_sampling_matches_the_float64_ode(guidance):
+    """integrate in bf16 (its conditioning as fp32 class biases, its lanes) against the
+    float64 ODE on the fp32 velocity: each of the 8 evaluations carries the rounding of 2K + 2
+    GEMMs, amplified up to 1 + 2w by guidance; a wrong class's bias is far outside that."""
+    from .test_prior import MID as PMID
+    from .test_prior import make_prior, numpy_integrate
+
+    arch = PMID
+    p32 = make_prior(arch, max_batch=48)
+    rng = np.random.default_rng(9)
+    z0 = rng.standard_normal((40, arch.latent)).astype(np.float32)
+    labels = rng.integers(0, 10, 40).astype(np.uint8)
+    want = numpy_integrate(p32, z0, labels, 4, "midpoint", guidance)
+    tolerance = 4 * U * np.sqrt(2 * arch.blocks + 2) * (1 + 2 * guidance) * np.abs(want).max()
+    for threads in (1, 2):
+        p = with_bf16(p32, lambda t: P.FlowPrior(arch, max_batch=48, threads=t,
+                                                 precision="bf16"), threads)
+        got = p.integrate(z0, labels, 4, "midpoint", guidance)
+        assert np.abs(got - want).max() <= tolerance, (np.abs(got - want).max(), tolerance)
+    other = numpy_integrate(p32, z0, (labels + 1) % 10, 4, "midpoint", guidance)
+    assert np.abs(other - want).max() > 2 * tolerance
+
+
 # --------------------------------------------------------------------------- threads, copies, Adam
 
 def training_state(threads, steps=3, arch=None, batch=37):

@@ -558,14 +558,15 @@ def test_a_prior_loads_and_samples(tmp_path, cvae_world):
     z0 = P.GaussianPrior(4).draw(labels, np.random.default_rng(0), 0.8)
     np.testing.assert_array_equal(z, prior.integrate(z0, labels, 3, "midpoint", 0.5))
     assert isinstance(RD.open_prior("gaussian", run, model), P.GaussianPrior)
-    # With 2 or 3 threads the codes are shared among single-threaded lanes: the same bits.
+    # With 2 or 3 threads each integrates its own lane of the batch's columns: the same bits
+    # (100 codes: three lanes of 32, 32 and 48 columns, the last one 36 codes and padding).
     for threads in (2, 3):
         for precision in ("fp32", "bf16"):
             many, _ = P.load_prior(RD.prior_path(run), model, threads=threads,
                                    precision=precision)
             lanes = P.FlowSampler(many, RD.prior_path(run), 4, 3, "midpoint", 0.5)
             one, _ = P.load_prior(RD.prior_path(run), model, precision=precision)
-            for n in (1, 2, 20, 37):
+            for n in (1, 2, 20, 37, 100):
                 z0 = np.random.default_rng(n).standard_normal((n, 4), dtype=np.float32)
                 y = (np.arange(n) % 10).astype(np.uint8)
                 expect = one.integrate(z0, y, 3, "midpoint", 0.5)
