@@ -212,16 +212,30 @@ cdef void linear_forward_cols(const Linear *L, const float *Xt, float *Yt, int c
         linear_forward_bf16(L, Xt, Yt, c0, n, ld, act, cb, nthreads)
         return
     cdef int n_ct = ceil_div(n, NR), n_rt = ceil_div(L.n_out, MR)
-    cdef int k_in = L.n_in if cb == NULL else cb.k_in
-    cdef int task, i0, j0, mr, nv, i
+    cdef int task
+    # One thread (a lane of the flow's sampling, on a thread of its own): a plain loop. A
+    # prange would open a nested team of one, about a microsecond each, a tenth of the lane.
+    if nthreads == 1:
+        for task in range(n_rt * n_ct):
+            forward_task(L, Xt, Yt, task, n_rt, n_ct, c0, n, ld, act, cb)
+        return
     for task in prange(n_rt * n_ct, num_threads=nthreads, schedule='runtime'):
-        i0 = task_row(task, n_rt, n_ct) * MR
-        j0 = c0 + task_col(task, n_rt, n_ct) * NR
-        mr = min(MR, L.n_out - i0)
-        nv = min(NV, (c0 + n - j0) // VW)
-        tile(mr, nv, k_in, L.W + i0 * L.ld, L.ld, 1, Xt + j0, ld, Yt + i0 * ld + j0, ld)
-        for i in range(mr):
-            epilogue_row(L, Yt + (i0 + i) * ld + j0, i0 + i, j0, nv * VW, act, cb)
+        forward_task(L, Xt, Yt, task, n_rt, n_ct, c0, n, ld, act, cb)
+
+
+cdef inline void forward_task(const Linear *L, const float *Xt, float *Yt, int task, int n_rt,
+                              int n_ct, int c0, int n, int ld, int act,
+                              const ClassBias *cb) noexcept nogil:
+    """linear_forward_cols' tile number `task`, fp32."""
+    cdef int i0 = task_row(task, n_rt, n_ct) * MR
+    cdef int j0 = c0 + task_col(task, n_rt, n_ct) * NR
+    cdef int mr = min(MR, L.n_out - i0)
+    cdef int nv = min(NV, (c0 + n - j0) // VW)
+    cdef int i
+    tile(mr, nv, L.n_in if cb == NULL else cb.k_in, L.W + i0 * L.ld, L.ld, 1, Xt + j0, ld,
+         Yt + i0 * ld + j0, ld)
+    for i in range(mr):
+        epilogue_row(L, Yt + (i0 + i) * ld + j0, i0 + i, j0, nv * VW, act, cb)
 
 
 cdef void linear_backward_input(const Linear *L, const float *dYt, float *dXt, const float *Xt,
@@ -365,9 +379,18 @@ cdef void pack_pairs(const float *X, int rows, int n, int ld, uint32_t *P,
     """P[kp][0:n] = pairs (X[2kp], X[2kp + 1]) of n floats of rows ld apart, P's rows ld apart
     too; a missing odd row is 0."""
     cdef int kp
+    if nthreads == 1:       # see linear_forward_cols
+        for kp in range(ceil_div(rows, 2)):
+            pack_pair_of_rows(X, rows, kp, n, ld, P)
+        return
     for kp in prange(ceil_div(rows, 2), num_threads=nthreads, schedule='static'):
-        pack_row_pair(X + 2 * kp * ld, X + (2 * kp + 1) * ld if 2 * kp + 1 < rows else NULL,
-                      P + kp * ld, n)
+        pack_pair_of_rows(X, rows, kp, n, ld, P)
+
+
+cdef inline void pack_pair_of_rows(const float *X, int rows, int kp, int n, int ld,
+                                   uint32_t *P) noexcept nogil:
+    pack_row_pair(X + 2 * kp * ld, X + (2 * kp + 1) * ld if 2 * kp + 1 < rows else NULL,
+                  P + kp * ld, n)
 
 
 cdef void linear_forward_bf16(const Linear *L, const float *Xt, float *Yt, int c0, int n,
@@ -377,17 +400,29 @@ cdef void linear_forward_bf16(const Linear *L, const float *Xt, float *Yt, int c
     cdef int n_ct = ceil_div(n, BNR), n_rt = ceil_div(L.n_out, BMR)
     cdef int k_in = L.n_in if cb == NULL else cb.k_in
     cdef int kp = ceil_div(k_in, 2)
-    cdef int task, i0, j0, mr, nv, i
+    cdef int task
     pack_pairs(Xt + c0, k_in, n, ld, L.pb + c0, nthreads)
+    if nthreads == 1:       # see linear_forward_cols
+        for task in range(n_rt * n_ct):
+            forward_task_bf16(L, Yt, task, n_rt, n_ct, c0, n, ld, kp, act, cb)
+        return
     for task in prange(n_rt * n_ct, num_threads=nthreads, schedule='runtime'):
-        i0 = task_row(task, n_rt, n_ct) * BMR
-        j0 = c0 + task_col(task, n_rt, n_ct) * BNR
-        mr = min(BMR, L.n_out - i0)
-        nv = min(BNV, (c0 + n - j0) // VW)
-        bf_tile(mr, nv, kp, <const uint32_t *>(L.Wh + i0 * L.ld), L.ld // 2, 1, L.pb + j0, ld,
-                Yt + i0 * ld + j0, ld, 0)
-        for i in range(mr):
-            epilogue_row(L, Yt + (i0 + i) * ld + j0, i0 + i, j0, nv * VW, act, cb)
+        forward_task_bf16(L, Yt, task, n_rt, n_ct, c0, n, ld, kp, act, cb)
+
+
+cdef inline void forward_task_bf16(const Linear *L, float *Yt, int task, int n_rt, int n_ct,
+                                   int c0, int n, int ld, int kp, int act,
+                                   const ClassBias *cb) noexcept nogil:
+    """linear_forward_bf16's tile number `task`, on the pairs already packed in L.pb."""
+    cdef int i0 = task_row(task, n_rt, n_ct) * BMR
+    cdef int j0 = c0 + task_col(task, n_rt, n_ct) * BNR
+    cdef int mr = min(BMR, L.n_out - i0)
+    cdef int nv = min(BNV, (c0 + n - j0) // VW)
+    cdef int i
+    bf_tile(mr, nv, kp, <const uint32_t *>(L.Wh + i0 * L.ld), L.ld // 2, 1, L.pb + j0, ld,
+            Yt + i0 * ld + j0, ld, 0)
+    for i in range(mr):
+        epilogue_row(L, Yt + (i0 + i) * ld + j0, i0 + i, j0, nv * VW, act, cb)
 
 
 cdef void dx_bf16(const Linear *L, const float *dYt, int bp, float *dXb,
@@ -683,6 +718,10 @@ cdef void rows_axpby(float *y, float a, const float *x, float b, int rows, int n
                      int nthreads) noexcept nogil:
     """y = a·y + b·x over n floats of rows ld apart: residual sums, ODE steps, guidance."""
     cdef int r
+    if nthreads == 1:       # see linear_forward_cols
+        for r in range(rows):
+            axpby_row(y + r * ld, a, x + r * ld, b, n)
+        return
     for r in prange(rows, num_threads=nthreads, schedule='static'):
         axpby_row(y + r * ld, a, x + r * ld, b, n)
 
@@ -1531,6 +1570,7 @@ cdef class Classifier(Network):
 
 cdef enum:
     MAX_BLOCKS = 8
+    LANE_COLUMNS = 256   # codes a thread integrates at a time (one bf16 tile wide)
 
 ODE_METHODS = {"euler": 0, "midpoint": 1, "heun": 2}
 
@@ -1563,7 +1603,7 @@ cdef class FlowNet(Network):
     cdef float *v_uncond_t
     cdef float *t
     cdef float *loss
-    cdef float *tables      # per lane: n_blocks + 1 class-bias tables [hidden][n_classes + 1]
+    cdef float *tables      # per thread: n_blocks + 1 class-bias tables [hidden][n_classes + 1]
     cdef uint8_t *cls       # each column's class while sampling
     cdef int latent, n_freq, n_classes, n_cond, hidden, n_blocks
 
@@ -1647,13 +1687,13 @@ cdef class FlowNet(Network):
         linear_forward_cols(&self.out, self.s[self.n_blocks], self.v_t, c0, n, ld, ACT_NONE,
                             NULL, nt)
 
-    cdef float *_class_tables(self, float t, int lane) noexcept nogil:
-        """Lane `lane`'s tables at time t: for the input layer and each block's first layer,
+    cdef float *_class_tables(self, float t, int slot) noexcept nogil:
+        """Table slot `slot` (one per thread) filled for time t: for the input layer and each block's first layer,
         bias[o][c] = b[o] + W[o, time rows] . time(t) + W[o, onehot row c], the conditioning's
         share of output o for a code of class c (n_classes: the null label). In fp32 from the
         master weights, also in bf16, where only GEMM inputs are rounded."""
         cdef int n_tab = self.n_classes + 1, H = self.hidden, n_time = 2 * self.n_freq
-        cdef float *tables = self.tables + lane * (self.n_blocks + 1) * H * n_tab
+        cdef float *tables = self.tables + slot * (self.n_blocks + 1) * H * n_tab
         cdef float time_row[2 * 24]     # n_freq <= 24: PriorArch's bound
         cdef const Linear *lin
         cdef int i, k, o, f, c, off
@@ -1819,13 +1859,13 @@ cdef class FlowNet(Network):
                 v_out[k, l] = self.v_t[l * bp + k]
 
     cdef void _velocity_at(self, const float *z_t, float t, const uint8_t *labels,
-                           float guidance, int batch, int lane, int c0, int n,
+                           float guidance, int batch, int slot, int c0, int n,
                            int ld) noexcept nogil:
         """v_t = v(z_t, t, y) for feature-major z_t on columns c0 .. c0 + n (the first `batch`
         of them codes) of rows of ld floats, on one thread; with guidance w,
         (1 + w)·v(z_t, t, y) - w·v(z_t, t, null)."""
         cdef int k
-        cdef float *tables = self._class_tables(t, lane)
+        cdef float *tables = self._class_tables(t, slot)
         cdef uint8_t *cls = self.cls + c0
         if guidance != 0.0:
             memset(cls, self.n_classes, n)
@@ -1839,9 +1879,10 @@ cdef class FlowNet(Network):
                        self.latent, n, ld, 1)
 
     cdef void _integrate_lane(self, const uint8_t *labels, int steps, int m, float guidance,
-                              int batch, int lane, int c0, int n, int ld) noexcept nogil:
+                              int batch, int slot, int c0, int n, int ld) noexcept nogil:
         """integrate's ODE on columns c0 .. c0 + n of z_t (the first `batch` codes), on one
-        thread: each code's path depends on that code alone."""
+        thread, whose class-bias tables are slot `slot`: each code's path depends on that code
+        alone."""
         cdef int i, L = self.latent
         cdef float h = 1.0 / steps
         cdef float t0
@@ -1851,20 +1892,20 @@ cdef class FlowNet(Network):
         cdef float *v_first = self.v_first_t + c0
         for i in range(steps):
             t0 = i * h
-            self._velocity_at(self.z_t, t0, labels, guidance, batch, lane, c0, n, ld)
+            self._velocity_at(self.z_t, t0, labels, guidance, batch, slot, c0, n, ld)
             if m == 0:
                 rows_axpby(z, 1.0, v, h, L, n, ld, 1)
             elif m == 1:
                 copy_rows(z_mid, z, L, n, ld)
                 rows_axpby(z_mid, 1.0, v, 0.5 * h, L, n, ld, 1)
-                self._velocity_at(self.z_mid_t, t0 + 0.5 * h, labels, guidance, batch, lane, c0,
+                self._velocity_at(self.z_mid_t, t0 + 0.5 * h, labels, guidance, batch, slot, c0,
                                   n, ld)
                 rows_axpby(z, 1.0, v, h, L, n, ld, 1)
             else:
                 copy_rows(v_first, v, L, n, ld)
                 copy_rows(z_mid, z, L, n, ld)
                 rows_axpby(z_mid, 1.0, v_first, h, L, n, ld, 1)
-                self._velocity_at(self.z_mid_t, t0 + h, labels, guidance, batch, lane, c0, n,
+                self._velocity_at(self.z_mid_t, t0 + h, labels, guidance, batch, slot, c0, n,
                                   ld)
                 rows_axpby(z, 1.0, v_first, 0.5 * h, L, n, ld, 1)
                 rows_axpby(z, 1.0, v, 0.5 * h, L, n, ld, 1)
@@ -1875,17 +1916,21 @@ cdef class FlowNet(Network):
         (euler, midpoint or heun), in place: z (batch, latent) goes in as the draws z0 and
         comes out as z1.
 
-        The threads split the batch into lanes of columns, each integrating its own codes
-        on one thread. The ODE's loops are a few microseconds each, some hundred per batch:
-        as one team over every loop the threads would meet at a barrier after each, which
-        costs more than the loop where waiting threads sleep (cvae generate's do, see
-        cvae.kernels.sleep_when_waiting). A column's results do not depend on its lane, so
+        The batch's columns are cut into lanes of LANE_COLUMNS, each integrated from the first
+        step to the last by one thread, the threads taking lanes as they finish the last.
+        The ODE's loops are a few microseconds each, some hundred per batch: as one team over
+        every loop the threads would meet at a barrier after each, which costs more than the
+        loop where waiting threads sleep (cvae generate's do, see
+        cvae.kernels.sleep_when_waiting). Many short lanes, not one per thread: in cvae
+        generate the writer thread takes a core now and then, and a thread slowed by it then
+        does fewer lanes instead of holding the others up (one half-batch lane per thread
+        took twice as long there as alone). A column's results do not depend on its lane, so
         they are the same bits for any thread count."""
         cdef int batch = z.shape[0]
         cdef int bp = ceil_div(batch, 16) * 16
-        cdef int k, l, lane, c0, c1, m = ODE_METHODS[method]
+        cdef int k, l, lane, c0, n, m = ODE_METHODS[method]
         cdef int L = self.latent
-        cdef int lanes = min(self.nthreads, bp // 16)
+        cdef int lanes = ceil_div(bp, LANE_COLUMNS)
         self._check(batch, "z", z.shape[0], z.shape[1], L)
         self._check_labels(labels, batch, self.n_classes - 1)
         if steps < 1:
@@ -1894,12 +1939,13 @@ cdef class FlowNet(Network):
             for k in range(bp):
                 self.z_t[l * bp + k] = z[k, l] if k < batch else 0.0
         with nogil:
-            for lane in prange(lanes, num_threads=lanes, schedule='static'):
-                c0 = bp // 16 * lane // lanes * 16
-                c1 = bp // 16 * (lane + 1) // lanes * 16
+            for lane in prange(lanes, num_threads=min(self.nthreads, lanes),
+                               schedule='dynamic'):
+                c0 = lane * LANE_COLUMNS
+                n = min(LANE_COLUMNS, bp - c0)
                 self._integrate_lane(&labels[c0] if c0 < batch else &labels[0], steps, m,
-                                     guidance, max(0, min(batch - c0, c1 - c0)), lane, c0,
-                                     c1 - c0, bp)
+                                     guidance, max(0, min(batch - c0, n)), threadid(), c0, n,
+                                     bp)
         for k in range(batch):
             for l in range(L):
                 z[k, l] = self.z_t[l * bp + k]

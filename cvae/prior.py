@@ -162,7 +162,7 @@ class FlowPrior(SlabModel):
                 **{f"a{k}": H for k in range(1, K + 1)}, "v": L, "target": L, "z": L,
                 "z_mid": L, "v_first": L, "v_uncond": L}
         grads = ("v", *(f"s{k}" for k in range(K + 1)), *(f"a{k}" for k in range(1, K + 1)))
-        # FlowNet's class-bias tables while sampling: for each of `threads` lanes, the input
+        # FlowNet's class-bias tables while sampling: for each of `threads` threads, the input
         # layer's and each block's first layer's [hidden][n_classes + 1]; "cls" holds each
         # column's class as bytes.
         tables = threads * (K + 1) * H * (arch.n_classes + 1)
