@@ -169,21 +169,32 @@ class KeyedNormals:
         return out
 
 
-def normals_ahead(draws, items, count, latent):
-    """(item, z) for each of `items`, z = draws.standard_normal((count(item), latent)) in
-    order: the same draws as drawing in the caller's loop. Item k + 1's are drawn on a second
-    thread while the caller decodes item k: numpy fills and the kernels decode with the GIL
-    released, so the serial draw no longer stops the decoding threads (a tenth of the time
-    of a large N(0, I) generation, drawn in the loop)."""
+def codes_ahead(draws, items, count, latent, codes, waited):
+    """(item, codes(item, z)) for each of `items`, z = draws.standard_normal((count(item),
+    latent)) in order: the same draws as drawing in the caller's loop, made codes by `codes`
+    (a prior's from_normals). Item k + 1's are drawn and made codes on a second thread while
+    the caller decodes item k: numpy fills and the kernels run with the GIL released, so
+    neither the serial draw (a tenth of a large N(0, I) generation) nor the flow prior's ODE
+    (in the loop, it ran while the writer and drawing threads took the cores: twice its time
+    alone) stops the decoding threads. waited[0] gathers the seconds the caller waited."""
+    def make(item):
+        return codes(item, draws.standard_normal((count(item), latent)))
+
+    def result(future):
+        began = time.perf_counter()
+        z = future.result()
+        waited[0] += time.perf_counter() - began
+        return z
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as drawer:
         pending = None
         for item in items:
-            future = drawer.submit(draws.standard_normal, (count(item), latent))
+            future = drawer.submit(make, item)
             if pending is not None:
-                yield pending[0], pending[1].result()
+                yield pending[0], result(pending[1])
             pending = item, future
         if pending is not None:
-            yield pending[0], pending[1].result()
+            yield pending[0], result(pending[1])
 
 
 def sheet_cells(digits, per_digit, cols, start, stop):
@@ -232,8 +243,9 @@ def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=
     at a time (memory: one sheet). shard (cvae.shard.Shard): write only that shard's whole
     sheets, exactly as the unsharded run writes them. progress(sheets written, sheets to
     write), if given, is called after each sheet.
-    Returns (paths written, digits generated, seconds spent sampling and decoding; the
-    N(0, I) draws, made ahead on another thread, are not counted).
+    Returns (paths written, digits generated, seconds spent sampling and decoding: decoding,
+    and waiting for the codes, which another thread draws and carries through the prior
+    while the sheet before decodes).
     """
     cols = cols or min(per_digit, MAX_AUTO_COLS)
     if prior is None:
@@ -260,17 +272,19 @@ def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=
     # every row holds a real cell (a digit pads fewer than cols cells), and the real cells of
     # consecutive sheets have consecutive global indices: one stream of draws from the first
     first = sheet_cells(digits, per_digit, cols, mine[0][2], mine[0][2] + 1)[2][0] if mine else 0
-    sheet_draws = normals_ahead(KeyedNormals(seed, first=int(first)),
-                                (cells(*sheet) for sheet in mine),
-                                lambda sheet: int(sheet.real.sum()), model.arch.latent)
+    waited = [0.0]
+    sheet_codes = codes_ahead(KeyedNormals(seed, first=int(first)),
+                              (cells(*sheet) for sheet in mine),
+                              lambda sheet: int(sheet.real.sum()), model.arch.latent,
+                              lambda sheet, z: prior.from_normals(z, sheet.labels[sheet.real],
+                                                                  temperature), waited)
     # One writer thread: sheet k is laid out and written (JSON, fsync) while the kernels,
     # which release the GIL, decode sheet k + 1. At most two sheets wait, so memory stays
     # that of a few sheets whatever the count.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
         pending = collections.deque()
-        for (number, sheet_path, start, labels, sample_number, real), z in sheet_draws:
+        for (number, sheet_path, start, labels, sample_number, real), z in sheet_codes:
             began = time.perf_counter()
-            z = prior.from_normals(z, labels[real], temperature)
             decoded = decode_images(model, z, labels[real])
             seconds += time.perf_counter() - began
             if real.all():
@@ -289,7 +303,7 @@ def sample_sheets(model, digits, path, per_digit=DEFAULT_PER_DIGIT, temperature=
             paths.append(pending.popleft().result())
             if progress is not None:
                 progress(len(paths), len(mine))
-    return paths, n, seconds
+    return paths, n, seconds + waited[0]
 
 
 #: Rows drawn, decoded and written at a time by generate_idx (784 bytes each).
@@ -309,19 +323,23 @@ def sample_blocks(model, digits, counts, rows, temperature=1.0, seed=0, prior=No
     """(images, labels) in blocks of IDX_BLOCK of rows (start, stop) of the generated set
     holding counts[i] digits digits[i], all of each digit in turn: row i's z from KeyedNormals
     (seed) row i, so any block or shard of a set draws what the whole set draws. spent[0]
-    gathers the seconds spent sampling and decoding; progress(rows done, rows) after each
+    gathers the seconds spent sampling and decoding (as sample_sheets counts them);
+    progress(rows done, rows) after each
     block."""
     if prior is None:
         prior = GaussianPrior(model.arch.latent)
     start, stop = rows
     blocks = ((first, min(first + IDX_BLOCK, stop)) for first in range(start, stop, IDX_BLOCK))
-    for (first, last), z in normals_ahead(KeyedNormals(seed, first=start), blocks,
-                                          lambda block: block[1] - block[0], model.arch.latent):
+    spent = [0.0] if spent is None else spent
+    for (first, last), z in codes_ahead(
+            KeyedNormals(seed, first=start), blocks, lambda block: block[1] - block[0],
+            model.arch.latent,
+            lambda block, z: prior.from_normals(z, set_labels(digits, counts, *block),
+                                                temperature), spent):
         labels = set_labels(digits, counts, first, last)
         began = time.perf_counter()
-        images = decode_images(model, prior.from_normals(z, labels, temperature), labels)
-        if spent is not None:
-            spent[0] += time.perf_counter() - began
+        images = decode_images(model, z, labels)
+        spent[0] += time.perf_counter() - began
         yield images, labels
         if progress is not None:
             progress(last - start, stop - start)

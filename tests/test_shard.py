@@ -110,19 +110,30 @@ def test_keyed_normals_depend_on_the_global_index_only(monkeypatch):
     assert not np.array_equal(whole[:10], whole[10:20])
 
 
-def test_normals_ahead_draws_what_the_loop_draws(monkeypatch):
-    """One ahead on a second thread, in order, across draw blocks; and a consumer that stops
-    early (an error while decoding) leaves no thread behind and no draw skipped."""
+def test_codes_ahead_draws_what_the_loop_draws(monkeypatch):
+    """One ahead on a second thread, in order, across draw blocks, each item's draws made
+    codes on that thread; and a consumer that stops early (an error while decoding) leaves
+    no thread behind and no draw skipped."""
     monkeypatch.setattr(sheets, "DRAW_BLOCK", 10)
     whole = sheets.KeyedNormals(5, 3).standard_normal((30, 4))
     sizes = [1, 7, 0, 12, 10]
-    got = list(sheets.normals_ahead(sheets.KeyedNormals(5, 3), sizes, lambda n: n, 4))
+    makers = set()
+
+    def codes(n, z):
+        makers.add(threading.get_ident())
+        return n, 2 * z      # 2z: exact, so the draws can be checked bit for bit
+
+    waited = [0.0]
+    got = list(sheets.codes_ahead(sheets.KeyedNormals(5, 3), sizes, lambda n: n, 4, codes,
+                                  waited))
     assert [item for item, _ in got] == sizes
-    assert np.array_equal(np.concatenate([z for _, z in got]), whole)
-    assert list(sheets.normals_ahead(sheets.KeyedNormals(5), [], len, 4)) == []
+    assert all(n == item for item, (n, _) in got)
+    assert np.array_equal(np.concatenate([z / 2 for _, (_, z) in got]), whole)
+    assert makers and threading.get_ident() not in makers and waited[0] >= 0
+    assert list(sheets.codes_ahead(sheets.KeyedNormals(5), [], len, 4, codes, waited)) == []
     threads = threading.active_count()
-    early = sheets.normals_ahead(sheets.KeyedNormals(5, 3), sizes, lambda n: n, 4)
-    assert np.array_equal(next(early)[1], whole[:1])
+    early = sheets.codes_ahead(sheets.KeyedNormals(5, 3), sizes, lambda n: n, 4, codes, waited)
+    assert np.array_equal(next(early)[1][1], 2 * whole[:1])
     assert threading.active_count() == threads + 1
     early.close()
     assert threading.active_count() == threads
