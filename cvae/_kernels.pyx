@@ -207,33 +207,43 @@ cdef void linear_forward_cols(const Linear *L, const float *Xt, float *Yt, int c
     """linear_forward on columns c0 .. c0 + n (n a multiple of 16) of rows of ld floats: the
     whole batch, or one lane of the flow prior's sampling (FlowNet.integrate). A column's
     products are the same whichever columns share its tile. With cb, only the first cb.k_in
-    inputs enter the product, the rest as cb's bias (which replaces b)."""
-    if L.Wh != NULL:
-        linear_forward_bf16(L, Xt, Yt, c0, n, ld, act, cb, nthreads)
-        return
-    cdef int n_ct = ceil_div(n, NR), n_rt = ceil_div(L.n_out, MR)
+    inputs enter the product, the rest as cb's bias (which replaces b). bf16: A = Wh, B = Xt
+    as pairs of feature rows (an odd k_in pairs W's next input with a packed zero)."""
+    cdef int bf16 = L.Wh != NULL
+    cdef int n_ct = ceil_div(n, BNR if bf16 else NR)
+    cdef int n_rt = ceil_div(L.n_out, BMR if bf16 else MR)
+    cdef int k_in = L.n_in if cb == NULL else cb.k_in
     cdef int task
+    if bf16:
+        pack_pairs(Xt + c0, k_in, n, ld, L.pb + c0, nthreads)
     # One thread (a lane of the flow's sampling, on a thread of its own): a plain loop. A
     # prange would open a nested team of one, about a microsecond each, a tenth of the lane.
     if nthreads == 1:
         for task in range(n_rt * n_ct):
-            forward_task(L, Xt, Yt, task, n_rt, n_ct, c0, n, ld, act, cb)
+            forward_task(L, Xt, Yt, task, n_rt, n_ct, c0, n, ld, k_in, act, cb)
         return
     for task in prange(n_rt * n_ct, num_threads=nthreads, schedule='runtime'):
-        forward_task(L, Xt, Yt, task, n_rt, n_ct, c0, n, ld, act, cb)
+        forward_task(L, Xt, Yt, task, n_rt, n_ct, c0, n, ld, k_in, act, cb)
 
 
 cdef inline void forward_task(const Linear *L, const float *Xt, float *Yt, int task, int n_rt,
-                              int n_ct, int c0, int n, int ld, int act,
+                              int n_ct, int c0, int n, int ld, int k_in, int act,
                               const ClassBias *cb) noexcept nogil:
-    """linear_forward_cols' tile number `task`, fp32."""
-    cdef int i0 = task_row(task, n_rt, n_ct) * MR
-    cdef int j0 = c0 + task_col(task, n_rt, n_ct) * NR
-    cdef int mr = min(MR, L.n_out - i0)
-    cdef int nv = min(NV, (c0 + n - j0) // VW)
+    """linear_forward_cols' tile number `task`: fp32 on Xt, or bf16 on the pairs of Xt's rows
+    already packed in L.pb."""
+    cdef int bf16 = L.Wh != NULL
+    cdef int tile_rows = BMR if bf16 else MR
+    cdef int tile_vectors = BNV if bf16 else NV
+    cdef int i0 = task_row(task, n_rt, n_ct) * tile_rows
+    cdef int j0 = c0 + task_col(task, n_rt, n_ct) * tile_vectors * VW
+    cdef int mr = min(tile_rows, L.n_out - i0)
+    cdef int nv = min(tile_vectors, (c0 + n - j0) // VW)
     cdef int i
-    tile(mr, nv, L.n_in if cb == NULL else cb.k_in, L.W + i0 * L.ld, L.ld, 1, Xt + j0, ld,
-         Yt + i0 * ld + j0, ld)
+    if bf16:
+        bf_tile(mr, nv, ceil_div(k_in, 2), <const uint32_t *>(L.Wh + i0 * L.ld), L.ld // 2, 1,
+                L.pb + j0, ld, Yt + i0 * ld + j0, ld, 0)
+    else:
+        tile(mr, nv, k_in, L.W + i0 * L.ld, L.ld, 1, Xt + j0, ld, Yt + i0 * ld + j0, ld)
     for i in range(mr):
         epilogue_row(L, Yt + (i0 + i) * ld + j0, i0 + i, j0, nv * VW, act, cb)
 
@@ -391,38 +401,6 @@ cdef inline void pack_pair_of_rows(const float *X, int rows, int kp, int n, int 
                                    uint32_t *P) noexcept nogil:
     pack_row_pair(X + 2 * kp * ld, X + (2 * kp + 1) * ld if 2 * kp + 1 < rows else NULL,
                   P + kp * ld, n)
-
-
-cdef void linear_forward_bf16(const Linear *L, const float *Xt, float *Yt, int c0, int n,
-                              int ld, int act, const ClassBias *cb, int nthreads) noexcept nogil:
-    """linear_forward_cols on bf16 inputs: A = Wh, B = Xt as pairs of feature rows. An odd
-    cb.k_in pairs W's next input with a packed zero."""
-    cdef int n_ct = ceil_div(n, BNR), n_rt = ceil_div(L.n_out, BMR)
-    cdef int k_in = L.n_in if cb == NULL else cb.k_in
-    cdef int kp = ceil_div(k_in, 2)
-    cdef int task
-    pack_pairs(Xt + c0, k_in, n, ld, L.pb + c0, nthreads)
-    if nthreads == 1:       # see linear_forward_cols
-        for task in range(n_rt * n_ct):
-            forward_task_bf16(L, Yt, task, n_rt, n_ct, c0, n, ld, kp, act, cb)
-        return
-    for task in prange(n_rt * n_ct, num_threads=nthreads, schedule='runtime'):
-        forward_task_bf16(L, Yt, task, n_rt, n_ct, c0, n, ld, kp, act, cb)
-
-
-cdef inline void forward_task_bf16(const Linear *L, float *Yt, int task, int n_rt, int n_ct,
-                                   int c0, int n, int ld, int kp, int act,
-                                   const ClassBias *cb) noexcept nogil:
-    """linear_forward_bf16's tile number `task`, on the pairs already packed in L.pb."""
-    cdef int i0 = task_row(task, n_rt, n_ct) * BMR
-    cdef int j0 = c0 + task_col(task, n_rt, n_ct) * BNR
-    cdef int mr = min(BMR, L.n_out - i0)
-    cdef int nv = min(BNV, (c0 + n - j0) // VW)
-    cdef int i
-    bf_tile(mr, nv, kp, <const uint32_t *>(L.Wh + i0 * L.ld), L.ld // 2, 1, L.pb + j0, ld,
-            Yt + i0 * ld + j0, ld, 0)
-    for i in range(mr):
-        epilogue_row(L, Yt + (i0 + i) * ld + j0, i0 + i, j0, nv * VW, act, cb)
 
 
 cdef void dx_bf16(const Linear *L, const float *dYt, int bp, float *dXb,
