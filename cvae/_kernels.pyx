@@ -60,8 +60,10 @@ cdef extern from "cvae_simd.h" nogil:
                                              float *w1, float *m1, float *v1, const float *g1,
                                              int n, float step_size, float inv_bc2_sqrt,
                                              uint16_t *wh0, uint16_t *wh1, uint32_t *wp)
-    void pack_col_pairs "cvae_pack_col_pairs"(const float *x, int bp, int valid, uint32_t *p,
-                                              long ld)
+    void transpose16 "cvae_transpose16"(const void *src, long lds, void *dst, long ldd, int rows,
+                                        int cols)
+    void pack_col_pairs16 "cvae_pack_col_pairs16"(const float *x, long ldx, int rows, int bp,
+                                                  int valid, uint32_t *p, long ld)
     float row_sum "cvae_row_sum"(const float *x, int n)
     void prefetch_rows "cvae_prefetch_rows"(const float *w, const float *m, const float *v,
                                             long ld, int rows, int n, int part, int parts)
@@ -248,6 +250,25 @@ cdef inline void forward_task(const Linear *L, const float *Xt, float *Yt, int t
         epilogue_row(L, Yt + (i0 + i) * ld + j0, i0 + i, j0, nv * VW, act, cb)
 
 
+cdef void transpose(const float *src, long lds, int rows, long cols, float *dst, long ldd,
+                    int nthreads) noexcept nogil:
+    """dst[j][i] = src[i][j] for i < rows, j < cols, by strips of 16 columns of src."""
+    cdef long jb
+    for jb in prange((cols + 15) // 16, num_threads=nthreads, schedule='static'):
+        transpose_strip(src, lds, rows, cols, dst, ldd, jb)
+
+
+cdef inline void transpose_strip(const float *src, long lds, int rows, long cols, float *dst,
+                                 long ldd, long jb) noexcept nogil:
+    """Strip jb of transpose: columns 16 jb .. 16 jb + 15 of src's rows, in 16 x 16 blocks, into
+    the same rows of dst, which stay in L1."""
+    cdef long j0 = jb * 16
+    cdef int i0
+    for i0 in range(0, rows, 16):
+        transpose16(src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd, min(16, rows - i0),
+                    min(16, cols - j0))
+
+
 cdef void linear_backward_input(const Linear *L, const float *dYt, float *dXt, const float *Xt,
                                 int x_act, int bp, float *dXb, int nthreads) noexcept nogil:
     """dXt[in][bp] = (dY . W)^T, times act'(.) of the layer that produced X.
@@ -255,16 +276,17 @@ cdef void linear_backward_input(const Linear *L, const float *dYt, float *dXt, c
     dY . W goes batch-major into dXb first (see cvae_simd.h for why). A task is a strip of
     DX_NR input features for 32 samples; blocks of DX_KB rows of W run over its tiles.
     """
-    cdef int f, k
+    cdef int fb, f
     if L.Wh != NULL:
         dx_bf16(L, dYt, bp, dXb, nthreads)
     else:
         dx_fp32(L, dYt, bp, dXb, nthreads)
-    for f in prange(L.n_in, num_threads=nthreads, schedule='static'):
-        for k in range(bp):
-            dXt[f * bp + k] = dXb[k * L.ld + f]
+    # A task: 16 input features, transposed from dXb and then through act' while in cache.
+    for fb in prange(ceil_div(L.n_in, 16), num_threads=nthreads, schedule='static'):
+        transpose_strip(dXb, L.ld, bp, L.n_in, dXt, bp, fb)
         if x_act != ACT_NONE:
-            act_grad_row(dXt + f * bp, Xt + f * bp, bp, x_act)
+            for f in range(fb * 16, min(fb * 16 + 16, L.n_in)):
+                act_grad_row(dXt + f * bp, Xt + f * bp, bp, x_act)
 
 
 cdef void dx_fp32(const Linear *L, const float *dYt, int bp, float *dXb,
@@ -299,16 +321,16 @@ cdef int linear_backward_params(const Linear *L, const float *dYt, const float *
     if L.Wh != NULL:
         return dw_bf16(L, dYt, Xt, batch, bp, adam, scratch, nthreads)
     cdef int n_ct = ceil_div(L.ld, NR)
-    cdef int rt, ct, i0, j0, mr, nv, i, k, f
+    cdef int rt, ct, i0, j0, mr, nv, i, k, f, kb
     cdef int bad = 0
     cdef float *C
     cdef float s
-    # X batch-major, [batch][ld], padding columns zero: the B operand of dW.
-    for k in prange(batch, num_threads=nthreads, schedule='static'):
-        for f in range(L.n_in):
-            Xb[k * L.ld + f] = Xt[f * bp + k]
-        for f in range(L.n_in, L.ld):
-            Xb[k * L.ld + f] = 0.0
+    # X batch-major, [batch][ld], padding columns zero: the B operand of dW. A task: 16 samples.
+    for kb in prange(ceil_div(batch, 16), num_threads=nthreads, schedule='static'):
+        transpose_strip(Xt, bp, L.n_in, batch, Xb, L.ld, kb)
+        for k in range(kb * 16, min(kb * 16 + 16, batch)):
+            for f in range(L.n_in, L.ld):
+                Xb[k * L.ld + f] = 0.0
     for rt in prange(ceil_div(L.n_out, MR), num_threads=nthreads, schedule='runtime'):
         i0 = rt * MR
         mr = min(MR, L.n_out - i0)
@@ -435,20 +457,17 @@ cdef int dw_bf16(const Linear *L, const float *dYt, const float *Xt, int batch, 
     (BMR is even, so both rows of a pair in Wp belong to one task)."""
     cdef int n_ct = ceil_div(L.ld, BNR)
     cdef int kp = ceil_div(batch, 2)
-    cdef int rt, ct, i0, j0, mr, nv, i, f, q
+    cdef int rt, ct, i0, j0, mr, nv, i, fb
     cdef int bad = 0
     cdef uint16_t *dyh = <uint16_t *>L.pa
     cdef float *C
     for i in prange(L.n_out, num_threads=nthreads, schedule='static'):
         pack_row(dYt + i * bp, dyh + i * bp, bp, batch)
     # X batch-major as pairs of samples: pb[q][f] = (X[f][2q], X[f][2q + 1]), zero past the
-    # batch and in the padding features.
-    for f in prange(L.ld, num_threads=nthreads, schedule='static'):
-        if f < L.n_in:
-            pack_col_pairs(Xt + f * bp, bp, batch, L.pb + f, L.ld)
-        else:
-            for q in range(bp // 2):
-                L.pb[q * L.ld + f] = 0
+    # batch and in the padding features (ld is a multiple of 16). A task: 16 features.
+    for fb in prange(L.ld // 16, num_threads=nthreads, schedule='static'):
+        pack_col_pairs16(Xt + fb * 16 * bp, bp, L.n_in - fb * 16, bp, batch, L.pb + fb * 16,
+                         L.ld)
     for rt in prange(ceil_div(L.n_out, BMR), num_threads=nthreads, schedule='runtime'):
         i0 = rt * BMR
         mr = min(BMR, L.n_out - i0)
@@ -1176,20 +1195,6 @@ cdef void col2im(const float *col, float *X, int C, int H, int W, int bp, const 
             act_grad_row(X + <long>row * W * bp, y + <long>row * W * bp, W * bp, act)
 
 
-cdef void transpose(const float *src, long lds, int rows, long cols, float *dst, long ldd,
-                    int nthreads) noexcept nogil:
-    """dst[j][i] = src[i][j] for i < rows, j < cols, by strips of 16 columns of src: a task
-    reads 16 floats of every row and fills 16 rows of dst, which stay in L1."""
-    cdef long jb, j, j0, j1
-    cdef int i
-    for jb in prange((cols + 15) // 16, num_threads=nthreads, schedule='static'):
-        j0 = jb * 16
-        j1 = min(j0 + 16, cols)
-        for i in range(rows):
-            for j in range(j0, j1):
-                dst[j * ldd + i] = src[i * lds + j]
-
-
 cdef void linear_transposed(const Linear *L, const float *Yt, float *Ct, int N,
                             int nthreads) noexcept nogil:
     """Ct[in][N] = W^T . Yt[out][N], feature-major: a convolution's input gradient before
@@ -1237,8 +1242,9 @@ cdef int conv_backward_params(const Linear *L, const float *dYt, const float *co
         colh = <uint16_t *>L.pa
         for k in prange(L.n_in, num_threads=nthreads, schedule='static'):
             pack_row(col + <long>k * N, colh + <long>k * N, N, N)
-        for k in prange(L.n_out, num_threads=nthreads, schedule='static'):
-            pack_col_pairs(dYt + <long>k * N, N, N, L.pb + k, ldm)
+        for k in prange(ldm // 16, num_threads=nthreads, schedule='static'):
+            pack_col_pairs16(dYt + <long>k * 16 * N, N, L.n_out - k * 16, N, N, L.pb + k * 16,
+                             ldm)
         n_ct = ceil_div(ldm, BNR)
         for task in prange(ceil_div(L.n_in, BMR) * n_ct, num_threads=nthreads,
                            schedule='runtime'):
