@@ -364,16 +364,16 @@ cdef inline int adam_w_row(const Linear *L, int i, const float *g,
 cdef inline int adam_w_pair(const Linear *L, int kp, const float *g0, const float *g1,
                             const Adam *adam) noexcept nogil:
     """bf16: Adam on rows 2kp and 2kp + 1 of W (gradients g0, g1), writing their bf16 copies
-    Wh and pair kp of Wp; a missing odd row (2kp + 1 == n_out) pairs with zeros."""
+    Wh and pair kp of Wp (if the layer has Wp); a missing odd row (2kp + 1 == n_out) pairs
+    with zeros."""
     cdef int i = 2 * kp
     cdef long o0 = i * L.ld, o1 = (i + 1) * L.ld
+    cdef uint32_t *wp = L.Wp + kp * L.ld if L.Wp != NULL else NULL
     if i + 1 >= L.n_out:
         return adam_pair_bf16(L.W + o0, L.mW + o0, L.vW + o0, g0, NULL, NULL, NULL, NULL, L.ld,
-                              adam.step_size, adam.inv_bc2_sqrt, L.Wh + o0, NULL,
-                              L.Wp + kp * L.ld)
+                              adam.step_size, adam.inv_bc2_sqrt, L.Wh + o0, NULL, wp)
     return adam_pair_bf16(L.W + o0, L.mW + o0, L.vW + o0, g0, L.W + o1, L.mW + o1, L.vW + o1,
-                          g1, L.ld, adam.step_size, adam.inv_bc2_sqrt, L.Wh + o0, L.Wh + o1,
-                          L.Wp + kp * L.ld)
+                          g1, L.ld, adam.step_size, adam.inv_bc2_sqrt, L.Wh + o0, L.Wh + o1, wp)
 
 
 cdef inline void wp_pair(const Linear *L, int kp) noexcept nogil:
@@ -497,6 +497,8 @@ cdef void linear_sync_bf16(const Linear *L, int nthreads) noexcept nogil:
         return
     for i in prange(L.n_out, num_threads=nthreads, schedule='static'):
         bf16_row(L.W + i * L.ld, L.ld, L.Wh + i * L.ld)
+    if L.Wp == NULL:
+        return
     for i in prange(ceil_div(L.n_out, 2), num_threads=nthreads, schedule='static'):
         wp_pair(L, i)
 
@@ -746,7 +748,8 @@ cdef Linear linear_in_slab(float *base, dict layout, dict dims, str name, int bf
     L.pb = NULL
     if bf16:
         L.Wh = <uint16_t *>at(base, layout, "bf16." + name + ".W")
-        L.Wp = <uint32_t *>at(base, layout, "bf16." + name + ".Wp")
+        if "bf16." + name + ".Wp" in layout:     # not for a network's first layer (no dX)
+            L.Wp = <uint32_t *>at(base, layout, "bf16." + name + ".Wp")
         L.pa = <uint32_t *>at(base, layout, "scratch.bf16_a")
         L.pb = <uint32_t *>at(base, layout, "scratch.bf16_b")
     return L

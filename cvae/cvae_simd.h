@@ -408,7 +408,8 @@ static inline int cvae_adam_row_bf16(float *__restrict w, float *__restrict m,
 
 /* Adam on two rows of W (w1 NULL: an odd last row, paired with zeros) that also writes both
  * rows' bf16 copies: wh0, wh1 and their pairs wp[j] = (wh0[j], wh1[j]), in one pass while the
- * rows are in cache (a second pass re-reading wh cost a tenth of the step). */
+ * rows are in cache (a second pass re-reading wh cost a tenth of the step). wp NULL: a layer
+ * without dX, whose pairs nothing reads. */
 static inline int cvae_adam_pair_bf16(float *__restrict w0, float *__restrict m0,
                                       float *__restrict v0, const float *__restrict g0,
                                       float *__restrict w1, float *__restrict m1,
@@ -417,9 +418,12 @@ static inline int cvae_adam_pair_bf16(float *__restrict w0, float *__restrict m0
                                       uint16_t *__restrict wh0, uint16_t *__restrict wh1,
                                       uint32_t *__restrict wp) {
     int bad = 0;
-    if (!w1) {
+    if (!w1 || !wp) {
         bad = cvae_adam_row_bf16(w0, m0, v0, g0, n, step_size, inv_bc2_sqrt, wh0);
-        for (int j = 0; j < n; j++) wp[j] = wh0[j];
+        if (w1)
+            bad += cvae_adam_row_bf16(w1, m1, v1, g1, n, step_size, inv_bc2_sqrt, wh1);
+        else if (wp)
+            for (int j = 0; j < n; j++) wp[j] = wh0[j];
         return bad;
     }
     for (int j = 0; j < n; j++) {

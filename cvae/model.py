@@ -7,10 +7,10 @@ largest batch, per-sample loss terms and per-thread scratch. The kernels get poi
 once (cvae._kernels.Net); a training step allocates nothing.
 
 In bf16 precision the slab also holds each weight's two bf16 copies (``bf16.<layer>.W``, the
-rows rounded to bf16, and ``bf16.<layer>.Wp``, pairs of rows interleaved; both written by the
-fused Adam loop, and by ``sync_bf16`` after initialisation or loading) and two scratch areas
-where each GEMM packs its other operand as bf16 pairs. Sizes there are in floats: two bf16
-values per float.
+rows rounded to bf16, and ``bf16.<layer>.Wp``, pairs of rows interleaved for dX, which the
+first layer has not; both written by the fused Adam loop, and by ``sync_bf16`` after
+initialisation or loading) and two scratch areas where each GEMM packs its other operand as
+bf16 pairs. Sizes there are in floats: two bf16 values per float.
 
 Storage follows the kernels: a weight is [out][in padded to 16]; activations are
 feature-major [features padded to 16][batch padded to 16]. The views in ``params``,
@@ -286,9 +286,12 @@ class SlabModel:
         for name, n in (scratch or {}).items():
             carve(name, n)
         if precision == "bf16":
-            for name, n_in, n_out, _ in layers:
+            for index, (name, n_in, n_out, _) in enumerate(layers):
                 carve(f"bf16.{name}.W", n_out * pad(n_in) // 2)
-                carve(f"bf16.{name}.Wp", -(-n_out // 2) * pad(n_in))
+                # Wp serves only dX, which the first layer (its input is the data) never has:
+                # without it Adam writes 2 bytes less per weight there (enc1: 1 MB a step).
+                if index > 0:
+                    carve(f"bf16.{name}.Wp", -(-n_out // 2) * pad(n_in))
             # A GEMM's packed operand: at most ceil(rows / 2) pairs of its columns, or half its
             # columns in pairs by a padded row, for rows up to the widest side of its layer.
             packed = max(max(pad(n_in), pad(n_out)) // 2 * cols[name]
