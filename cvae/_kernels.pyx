@@ -83,6 +83,8 @@ cdef extern from "cvae_simd.h" nogil:
                                 int n, float scale)
     void sigmoid_row "cvae_sigmoid_row"(const float *logit, float *p, int n)
     float normal "cvae_normal"(uint64_t seed, uint64_t step, uint64_t sample, uint64_t index)
+    void normal_row "cvae_normal_row"(float *out, int n, int valid, uint64_t seed, uint64_t step,
+                                      uint64_t first_sample, uint64_t index)
     float uniform "cvae_uniform"(uint64_t seed, uint64_t step, uint64_t sample, uint64_t index)
     int c_cpu_level "cvae_cpu_level"()
     int c_cpu_bf16 "cvae_cpu_bf16"()
@@ -585,10 +587,9 @@ cdef void reparam_backward(const float *Ot, const float *eps_t, const float *dZt
 
 cdef void noise_fill(float *eps_t, uint64_t seed, uint64_t step, uint64_t first_sample,
                      int latent, int batch, int bp, int nthreads) noexcept nogil:
-    cdef int l, k
+    cdef int l
     for l in prange(latent, num_threads=nthreads, schedule='static'):
-        for k in range(bp):
-            eps_t[l * bp + k] = normal(seed, step, first_sample + k, l) if k < batch else 0.0
+        normal_row(eps_t + l * bp, bp, batch, seed, step, first_sample, l)
 
 
 # ---------------------------------------------------------------- reconstruction loss

@@ -600,11 +600,69 @@ static inline uint64_t cvae_mix64(uint64_t x) {
     return x ^ (x >> 31);
 }
 
+/* log(x) for a normal float x > 0, to about 1 ulp: x = 2^k m with m in [sqrt(1/2), sqrt(2)),
+ * log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172 (the series' next term is below
+ * 1e-9). Branch-free, so that the noise loops vectorise (libm's logf is a call per value). */
+static inline float cvae_logf(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    uint32_t ix = u - 0x3F3504F3u; /* sqrt(1/2)'s bits: m's binade starts there */
+    int32_t k = (int32_t)ix >> 23;
+    uint32_t mb = (ix & 0x007FFFFFu) + 0x3F3504F3u;
+    float m;
+    memcpy(&m, &mb, 4);
+    float f = m - 1.0f;
+    float s = f / (2.0f + f);
+    float s2 = s * s;
+    float p = 1.0f / 9.0f;
+    p = p * s2 + 1.0f / 7.0f;
+    p = p * s2 + 1.0f / 5.0f;
+    p = p * s2 + 1.0f / 3.0f;
+    float log_m = f - s * (f - 2.0f * s2 * p); /* 2s (1 + s^2 p) = f - s (f - 2 s^2 p) */
+    return (float)k * 0.693145751953125f + ((float)k * 1.428606765330187045e-06f + log_m);
+}
+
+/* cos(2 pi u) for u in [0, 1), to about 1 ulp: u = q / 4 + r with |r| <= 1/8, then the sine
+ * or cosine of 2 pi r by its Taylor polynomial (next terms below 3e-8), by quadrant q. */
+static inline float cvae_cos2pi(float u) {
+    float q = (u * 4.0f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    float a = (u - q * 0.25f) * 6.283185307179586f;    /* u - q / 4 is exact */
+    float a2 = a * a;
+    float c = 1.0f / 40320.0f;
+    c = c * a2 - 1.0f / 720.0f;
+    c = c * a2 + 1.0f / 24.0f;
+    c = c * a2 - 0.5f;
+    c = c * a2 + 1.0f;
+    float sn = 1.0f / 362880.0f;
+    sn = sn * a2 - 1.0f / 5040.0f;
+    sn = sn * a2 + 1.0f / 120.0f;
+    sn = sn * a2 - 1.0f / 6.0f;
+    sn = sn * a2 * a + a;
+    int quadrant = (int)q & 3; /* cos(a + q pi / 2): c, -sin, -c, sin */
+    float v = (quadrant & 1) ? sn : c;
+    return (quadrant == 1 || quadrant == 2) ? -v : v;
+}
+
+/* Box-Muller on a counter hash: N(0, 1) keyed by (seed, step, sample, index). */
 static inline float cvae_normal(uint64_t seed, uint64_t step, uint64_t sample, uint64_t index) {
     uint64_t h = cvae_mix64(cvae_mix64(cvae_mix64(seed) ^ step) ^ ((sample << 32) | index));
     float u1 = ((float)(h >> 40) + 0.5f) * (1.0f / 16777216.0f); /* (0, 1): log stays finite */
     float u2 = (float)(h & 0xFFFFFF) * (1.0f / 16777216.0f);
-    return sqrtf(-2.0f * logf(u1)) * cosf(6.283185307179586f * u2);
+    return sqrtf(-2.0f * cvae_logf(u1)) * cvae_cos2pi(u2);
+}
+
+/* out[k] = cvae_normal(seed, step, first_sample + k, index) for k < valid, 0 up to n: one
+ * latent row of a batch's noise, in a loop gcc vectorises. */
+static inline void cvae_normal_row(float *out, int n, int valid, uint64_t seed, uint64_t step,
+                                   uint64_t first_sample, uint64_t index) {
+    uint64_t key = cvae_mix64(cvae_mix64(seed) ^ step);
+    for (int k = 0; k < n; k++) {
+        uint64_t h = cvae_mix64(key ^ (((first_sample + (uint64_t)k) << 32) | index));
+        float u1 = ((float)(h >> 40) + 0.5f) * (1.0f / 16777216.0f);
+        float u2 = (float)(h & 0xFFFFFF) * (1.0f / 16777216.0f);
+        float e = sqrtf(-2.0f * cvae_logf(u1)) * cvae_cos2pi(u2);
+        out[k] = k < valid ? e : 0.0f;
+    }
 }
 
 /* Uniform in [0, 1) keyed like cvae_normal. */
