@@ -643,12 +643,17 @@ static inline float cvae_cos2pi(float u) {
     return (quadrant == 1 || quadrant == 2) ? -v : v;
 }
 
-/* Box-Muller on a counter hash: N(0, 1) keyed by (seed, step, sample, index). */
-static inline float cvae_normal(uint64_t seed, uint64_t step, uint64_t sample, uint64_t index) {
-    uint64_t h = cvae_mix64(cvae_mix64(cvae_mix64(seed) ^ step) ^ ((sample << 32) | index));
+/* Box-Muller on one 64-bit hash: 24 bits for each uniform. */
+static inline float cvae_normal_of_hash(uint64_t h) {
     float u1 = ((float)(h >> 40) + 0.5f) * (1.0f / 16777216.0f); /* (0, 1): log stays finite */
     float u2 = (float)(h & 0xFFFFFF) * (1.0f / 16777216.0f);
     return sqrtf(-2.0f * cvae_logf(u1)) * cvae_cos2pi(u2);
+}
+
+/* N(0, 1) keyed by (seed, step, sample, index) through a counter hash. */
+static inline float cvae_normal(uint64_t seed, uint64_t step, uint64_t sample, uint64_t index) {
+    return cvae_normal_of_hash(
+        cvae_mix64(cvae_mix64(cvae_mix64(seed) ^ step) ^ ((sample << 32) | index)));
 }
 
 /* out[k] = cvae_normal(seed, step, first_sample + k, index) for k < valid, 0 up to n: one
@@ -657,10 +662,8 @@ static inline void cvae_normal_row(float *out, int n, int valid, uint64_t seed, 
                                    uint64_t first_sample, uint64_t index) {
     uint64_t key = cvae_mix64(cvae_mix64(seed) ^ step);
     for (int k = 0; k < n; k++) {
-        uint64_t h = cvae_mix64(key ^ (((first_sample + (uint64_t)k) << 32) | index));
-        float u1 = ((float)(h >> 40) + 0.5f) * (1.0f / 16777216.0f);
-        float u2 = (float)(h & 0xFFFFFF) * (1.0f / 16777216.0f);
-        float e = sqrtf(-2.0f * cvae_logf(u1)) * cvae_cos2pi(u2);
+        uint64_t sample = first_sample + (uint64_t)k;
+        float e = cvae_normal_of_hash(cvae_mix64(key ^ ((sample << 32) | index)));
         out[k] = k < valid ? e : 0.0f;
     }
 }
