@@ -83,6 +83,11 @@ cdef extern from "cvae_simd.h" nogil:
                                 int n, float scale)
     void sigmoid_row "cvae_sigmoid_row"(const float *logit, float *p, int n)
     float normal "cvae_normal"(uint64_t seed, uint64_t step, uint64_t sample, uint64_t index)
+    void reparam_strip "cvae_reparam_strip"(const float *O, const float *eps, float *Z,
+                                            float *kl, int latent, long ld, int valid)
+    void reparam_backward_strip "cvae_reparam_backward_strip"(
+        const float *O, const float *eps, const float *dZ, float *dO, int latent, long ld,
+        int valid, float kl_scale)
     void normal_row "cvae_normal_row"(float *out, int n, int valid, uint64_t seed, uint64_t step,
                                       uint64_t first_sample, uint64_t index)
     float uniform "cvae_uniform"(uint64_t seed, uint64_t step, uint64_t sample, uint64_t index)
@@ -314,10 +319,10 @@ cdef int linear_backward_params(const Linear *L, const float *dYt, const float *
                                 int nthreads) noexcept nogil:
     """dW = dYt . X and db = sum over the batch of dYt.
 
-    A task is one block of MR whole rows of dW and the same rows of db. With ``adam``, the block goes to per-thread
-    scratch (it stays in cache) and Adam then streams over whole rows of W, m and v: per-tile
-    updates touched 3 x MR short row pieces at once, which defeats the prefetcher. Without
-    ``adam``, dW goes to gW (the path the gradient tests read). Returns how many of the
+    A task is one block of MR whole rows of dW and the same rows of db. With ``adam``, the
+    block goes to per-thread scratch (it stays in cache) and Adam then streams over whole rows
+    of W, m and v: per-tile updates touched 3 x MR short row pieces at once, which defeats the
+    prefetcher. Without ``adam``, dW goes to gW (the path the gradient tests read). Returns how many of the
     gradients or updated parameters Adam found not finite (0 without ``adam``).
     """
     if L.Wh != NULL:
@@ -551,38 +556,19 @@ cdef void pixels_forward(const uint8_t *pixels, const uint8_t *labels, float *Xt
 cdef void reparam_forward(const float *Ot, const float *eps_t, float *Zt, float *kl, int latent,
                           int batch, int bp, int nthreads) noexcept nogil:
     """z = mu + eps * exp(logvar / 2) and KL(q || N(0, I)) per sample; O = [mu ; logvar]."""
-    cdef int k, l
-    cdef float mu, logvar, std, s
-    for k in prange(bp, num_threads=nthreads, schedule='static'):
-        s = 0.0
-        for l in range(latent):
-            mu = Ot[l * bp + k]
-            logvar = Ot[(latent + l) * bp + k]
-            std = expf(0.5 * logvar)
-            Zt[l * bp + k] = mu + eps_t[l * bp + k] * std if k < batch else 0.0
-            s = s + (1.0 + logvar - mu * mu - std * std)
-        kl[k] = -0.5 * s if k < batch else 0.0
+    cdef int c
+    for c in prange(0, bp, 16, num_threads=nthreads, schedule='static'):
+        reparam_strip(Ot + c, eps_t + c, Zt + c, kl + c, latent, bp, batch - c)
 
 
 cdef void reparam_backward(const float *Ot, const float *eps_t, const float *dZt, float *dOt,
                            int latent, int batch, int bp, float kl_scale,
                            int nthreads) noexcept nogil:
     """dmu, dlogvar from dz and from kl_scale * KL (kl_scale = beta / batch)."""
-    cdef int k, l
-    cdef float mu, logvar, std, dz
-    for k in prange(bp, num_threads=nthreads, schedule='static'):
-        for l in range(latent):
-            if k < batch:
-                mu = Ot[l * bp + k]
-                logvar = Ot[(latent + l) * bp + k]
-                std = expf(0.5 * logvar)
-                dz = dZt[l * bp + k]
-                dOt[l * bp + k] = dz + kl_scale * mu
-                dOt[(latent + l) * bp + k] = (dz * eps_t[l * bp + k] * 0.5 * std
-                                              + kl_scale * 0.5 * (std * std - 1.0))
-            else:
-                dOt[l * bp + k] = 0.0
-                dOt[(latent + l) * bp + k] = 0.0
+    cdef int c
+    for c in prange(0, bp, 16, num_threads=nthreads, schedule='static'):
+        reparam_backward_strip(Ot + c, eps_t + c, dZt + c, dOt + c, latent, bp, batch - c,
+                               kl_scale)
 
 
 cdef void noise_fill(float *eps_t, uint64_t seed, uint64_t step, uint64_t first_sample,

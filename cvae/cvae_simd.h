@@ -591,6 +591,43 @@ static inline void cvae_sigmoid_row(const float *logit, float *p, int n) {
     }
 }
 
+/* ---- the reparameterisation, 16 samples (one vector on AVX-512) at a time ----
+ * O = [mu ; logvar] and eps, Z, dZ, dO are feature-major rows ld apart, all pointers at the
+ * strip's first column; columns from `valid` on get zeros. Rows outer, samples inner: the
+ * loops vectorise (a sample at a time, walking down its column with libm's expf, did not). */
+
+/* z = mu + eps * exp(logvar / 2); kl[j] = KL(q || N(0, I)) of sample j. */
+static inline void cvae_reparam_strip(const float *O, const float *eps, float *Z, float *kl,
+                                      int latent, long ld, int valid) {
+    float s[16] = {0};
+    for (int l = 0; l < latent; l++) {
+        const float *mu = O + l * ld, *logvar = O + (latent + l) * ld;
+        for (int j = 0; j < 16; j++) {
+            float sd = cvae_expf(0.5f * logvar[j]);
+            Z[l * ld + j] = j < valid ? mu[j] + eps[l * ld + j] * sd : 0.0f;
+            s[j] += 1.0f + logvar[j] - mu[j] * mu[j] - sd * sd;
+        }
+    }
+    for (int j = 0; j < 16; j++) kl[j] = j < valid ? -0.5f * s[j] : 0.0f;
+}
+
+/* dmu, dlogvar from dz and from kl_scale * KL (kl_scale = beta / batch). */
+static inline void cvae_reparam_backward_strip(const float *O, const float *eps, const float *dZ,
+                                               float *dO, int latent, long ld, int valid,
+                                               float kl_scale) {
+    for (int l = 0; l < latent; l++) {
+        const float *mu = O + l * ld, *logvar = O + (latent + l) * ld;
+        for (int j = 0; j < 16; j++) {
+            float sd = cvae_expf(0.5f * logvar[j]);
+            float dz = dZ[l * ld + j];
+            float dmu = dz + kl_scale * mu[j];
+            float dlogvar = dz * eps[l * ld + j] * 0.5f * sd + kl_scale * 0.5f * (sd * sd - 1.0f);
+            dO[l * ld + j] = j < valid ? dmu : 0.0f;
+            dO[(latent + l) * ld + j] = j < valid ? dlogvar : 0.0f;
+        }
+    }
+}
+
 /* ---- counter-based Gaussian noise: eps depends only on (seed, step, sample, index) ---- */
 
 static inline uint64_t cvae_mix64(uint64_t x) {
