@@ -464,17 +464,23 @@ cdef int dw_bf16(const Linear *L, const float *dYt, const float *Xt, int batch, 
     (BMR is even, so both rows of a pair in Wp belong to one task)."""
     cdef int n_ct = ceil_div(L.ld, BNR)
     cdef int kp = ceil_div(batch, 2)
-    cdef int rt, ct, i0, j0, mr, nv, i, fb
+    cdef int rt, ct, i0, j0, mr, nv, i, task
     cdef int bad = 0
     cdef uint16_t *dyh = <uint16_t *>L.pa
+    cdef int x_tasks = L.ld // 16
     cdef float *C
-    for i in prange(L.n_out, num_threads=nthreads, schedule='static'):
-        pack_row(dYt + i * bp, dyh + i * bp, bp, batch)
-    # X batch-major as pairs of samples: pb[q][f] = (X[f][2q], X[f][2q + 1]), zero past the
-    # batch and in the padding features (ld is a multiple of 16). A task: 16 features.
-    for fb in prange(L.ld // 16, num_threads=nthreads, schedule='static'):
-        pack_col_pairs16(Xt + fb * 16 * bp, bp, L.n_in - fb * 16, bp, batch, L.pb + fb * 16,
-                         L.ld)
+    # Both operands packed in one parallel region, a task dealt to each thread in turn: 16
+    # features of X batch-major as pairs of samples, pb[q][f] = (X[f][2q], X[f][2q + 1]), zero
+    # past the batch and in the padding features (ld is a multiple of 16); or 16 rows of dYt
+    # in bf16.
+    for task in prange(x_tasks + ceil_div(L.n_out, 16), num_threads=nthreads,
+                       schedule='static', chunksize=1):
+        if task < x_tasks:
+            pack_col_pairs16(Xt + task * 16 * bp, bp, L.n_in - task * 16, bp, batch,
+                             L.pb + task * 16, L.ld)
+        else:
+            for i in range((task - x_tasks) * 16, min((task - x_tasks) * 16 + 16, L.n_out)):
+                pack_row(dYt + i * bp, dyh + i * bp, bp, batch)
     for rt in prange(ceil_div(L.n_out, BMR), num_threads=nthreads, schedule='runtime'):
         i0 = rt * BMR
         mr = min(BMR, L.n_out - i0)
