@@ -67,6 +67,8 @@ cdef extern from "cvae_simd.h" nogil:
     float row_sum "cvae_row_sum"(const float *x, int n)
     void prefetch_rows "cvae_prefetch_rows"(const float *w, const float *m, const float *v,
                                             long ld, int rows, int n, int part, int parts)
+    void im2col_pair_bf16 "cvae_im2col_pair_bf16"(const float *x0, const float *x1, uint16_t *h0,
+                                                  uint16_t *h1, uint32_t *p, int n)
     void interleave_rows "cvae_interleave_rows"(const uint16_t *h0, const uint16_t *h1,
                                                 uint32_t *p, int n)
     const int BMR "CVAE_BMR"
@@ -218,28 +220,41 @@ cdef void linear_forward_cols(const Linear *L, const float *Xt, float *Yt, int c
     products are the same whichever columns share its tile. With cb, only the first cb.k_in
     inputs enter the product, the rest as cb's bias (which replaces b). bf16: A = Wh, B = Xt
     as pairs of feature rows (an odd k_in pairs W's next input with a packed zero)."""
+    cdef int k_in = L.n_in if cb == NULL else cb.k_in
+    if L.Wh != NULL:
+        pack_pairs(Xt + c0, k_in, n, ld, L.pb + c0, nthreads)
+    forward_tiles(L, Xt, L.pb, Yt, c0, n, ld, k_in, act, cb, nthreads)
+
+
+cdef void linear_forward_packed(const Linear *L, const uint32_t *Xp, float *Yt, int n, int act,
+                                int nthreads) noexcept nogil:
+    """bf16 linear_forward on an input already packed as pairs of rows (im2col_bf16)."""
+    forward_tiles(L, NULL, Xp, Yt, 0, n, n, L.n_in, act, NULL, nthreads)
+
+
+cdef void forward_tiles(const Linear *L, const float *Xt, const uint32_t *Xp, float *Yt, int c0,
+                        int n, int ld, int k_in, int act, const ClassBias *cb,
+                        int nthreads) noexcept nogil:
+    """The forward's tiles on columns c0 .. c0 + n: fp32 on Xt, bf16 on Xp."""
     cdef int bf16 = L.Wh != NULL
     cdef int n_ct = ceil_div(n, BNR if bf16 else NR)
     cdef int n_rt = ceil_div(L.n_out, BMR if bf16 else MR)
-    cdef int k_in = L.n_in if cb == NULL else cb.k_in
     cdef int task
-    if bf16:
-        pack_pairs(Xt + c0, k_in, n, ld, L.pb + c0, nthreads)
     # One thread (a lane of the flow's sampling, on a thread of its own): a plain loop. A
     # prange would open a nested team of one, about a microsecond each, a tenth of the lane.
     if nthreads == 1:
         for task in range(n_rt * n_ct):
-            forward_task(L, Xt, Yt, task, n_rt, n_ct, c0, n, ld, k_in, act, cb)
+            forward_task(L, Xt, Xp, Yt, task, n_rt, n_ct, c0, n, ld, k_in, act, cb)
         return
     for task in prange(n_rt * n_ct, num_threads=nthreads, schedule='runtime'):
-        forward_task(L, Xt, Yt, task, n_rt, n_ct, c0, n, ld, k_in, act, cb)
+        forward_task(L, Xt, Xp, Yt, task, n_rt, n_ct, c0, n, ld, k_in, act, cb)
 
 
-cdef inline void forward_task(const Linear *L, const float *Xt, float *Yt, int task, int n_rt,
-                              int n_ct, int c0, int n, int ld, int k_in, int act,
-                              const ClassBias *cb) noexcept nogil:
-    """linear_forward_cols' tile number `task`: fp32 on Xt, or bf16 on the pairs of Xt's rows
-    already packed in L.pb."""
+cdef inline void forward_task(const Linear *L, const float *Xt, const uint32_t *Xp, float *Yt,
+                              int task, int n_rt, int n_ct, int c0, int n, int ld, int k_in,
+                              int act, const ClassBias *cb) noexcept nogil:
+    """forward_tiles' tile number `task`: fp32 on Xt, or bf16 on Xp, the input's pairs of rows
+    (ld apart like Xt's rows)."""
     cdef int bf16 = L.Wh != NULL
     cdef int tile_rows = BMR if bf16 else MR
     cdef int tile_vectors = BNV if bf16 else NV
@@ -250,7 +265,7 @@ cdef inline void forward_task(const Linear *L, const float *Xt, float *Yt, int t
     cdef int i
     if bf16:
         bf_tile(mr, nv, ceil_div(k_in, 2), <const uint32_t *>(L.Wh + i0 * L.ld), L.ld // 2, 1,
-                L.pb + j0, ld, Yt + i0 * ld + j0, ld, 0)
+                Xp + j0, ld, Yt + i0 * ld + j0, ld, 0)
     else:
         tile(mr, nv, k_in, L.W + i0 * L.ld, L.ld, 1, Xt + j0, ld, Yt + i0 * ld + j0, ld)
     for i in range(mr):
@@ -322,8 +337,9 @@ cdef int linear_backward_params(const Linear *L, const float *dYt, const float *
     A task is one block of MR whole rows of dW and the same rows of db. With ``adam``, the
     block goes to per-thread scratch (it stays in cache) and Adam then streams over whole rows
     of W, m and v: per-tile updates touched 3 x MR short row pieces at once, which defeats the
-    prefetcher. Without ``adam``, dW goes to gW (the path the gradient tests read). Returns how many of the
-    gradients or updated parameters Adam found not finite (0 without ``adam``).
+    prefetcher. Without ``adam``, dW goes to gW (the path the gradient tests read). Returns
+    how many of the gradients or updated parameters Adam found not finite (0 without
+    ``adam``).
     """
     if L.Wh != NULL:
         return dw_bf16(L, dYt, Xt, batch, bp, adam, scratch, nthreads)
@@ -1135,26 +1151,57 @@ cdef inline int probs_to_bytes(const float *probs_t, int bp, int k0, int k1, int
 # bias is per output channel: a ConvBias). Padding batch columns of every gradient are zero,
 # so GEMMs whose K runs over P*bp (dW) may include them.
 
+cdef inline const float *tap_source(const float *X, int r, int oy, int ox, int H, int W,
+                                    int bp) noexcept nogil:
+    """The bp values im2col's row r = (c, ky, kx) takes at output position (oy, ox): X's pixel
+    (2oy - 1 + ky, 2ox - 1 + kx) of channel c, or NULL where that is padding."""
+    cdef int iy = 2 * oy - 1 + (r // 4) % 4
+    cdef int ix = 2 * ox - 1 + r % 4
+    if iy < 0 or iy >= H or ix < 0 or ix >= W:
+        return NULL
+    return X + (<long>((r // 16) * H + iy) * W + ix) * bp
+
+
 cdef void im2col(const float *X, float *col, int C, int H, int W, int bp,
                  int nthreads) noexcept nogil:
     """col[(c, ky, kx)][(oy, ox)][bp] = X[c][2oy - 1 + ky][2ox - 1 + kx][bp], zero outside."""
-    cdef int Ho = H // 2, Wo = W // 2
-    cdef long P = Ho * Wo
-    cdef int r, c, ky, kx, oy, ox, iy, ix
+    cdef int Wo = W // 2
+    cdef long P = (H // 2) * Wo
+    cdef int r
+    cdef long pos
+    cdef const float *src
     cdef float *dst
     for r in prange(C * 16, num_threads=nthreads, schedule='static'):
-        c = r // 16
-        ky = (r // 4) % 4
-        kx = r % 4
-        for oy in range(Ho):
-            iy = 2 * oy - 1 + ky
-            for ox in range(Wo):
-                ix = 2 * ox - 1 + kx
-                dst = col + (r * P + oy * Wo + ox) * bp
-                if 0 <= iy < H and 0 <= ix < W:
-                    memcpy(dst, X + (<long>(c * H + iy) * W + ix) * bp, bp * sizeof(float))
-                else:
-                    memset(dst, 0, bp * sizeof(float))
+        for pos in range(P):
+            src = tap_source(X, r, pos // Wo, pos % Wo, H, W, bp)
+            dst = col + (r * P + pos) * bp
+            if src != NULL:
+                memcpy(dst, src, bp * sizeof(float))
+            else:
+                memset(dst, 0, bp * sizeof(float))
+
+
+cdef uint32_t *im2col_bf16(const float *X, float *col, int C, int H, int W, int bp,
+                           int nthreads) noexcept nogil:
+    """bf16 precision's im2col, made once for both GEMMs that read it: col's rows in bf16,
+    colh[(c, ky, kx)][(oy, ox)][bp] (dW's operand, conv_backward_params), then their pairs
+    along K (the forward's operand), which it returns; 2 + 2 bytes an entry, in col's floats.
+    The fp32 im2col is never made: packing it twice cost the conv model 7% of a step."""
+    cdef int Wo = W // 2
+    cdef long P = (H // 2) * Wo
+    cdef long N = P * bp
+    cdef uint16_t *colh = <uint16_t *>col
+    cdef uint32_t *pairs = <uint32_t *>(col + C * 8 * N)
+    cdef int rp, r
+    cdef long pos
+    for rp in prange(C * 8, num_threads=nthreads, schedule='static'):
+        r = 2 * rp          # taps r and r + 1: one row of the kernel, kx and kx + 1
+        for pos in range(P):
+            im2col_pair_bf16(tap_source(X, r, pos // Wo, pos % Wo, H, W, bp),
+                             tap_source(X, r + 1, pos // Wo, pos % Wo, H, W, bp),
+                             colh + (r * P + pos) * bp, colh + ((r + 1) * P + pos) * bp,
+                             pairs + (rp * P + pos) * bp, bp)
+    return pairs
 
 
 cdef void col2im(const float *col, float *X, int C, int H, int W, int bp, const float *bias,
@@ -1229,15 +1276,13 @@ cdef int conv_backward_params(const Linear *L, const float *dYt, const float *co
     sums of dYt; with ``adam`` W and b are then updated as linear_backward_params does. The
     GEMM runs as dW^T = col . dYt^T into dwt[in][out padded]: its K = N runs along col's rows,
     and its batch-major operand is dYt transposed (out, the small side, is its width), not the
-    im2col. bf16: A = col's rows in bf16 (pairs of columns), B = dYt as pairs of columns.
-    Returns the non-finite count."""
+    im2col. bf16: A = col's rows in bf16 (pairs of columns: col is im2col_bf16's), B = dYt as
+    pairs of columns. Returns the non-finite count."""
     cdef int ldm = ceil_div(L.n_out, 16) * 16
     cdef int task, i0, j0, n_ct, k, i
-    cdef uint16_t *colh
+    cdef const uint16_t *colh
     if L.Wh != NULL:
-        colh = <uint16_t *>L.pa
-        for k in prange(L.n_in, num_threads=nthreads, schedule='static'):
-            pack_row(col + <long>k * N, colh + <long>k * N, N, N)
+        colh = <const uint16_t *>col
         for k in prange(ldm // 16, num_threads=nthreads, schedule='static'):
             pack_col_pairs16(dYt + <long>k * 16 * N, N, L.n_out - k * 16, N, N, L.pb + k * 16,
                              ldm)
@@ -1270,8 +1315,13 @@ cdef int conv_backward_params(const Linear *L, const float *dYt, const float *co
 cdef void conv_forward(const Linear *L, const float *X, float *col, float *Y, int H, int W,
                        int bp, int act, int nthreads) noexcept nogil:
     """Y[C_out][(H/2)(W/2)bp] = act(W . im2col(X) + b); col keeps im2col(X) for dW."""
+    cdef int N = (H // 2) * (W // 2) * bp
+    if L.Wh != NULL:
+        linear_forward_packed(L, im2col_bf16(X, col, L.n_in // 16, H, W, bp, nthreads), Y, N,
+                              act, nthreads)
+        return
     im2col(X, col, L.n_in // 16, H, W, bp, nthreads)
-    linear_forward(L, col, Y, (H // 2) * (W // 2) * bp, act, nthreads)
+    linear_forward(L, col, Y, N, act, nthreads)
 
 
 cdef void conv_backward_input(const Linear *L, const float *dY, float *dcol, float *dX,
@@ -1300,8 +1350,12 @@ cdef int tconv_backward(const Linear *L, const ConvBias *B, const float *dY, con
     cdef int N = (H // 2) * (W // 2) * bp
     cdef int c, f
     cdef int bad
-    im2col(dY, col, L.n_in // 16, H, W, bp, nthreads)
-    linear_forward(L, col, dX, N, ACT_NONE, nthreads)
+    if L.Wh != NULL:
+        linear_forward_packed(L, im2col_bf16(dY, col, L.n_in // 16, H, W, bp, nthreads), dX, N,
+                              ACT_NONE, nthreads)
+    else:
+        im2col(dY, col, L.n_in // 16, H, W, bp, nthreads)
+        linear_forward(L, col, dX, N, ACT_NONE, nthreads)
     if x_act != ACT_NONE:
         for f in prange(L.n_out, num_threads=nthreads, schedule='static'):
             act_grad_row(dX + <long>f * N, X + <long>f * N, N, x_act)

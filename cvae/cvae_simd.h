@@ -567,6 +567,22 @@ static inline void cvae_interleave_rows(const uint16_t *__restrict h0,
 }
 
 
+
+/* im2col in bf16 for two taps (kx, kx + 1) at one output position: x0, x1 the input pixels'
+ * n batch values (NULL: padding, zeros) as two col rows in bf16, h0 and h1, and their pairs p
+ * (see im2col_bf16 in _kernels.pyx). */
+static inline void cvae_im2col_pair_bf16(const float *x0, const float *x1, uint16_t *h0,
+                                         uint16_t *h1, uint32_t *p, int n) {
+    if (x0)
+        cvae_pack_row(x0, h0, n, n);
+    else
+        memset(h0, 0, (size_t)n * sizeof *h0);
+    if (x1)
+        cvae_pack_row(x1, h1, n, n);
+    else
+        memset(h1, 0, (size_t)n * sizeof *h1);
+    cvae_interleave_rows(h0, h1, p, n);
+}
 /* Stable BCE-with-logits over one strip of n columns of a pixel row: rec[j] += loss,
  * dlogit[j] = (sigmoid(l) - x) * scale.  t = exp(-|l|) serves both the loss and the sigmoid. */
 static inline void cvae_bce_row(const float *logit, const float *x, float *dlogit, float *rec,
