@@ -237,6 +237,44 @@ def test_evaluation_draws_do_not_depend_on_the_batch_size():
     assert not np.allclose(shifted, rec_all[16:32], rtol=1e-6)
 
 
+def mix64(x):
+    """cvae_simd.h's cvae_mix64 (splitmix64's finaliser) on uint64 arrays (wrapping)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def reference_noise(seed, step, batch, latent):
+    """Box-Muller in float64 on the kernels' counter hash and their float32 uniforms."""
+    key = mix64(mix64(np.array([seed], np.uint64)) ^ np.uint64(step))
+    sample = np.arange(batch, dtype=np.uint64)[:, None]
+    index = np.arange(latent, dtype=np.uint64)[None, :]
+    h = mix64(key ^ ((sample << np.uint64(32)) | index))
+    u1 = ((h >> np.uint64(40)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24)
+    u2 = (h & np.uint64(0xFFFFFF)).astype(np.float32) * np.float32(2.0 ** -24)
+    u1, u2 = u1.astype(np.float64), u2.astype(np.float64)
+    return np.sqrt(-2.0 * np.log(u1)) * np.cos(2 * np.pi * u2)
+
+
+def test_noise_is_box_muller_of_the_counter_hash():
+    """The kernels' own log and cos(2 pi u) (vectorisable, not libm's) keep the draws within a
+    few float32 roundings of the float64 formula; the training step's vectorised rows draw what
+    Model.noise's scalar path draws (z = mu + eps * exp(logvar / 2) holds with it)."""
+    model = Model(Arch(h1=24, h2=16, latent=40), max_batch=64, threads=2)
+    model.init_params(seed=0)
+    for step in range(8):
+        np.testing.assert_allclose(model.noise(7, step, 64), reference_noise(7, step, 64, 40),
+                                   rtol=2e-6, atol=1e-6)
+    draws = np.concatenate([model.noise(11, step, 64).ravel() for step in range(40)])
+    assert abs(draws.mean()) < 0.02 and abs(draws.std() - 1.0) < 0.02
+    pixels, labels = R.digit_like_pixels(37, seed=4), R.random_labels(37, seed=4)
+    model.forward_backward(pixels, labels, 1.0, 7, 5)
+    acts = {k: np.array(v, np.float64) for k, v in model.acts.items()}
+    expected = acts["mu"] + model.noise(7, 5, 37) * np.exp(0.5 * acts["logvar"])
+    np.testing.assert_allclose(acts["z"], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_kernel_entry_points_refuse_arrays_of_the_wrong_shape():
     """Bounds checks are off inside the kernels, so every Net method checks its arrays."""
     model = Model(Arch(h1=24, h2=16, latent=8), max_batch=20, threads=1)
