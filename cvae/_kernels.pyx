@@ -148,6 +148,7 @@ cdef struct Linear:
     uint32_t *Wp
     uint32_t *pa
     uint32_t *pb
+    uint32_t *pc
 
 
 cdef struct ClassBias:
@@ -298,17 +299,21 @@ cdef void linear_backward_input(const Linear *L, const float *dYt, float *dXt, c
     dY . W goes batch-major into dXb first (see cvae_simd.h for why). A task is a strip of
     DX_NR input features for 32 samples; blocks of DX_KB rows of W run over its tiles.
     """
-    cdef int fb, f
-    if L.Wh != NULL:
-        dx_bf16(L, dYt, bp, dXb, nthreads)
-    else:
-        dx_fp32(L, dYt, bp, dXb, nthreads)
-    # A task: 16 input features, transposed from dXb and then through act' while in cache.
+    cdef int fb
+    dx_fp32(L, dYt, bp, dXb, nthreads)
     for fb in prange(ceil_div(L.n_in, 16), num_threads=nthreads, schedule='static'):
-        transpose_strip(dXb, L.ld, bp, L.n_in, dXt, bp, fb)
-        if x_act != ACT_NONE:
-            for f in range(fb * 16, min(fb * 16 + 16, L.n_in)):
-                act_grad_row(dXt + f * bp, Xt + f * bp, bp, x_act)
+        dx_out_task(L, dXb, dXt, Xt, x_act, bp, fb)
+
+
+cdef inline void dx_out_task(const Linear *L, const float *dXb, float *dXt, const float *Xt,
+                             int x_act, int bp, int fb) noexcept nogil:
+    """16 input features of dX, transposed from dXb into dXt and then through act' while in
+    cache."""
+    cdef int f
+    transpose_strip(dXb, L.ld, bp, L.n_in, dXt, bp, fb)
+    if x_act != ACT_NONE:
+        for f in range(fb * 16, min(fb * 16 + 16, L.n_in)):
+            act_grad_row(dXt + f * bp, Xt + f * bp, bp, x_act)
 
 
 cdef void dx_fp32(const Linear *L, const float *dYt, int bp, float *dXb,
@@ -341,8 +346,6 @@ cdef int linear_backward_params(const Linear *L, const float *dYt, const float *
     how many of the gradients or updated parameters Adam found not finite (0 without
     ``adam``).
     """
-    if L.Wh != NULL:
-        return dw_bf16(L, dYt, Xt, batch, bp, adam, scratch, nthreads)
     cdef int n_ct = ceil_div(L.ld, NR)
     cdef int rt, ct, i0, j0, mr, nv, i, k, f, kb
     cdef int bad = 0
@@ -448,74 +451,108 @@ cdef inline void pack_pair_of_rows(const float *X, int rows, int kp, int n, int 
                   P + kp * ld, n)
 
 
-cdef void dx_bf16(const Linear *L, const float *dYt, int bp, float *dXb,
-                  int nthreads) noexcept nogil:
-    """dXb[bp][ld] = dY . W on bf16 inputs: A = dYt as pairs of output rows (a sample's pair
-    broadcast), B = Wp. A task is a strip of BNR input features for 4 tiles of BMR samples;
-    blocks of BKB pairs of W's rows stay in L1 while the strip's tiles use them."""
-    cdef int group = 4 * BMR
-    cdef int n_groups = ceil_div(bp, group)
-    cdef int kp = ceil_div(L.n_out, 2)
-    cdef int task, i0, g0, g1, nv, kblock, k0, kb, bt, b0
-    pack_pairs(dYt, L.n_out, bp, bp, L.pa, nthreads)
-    for task in prange(ceil_div(L.ld, BNR) * n_groups, num_threads=nthreads,
-                       schedule='runtime'):
-        i0 = (task // n_groups) * BNR
-        g0 = (task % n_groups) * group
-        g1 = min(g0 + group, bp)
-        nv = min(BNV, (L.ld - i0) // VW)
-        for kblock in range(ceil_div(kp, BKB)):
-            k0 = kblock * BKB
-            kb = min(BKB, kp - k0)
-            for bt in range(ceil_div(g1 - g0, BMR)):
-                b0 = g0 + bt * BMR
-                bf_tile(min(BMR, g1 - b0), nv, kb, L.pa + k0 * bp + b0, 1, bp,
-                        L.Wp + k0 * L.ld + i0, L.ld, dXb + b0 * L.ld + i0, L.ld, k0 > 0)
-
-
-cdef int dw_bf16(const Linear *L, const float *dYt, const float *Xt, int batch, int bp,
-                 const Adam *adam, float *scratch, int nthreads) noexcept nogil:
-    """linear_backward_params on bf16 inputs: A = rows of dYt in bf16 (pairs of samples),
-    B = X as pairs of samples [bp / 2][ld]; tasks of BMR rows of dW, fused Adam as in fp32
-    (BMR is even, so both rows of a pair in Wp belong to one task)."""
-    cdef int n_ct = ceil_div(L.ld, BNR)
-    cdef int kp = ceil_div(batch, 2)
-    cdef int rt, ct, i0, j0, mr, nv, i, task
-    cdef int bad = 0
-    cdef uint16_t *dyh = <uint16_t *>L.pa
+cdef int linear_backward_bf16(const Linear *L, const float *dYt, float *dXt, const float *Xt,
+                              int x_act, int batch, int bp, float *dXb, const Adam *adam,
+                              float *scratch, int nthreads) noexcept nogil:
+    """A linear layer's backward on bf16 inputs, what linear_backward_input (with dXt) and
+    linear_backward_params do in fp32, in three parallel regions instead of five, each
+    region's tasks dealt out together: (1) every packed operand (dY as pairs of rows for dX,
+    dY's rows in bf16 and X as pairs of samples for dW); (2) dX's tiles, which read Wp; (3)
+    dX's transposition and act', and dW's tiles with the fused Adam (which rewrites W, Wh
+    and Wp: after (2)). Returns the non-finite count."""
     cdef int x_tasks = L.ld // 16
-    cdef float *C
-    # Both operands packed in one parallel region, a task dealt to each thread in turn: 16
-    # features of X batch-major as pairs of samples, pb[q][f] = (X[f][2q], X[f][2q + 1]), zero
-    # past the batch and in the padding features (ld is a multiple of 16); or 16 rows of dYt
-    # in bf16.
-    for task in prange(x_tasks + ceil_div(L.n_out, 16), num_threads=nthreads,
+    cdef int row_tasks = ceil_div(L.n_out, 16)
+    cdef int pair_tasks = ceil_div(ceil_div(L.n_out, 2), 8) if dXt != NULL else 0
+    cdef int n_groups = ceil_div(bp, 4 * BMR)
+    cdef int dx_tasks = ceil_div(L.ld, BNR) * n_groups if dXt != NULL else 0
+    cdef int out_tasks = ceil_div(L.n_in, 16) if dXt != NULL else 0
+    cdef int task
+    cdef int bad = 0
+    for task in prange(x_tasks + row_tasks + pair_tasks, num_threads=nthreads,
                        schedule='static', chunksize=1):
-        if task < x_tasks:
-            pack_col_pairs16(Xt + task * 16 * bp, bp, L.n_in - task * 16, bp, batch,
-                             L.pb + task * 16, L.ld)
+        pack_task(L, dYt, Xt, batch, bp, task, x_tasks, row_tasks)
+    if dXt != NULL:
+        for task in prange(dx_tasks, num_threads=nthreads, schedule='runtime'):
+            dx_task(L, bp, dXb, task, n_groups)
+    for task in prange(out_tasks + ceil_div(L.n_out, BMR), num_threads=nthreads,
+                       schedule='runtime'):
+        if task < out_tasks:
+            dx_out_task(L, dXb, dXt, Xt, x_act, bp, task)
         else:
-            for i in range((task - x_tasks) * 16, min((task - x_tasks) * 16 + 16, L.n_out)):
-                pack_row(dYt + i * bp, dyh + i * bp, bp, batch)
-    for rt in prange(ceil_div(L.n_out, BMR), num_threads=nthreads, schedule='runtime'):
-        i0 = rt * BMR
-        mr = min(BMR, L.n_out - i0)
-        C = scratch + threadid() * BMR * L.ld if adam != NULL else L.gW + i0 * L.ld
-        for ct in range(n_ct):
-            j0 = ct * BNR
-            nv = min(BNV, (L.ld - j0) // VW)
-            if adam != NULL:
-                prefetch_rows(L.W + i0 * L.ld, L.mW + i0 * L.ld, L.vW + i0 * L.ld, L.ld, mr,
-                              L.ld, ct, n_ct)
-            bf_tile(mr, nv, kp, <const uint32_t *>(dyh + i0 * bp), bp // 2, 1, L.pb + j0, L.ld,
-                    C + j0, L.ld, 0)
-        for i in range(i0, i0 + mr):
-            L.gb[i] = row_sum(dYt + i * bp, batch)
+            bad += dw_task(L, dYt, batch, bp, adam, scratch, task - out_tasks)
+    return bad
+
+
+cdef inline void pack_task(const Linear *L, const float *dYt, const float *Xt, int batch,
+                           int bp, int task, int x_tasks, int row_tasks) noexcept nogil:
+    """linear_backward_bf16's operands, a task each: 16 features of X batch-major as pairs of
+    samples for dW, pb[q][f] = (X[f][2q], X[f][2q + 1]), zero past the batch and in the
+    padding features (ld is a multiple of 16); 16 rows of dYt in bf16 for dW (pc); or 8 pairs
+    of dYt's rows for dX (pa; a missing odd row is 0)."""
+    cdef int i, kp
+    if task < x_tasks:
+        pack_col_pairs16(Xt + task * 16 * bp, bp, L.n_in - task * 16, bp, batch,
+                         L.pb + task * 16, L.ld)
+        return
+    task -= x_tasks
+    if task < row_tasks:
+        for i in range(task * 16, min(task * 16 + 16, L.n_out)):
+            pack_row(dYt + i * bp, <uint16_t *>L.pc + i * bp, bp, batch)
+        return
+    task -= row_tasks
+    for kp in range(task * 8, min(task * 8 + 8, ceil_div(L.n_out, 2))):
+        pack_pair_of_rows(dYt, L.n_out, kp, bp, bp, L.pa)
+
+
+cdef inline void dx_task(const Linear *L, int bp, float *dXb, int task,
+                         int n_groups) noexcept nogil:
+    """dXb[bp][ld] = dY . W on bf16 inputs, one task: A = dYt as pairs of output rows (pa, a
+    sample's pair broadcast), B = Wp. A task is a strip of BNR input features for 4 tiles of
+    BMR samples; blocks of BKB pairs of W's rows stay in L1 while the strip's tiles use them."""
+    cdef int group = 4 * BMR
+    cdef int kp = ceil_div(L.n_out, 2)
+    cdef int i0 = (task // n_groups) * BNR
+    cdef int g0 = (task % n_groups) * group
+    cdef int g1 = min(g0 + group, bp)
+    cdef int nv = min(BNV, (L.ld - i0) // VW)
+    cdef int kblock, k0, kb, bt, b0
+    for kblock in range(ceil_div(kp, BKB)):
+        k0 = kblock * BKB
+        kb = min(BKB, kp - k0)
+        for bt in range(ceil_div(g1 - g0, BMR)):
+            b0 = g0 + bt * BMR
+            bf_tile(min(BMR, g1 - b0), nv, kb, L.pa + k0 * bp + b0, 1, bp,
+                    L.Wp + k0 * L.ld + i0, L.ld, dXb + b0 * L.ld + i0, L.ld, k0 > 0)
+
+
+cdef inline int dw_task(const Linear *L, const float *dYt, int batch, int bp,
+                        const Adam *adam, float *scratch, int rt) noexcept nogil:
+    """dW's row tile rt on bf16 inputs: A = rows of dYt in bf16 (pc, pairs of samples), B = X
+    as pairs of samples [bp / 2][ld] (pb); BMR rows of dW, then db, then with ``adam`` the
+    fused update as in fp32 (BMR is even, so both rows of a pair in Wp belong to one task).
+    Returns the non-finite count."""
+    cdef int n_ct = ceil_div(L.ld, BNR)
+    cdef int i0 = rt * BMR
+    cdef int mr = min(BMR, L.n_out - i0)
+    cdef const uint16_t *dyh = <const uint16_t *>L.pc
+    cdef float *C = scratch + threadid() * BMR * L.ld if adam != NULL else L.gW + i0 * L.ld
+    cdef int ct, j0, nv, i
+    cdef int bad = 0
+    for ct in range(n_ct):
+        j0 = ct * BNR
+        nv = min(BNV, (L.ld - j0) // VW)
         if adam != NULL:
-            for i in range(0, mr, 2):
-                bad += adam_w_pair(L, (i0 + i) // 2, C + i * L.ld, C + (i + 1) * L.ld, adam)
-            bad += adam_row(L.b + i0, L.mb + i0, L.vb + i0, L.gb + i0, mr, adam.step_size,
-                            adam.inv_bc2_sqrt)
+            prefetch_rows(L.W + i0 * L.ld, L.mW + i0 * L.ld, L.vW + i0 * L.ld, L.ld, mr, L.ld,
+                          ct, n_ct)
+        bf_tile(mr, nv, ceil_div(batch, 2), <const uint32_t *>(dyh + i0 * bp), bp // 2, 1,
+                L.pb + j0, L.ld, C + j0, L.ld, 0)
+    for i in range(i0, i0 + mr):
+        L.gb[i] = row_sum(dYt + i * bp, batch)
+    if adam != NULL:
+        for i in range(0, mr, 2):
+            bad += adam_w_pair(L, (i0 + i) // 2, C + i * L.ld, C + (i + 1) * L.ld, adam)
+        bad += adam_row(L.b + i0, L.mb + i0, L.vb + i0, L.gb + i0, mr, adam.step_size,
+                        adam.inv_bc2_sqrt)
     return bad
 
 
@@ -755,12 +792,14 @@ cdef Linear linear_in_slab(float *base, dict layout, dict dims, str name, int bf
     L.Wp = NULL
     L.pa = NULL
     L.pb = NULL
+    L.pc = NULL
     if bf16:
         L.Wh = <uint16_t *>at(base, layout, "bf16." + name + ".W")
         if "bf16." + name + ".Wp" in layout:     # not for a network's first layer (no dX)
             L.Wp = <uint32_t *>at(base, layout, "bf16." + name + ".Wp")
         L.pa = <uint32_t *>at(base, layout, "scratch.bf16_a")
         L.pb = <uint32_t *>at(base, layout, "scratch.bf16_b")
+        L.pc = <uint32_t *>at(base, layout, "scratch.bf16_c")
     return L
 
 
@@ -848,6 +887,9 @@ cdef class Network:
         (times act'(.) of the layer that produced Xt, x_act) first, as it reads W before the
         fused Adam changes it; then dW and db and, with adam, the update. dXt NULL: the first
         layer, whose input needs no gradient. Returns the non-finite count."""
+        if L.Wh != NULL:
+            return linear_backward_bf16(L, dYt, dXt, Xt, x_act, batch, bp, self.xb, adam,
+                                        self.scratch, self.nthreads)
         if dXt != NULL:
             linear_backward_input(L, dYt, dXt, Xt, x_act, bp, self.xb, self.nthreads)
         return linear_backward_params(L, dYt, Xt, self.xb, batch, bp, adam, self.scratch,

@@ -9,8 +9,8 @@ once (cvae._kernels.Net); a training step allocates nothing.
 In bf16 precision the slab also holds each weight's two bf16 copies (``bf16.<layer>.W``, the
 rows rounded to bf16, and ``bf16.<layer>.Wp``, pairs of rows interleaved for dX, which the
 first layer has not; both written by the fused Adam loop, and by ``sync_bf16`` after
-initialisation or loading) and two scratch areas where each GEMM packs its other operand as
-bf16 pairs. Sizes there are in floats: two bf16 values per float.
+initialisation or loading) and three scratch areas where the GEMMs pack their other operands
+as bf16 pairs. Sizes there are in floats: two bf16 values per float.
 
 Storage follows the kernels: a weight is [out][in padded to 16]; activations are
 feature-major [features padded to 16][batch padded to 16]. The views in ``params``,
@@ -298,6 +298,9 @@ class SlabModel:
                          for name, n_in, n_out, _ in layers)
             carve("scratch.bf16_a", packed)
             carve("scratch.bf16_b", packed)
+            # A linear layer's dY rows in bf16 for dW, packed beside dX's pairs of them.
+            carve("scratch.bf16_c", max(pad(n_out) // 2 * self.max_bp
+                                        for name, _, n_out, _ in layers if name not in positions))
 
         if total > MAX_SLAB_FLOATS:
             raise CvaeError(f"its sizes with a batch of {max_batch} would need a "
